@@ -1,0 +1,668 @@
+"""Load a classification data set into memory as numpy arrays.
+
+Three kinds of source are understood by :func:`load_dataset`:
+
+1. ``"digits"``: scikit-learn's bundled 8x8 digits (no download; the embedded default).
+2. A tensorflow-datasets name (``cifar10``, ``cifar100``, ``svhn_cropped``, ``stl10``, ``mnist``,
+   ``fashion_mnist``), read through ``tfds.data_source`` (array_record random access, images
+   decoded by Pillow; TensorFlow is not needed).
+3. A path to an image folder or a ``.zip`` archive laid out ``split/class_name/image.ext``
+   (optionally under one top-level folder), e.g. ``../shared/data/cifar10_jpeg.zip``. Decoded
+   arrays are cached as an ``.npz`` file (see :func:`load_dataset`).
+
+Every source gives a :class:`Dataset`: uint8 images ``[N, H, W, C]``, int32 labels ``[N]``, the
+class names and per-channel mean/std of ``images / 255`` (the model normalises its input with them).
+
+Errors: an unknown name raises ``ValueError``; a path that does not exist raises
+``FileNotFoundError``; a source that exists but cannot be read (corrupt zip, bad layout, class
+folders that differ between splits, images of different shapes, tfds data that is neither prepared
+nor downloadable) raises :class:`DataSourceError`, a ``ValueError``. Messages are one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import math
+import os
+import tempfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "CIFAR10_CLASS_NAMES",
+    "DATASET_STATS",
+    "DataSourceError",
+    "Dataset",
+    "TFDS_DATASETS",
+    "load_dataset",
+]
+
+_logger = logging.getLogger(__name__)
+
+CIFAR10_CLASS_NAMES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+# Per-channel (mean, std) of images / 255 over the training split, as used by the SalUn code.
+DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1201, 0.1231, 0.1052)),
+}
+
+
+class _TfdsSplits(NamedTuple):
+    train: str
+    test: str
+
+
+# tensorflow-datasets names we support -> the tfds split names used as our train/test.
+TFDS_DATASETS: dict[str, _TfdsSplits] = {
+    "cifar10": _TfdsSplits("train", "test"),
+    "cifar100": _TfdsSplits("train", "test"),
+    "svhn_cropped": _TfdsSplits("train", "test"),
+    "stl10": _TfdsSplits("train", "test"),
+    "mnist": _TfdsSplits("train", "test"),
+    "fashion_mnist": _TfdsSplits("train", "test"),
+}
+
+_DIGITS = "digits"
+_DIGITS_TEST_FRACTION = 0.2
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_REQUIRED_SPLITS = ("train", "test")
+_CACHE_ENV_VAR = "SALUN_JAX_CACHE"
+_CACHE_FORMAT_VERSION = 1
+_CACHE_KEYS = (
+    "train_images", "train_labels", "test_images", "test_labels", "class_names", "mean", "std",
+)  # fmt: skip
+_FINGERPRINT_PIXEL_SAMPLES = 1 << 16
+_TFDS_READ_BATCH = 1024
+_SHARED_ZIP_HINT = "../shared/data/cifar10_jpeg.zip"
+
+
+class DataSourceError(ValueError):
+    """A data source exists (or is a known name) but cannot be read into a :class:`Dataset`."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """A classification data set held in memory.
+
+    Arrays are made read-only on construction: copy before modifying (e.g. to relabel).
+    Equality is identity (comparing arrays field by field is neither cheap nor well defined); use
+    :meth:`fingerprint` to compare contents.
+
+    Attributes:
+      name: Short name (the tfds name, ``"digits"``, or the folder/zip file stem).
+      train_images: uint8 ``[N, H, W, C]``.
+      train_labels: int32 ``[N]``, in ``[0, num_classes)``.
+      test_images: uint8 ``[M, H, W, C]``.
+      test_labels: int32 ``[M]``.
+      class_names: Name of each label id.
+      mean: Per-channel mean of ``images / 255`` (for normalisation inside the model).
+      std: Per-channel standard deviation of ``images / 255``.
+    """
+
+    name: str
+    train_images: np.ndarray  # uint8 [N, H, W, C]
+    train_labels: np.ndarray  # int32 [N]
+    test_images: np.ndarray  # uint8 [M, H, W, C]
+    test_labels: np.ndarray  # int32 [M]
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        for split in _REQUIRED_SPLITS:
+            images = getattr(self, f"{split}_images")
+            labels = getattr(self, f"{split}_labels")
+            if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+                raise ValueError(f"{split}_images must be a uint8 array [N, H, W, C]")
+            if not isinstance(labels, np.ndarray) or labels.dtype != np.int32 or labels.ndim != 1:
+                raise ValueError(f"{split}_labels must be an int32 array [N]")
+            if len(images) != len(labels):
+                raise ValueError(
+                    f"{split}: {len(images)} images but {len(labels)} labels in {self.name!r}"
+                )
+            if labels.size and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+                raise ValueError(
+                    f"{split} labels of {self.name!r} fall outside [0, {len(self.class_names)})"
+                )
+            images.flags.writeable = False
+            labels.flags.writeable = False
+        if self.train_images.shape[1:] != self.test_images.shape[1:]:
+            raise ValueError(
+                f"train images {self.train_images.shape[1:]} and test images "
+                f"{self.test_images.shape[1:]} of {self.name!r} differ in shape"
+            )
+        channels = self.train_images.shape[-1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(f"mean/std of {self.name!r} need one value per channel ({channels})")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (``len(class_names)``)."""
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)`` of one image."""
+        height, width, channels = self.train_images.shape[1:]
+        return int(height), int(width), int(channels)
+
+    def fingerprint(self) -> str:
+        """A short content hash, stable across runs and machines.
+
+        Hashes the name, class names, shapes, all labels and a strided sample of pixels (at most
+        ~65k per split), so it is cheap even for CIFAR-sized data.
+
+        Returns:
+          16 hex digits of a sha256 digest.
+        """
+        digest = hashlib.sha256()
+        digest.update(repr((self.name, self.class_names)).encode())
+        for images, labels in (
+            (self.train_images, self.train_labels),
+            (self.test_images, self.test_labels),
+        ):
+            digest.update(repr((images.shape, labels.shape)).encode())
+            digest.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
+            flat = np.ascontiguousarray(images).reshape(-1)
+            stride = max(1, flat.size // _FINGERPRINT_PIXEL_SAMPLES)
+            digest.update(np.ascontiguousarray(flat[::stride]).tobytes())
+        return digest.hexdigest()[:16]
+
+
+def load_dataset(
+    source: str,
+    *,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    download: bool = True,
+) -> Dataset:
+    """Loads a data set into memory.
+
+    Folder and zip sources are decoded once and cached in ``cache_dir`` as
+    ``<stem>-<key>.npz``, where the key hashes the source's absolute path, size and modification
+    time (for a folder: every image file's relative path, size and mtime). A changed source gets a
+    new key; an unreadable cache file is deleted and rebuilt with a warning; the cache is written
+    atomically. Folder/zip images are ordered by class, then by file name within a class; labels
+    are indices into the sorted class folder names.
+
+    Args:
+      source: ``"digits"``, a tensorflow-datasets name from :data:`TFDS_DATASETS`, or a path to an
+        image folder or ``.zip`` archive laid out ``[top/]{train,test}/class_name/image.ext`` with
+        ``ext`` one of jpg, jpeg, png. A leading ``~`` is expanded.
+      data_dir: tfds data directory (tfds sources only; ``None`` means tfds's default).
+      cache_dir: Directory for decoded folder/zip caches. Defaults to ``$SALUN_JAX_CACHE``, else
+        ``~/.cache/salun_jax``.
+      download: For tfds sources, whether tfds may download and prepare a data set that is not
+        in ``data_dir`` yet.
+
+    Returns:
+      The loaded :class:`Dataset`.
+
+    Raises:
+      ValueError: ``source`` is neither a known name nor something that looks like a path.
+      FileNotFoundError: ``source`` looks like a path but does not exist.
+      DataSourceError: The source exists but cannot be read (see the module docstring).
+    """
+    if source == _DIGITS:
+        return _load_digits()
+    if source in TFDS_DATASETS:
+        return _load_tfds(source, data_dir=data_dir, download=download)
+    path = os.path.abspath(os.path.expanduser(source))
+    if os.path.exists(path):
+        return _load_image_archive(path, cache_dir=cache_dir)
+    if _looks_like_path(source):
+        raise FileNotFoundError(f"data source path not found: {source!r} (resolved to {path})")
+    known = ", ".join([_DIGITS, *TFDS_DATASETS])
+    raise ValueError(
+        f"unknown data set {source!r}; known: {known}; or a path to an image folder or .zip"
+    )
+
+
+def _looks_like_path(source: str) -> bool:
+    return (
+        "/" in source
+        or os.sep in source
+        or source.startswith((".", "~"))
+        or source.lower().endswith(".zip")
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Channel statistics.
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean/std of ``images / 255`` from 256-bin histograms (low memory)."""
+    values = np.arange(256, dtype=np.float64)
+    means, stds = [], []
+    for channel in range(images.shape[-1]):
+        counts = np.bincount(images[..., channel].reshape(-1), minlength=256)
+        total = counts.sum()
+        if total == 0:
+            means.append(0.0)
+            stds.append(1.0)
+            continue
+        mean = float(counts @ values) / total
+        variance = max(float(counts @ values**2) / total - mean**2, 0.0)
+        means.append(mean / 255.0)
+        stds.append(math.sqrt(variance) / 255.0)
+    return tuple(means), tuple(stds)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. scikit-learn digits.
+
+
+def _load_digits() -> Dataset:
+    """The 8x8 digits, split per class: the last ceil(20%) of each class (dataset order) is test."""
+    from sklearn.datasets import load_digits  # Deferred: sklearn import is slow.
+
+    bunch = load_digits()
+    # Pixel values are integers 0..16; scale to 0..255.
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [N, 8, 8, 1]
+    labels = bunch.target.astype(np.int32)
+    is_test = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        (indices,) = np.nonzero(labels == label)
+        num_test = math.ceil(_DIGITS_TEST_FRACTION * len(indices))
+        is_test[indices[len(indices) - num_test :]] = True
+    train_images = images[~is_test]
+    mean, std = _channel_stats(train_images)
+    return Dataset(
+        name=_DIGITS,
+        train_images=train_images,
+        train_labels=labels[~is_test],
+        test_images=images[is_test],
+        test_labels=labels[is_test],
+        class_names=tuple(str(int(n)) for n in bunch.target_names),
+        mean=mean,
+        std=std,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. tensorflow-datasets.
+
+
+def _tfds_error(name: str, data_dir: str | None, download: bool, cause: BaseException) -> str:
+    reason = (str(cause).strip().splitlines() or [""])[0][:200]
+    return (
+        f"tensorflow-datasets could not provide {name!r} (data_dir={data_dir!r}, "
+        f"download={download}; {type(cause).__name__}: {reason}). Pass --config.data_dir=DIR "
+        f"pointing at tfds data prepared in array_record format, or use an image folder/zip "
+        f"source such as {_SHARED_ZIP_HINT}"
+    )
+
+
+def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Dataset:
+    """Reads both splits of a tfds data set through ``tfds.data_source`` (no TensorFlow)."""
+    splits = TFDS_DATASETS[name]
+    try:
+        import tensorflow_datasets as tfds  # Deferred: heavy, and only needed here.
+
+        train_source, test_source = tfds.data_source(
+            name,
+            split=[splits.train, splits.test],
+            data_dir=data_dir,
+            download=download,
+            # Random access needs array_record; tfds only defaults to it when data_dir is None.
+            builder_kwargs={"file_format": "array_record"},
+        )
+        train_images, train_labels = _read_tfds_split(train_source)
+        test_images, test_labels = _read_tfds_split(test_source)
+        class_names = tuple(train_source.dataset_info.features["label"].names)
+    except Exception as error:  # tfds raises many types (KeyError, ImportError, OSError, ...).
+        raise DataSourceError(_tfds_error(name, data_dir, download, error)) from error
+    if name in DATASET_STATS:
+        mean, std = DATASET_STATS[name]
+    else:
+        mean, std = _channel_stats(train_images)
+    return Dataset(
+        name=name,
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        class_names=class_names,
+        mean=mean,
+        std=std,
+    )
+
+
+def _read_tfds_split(source: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Reads every record of one tfds data source into ``(images [N,H,W,C], labels [N])``."""
+    num_records = len(source)
+    first = source[0]
+    images = np.empty((num_records, *np.shape(first["image"])), dtype=np.uint8)
+    labels = np.empty((num_records,), dtype=np.int32)
+    read_batch = _batched_reader(source)
+    for start in range(0, num_records, _TFDS_READ_BATCH):
+        keys = list(range(start, min(start + _TFDS_READ_BATCH, num_records)))
+        for index, record in zip(keys, read_batch(keys), strict=True):
+            images[index] = record["image"]
+            labels[index] = record["label"]
+    return images, labels
+
+
+def _batched_reader(source: Any) -> Callable[[Sequence[int]], Sequence[Any]]:
+    """Returns a batch reader: ``__getitems__`` (parallel reads) where it works, else a loop.
+
+    ``tfds.testing.mock_data`` installs ``__getitems__`` on a MagicMock as a plain attribute, so
+    calling it through the data source fails with a TypeError (tfds 4.9.10); fall back to reading
+    one record at a time there.
+    """
+    try:
+        source.__getitems__([0])
+    except TypeError:
+        _logger.debug("tfds source %r has no working __getitems__; reading one by one", source)
+        return lambda keys: [source[key] for key in keys]
+    return source.__getitems__
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Image folders and zip archives.
+
+
+class _ImageFile(NamedTuple):
+    split: str
+    class_name: str
+    file_name: str
+    member: str  # Path relative to the folder, or the zip member name.
+
+
+def _resolve_cache_dir(cache_dir: str | None) -> str:
+    if cache_dir is None:
+        cache_dir = os.environ.get(_CACHE_ENV_VAR) or os.path.join("~", ".cache", "salun_jax")
+    return os.path.abspath(os.path.expanduser(cache_dir))
+
+
+def _cache_key(path: str) -> str:
+    """Hashes the source's identity and version: path, size and mtime (every file, for folders)."""
+    digest = hashlib.sha256(f"v{_CACHE_FORMAT_VERSION}|{path}".encode())
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for file_name in sorted(files):
+                file_path = os.path.join(root, file_name)
+                stat = os.stat(file_path)
+                relative = os.path.relpath(file_path, path)
+                digest.update(f"|{relative}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    else:
+        stat = os.stat(path)
+        digest.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cache_path(path: str, cache_dir: str | None) -> str:
+    stem = os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0] or "data"
+    return os.path.join(_resolve_cache_dir(cache_dir), f"{stem}-{_cache_key(path)}.npz")
+
+
+def _dataset_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0]
+
+
+def _load_image_archive(path: str, *, cache_dir: str | None) -> Dataset:
+    """Loads a folder or zip source, from the decoded-array cache when it is valid."""
+    if not os.path.isdir(path) and not zipfile.is_zipfile(path):
+        raise DataSourceError(f"not an image folder or a valid zip archive (corrupt?): {path}")
+    cache_file = _cache_path(path, cache_dir)
+    name = _dataset_name(path)
+    if os.path.exists(cache_file):
+        dataset = _read_cache(cache_file, name)
+        if dataset is not None:
+            _logger.info("Loaded %s from cache %s", path, cache_file)
+            return dataset
+    _logger.info("Decoding images of %s (cached afterwards in %s)", path, cache_file)
+    if os.path.isdir(path):
+        dataset = _decode_folder(path, name)
+    else:
+        dataset = _decode_zip(path, name)
+    _write_cache(cache_file, dataset)
+    return dataset
+
+
+def _read_cache(cache_file: str, name: str) -> Dataset | None:
+    """Reads a cache file; deletes it and returns None (with a warning) if it is unusable."""
+    try:
+        with np.load(cache_file, allow_pickle=False) as contents:
+            missing = set(_CACHE_KEYS) - set(contents.files)
+            if missing:
+                raise KeyError(f"missing keys {sorted(missing)}")
+            arrays = {key: contents[key] for key in _CACHE_KEYS}
+        return Dataset(
+            name=name,
+            train_images=arrays["train_images"],
+            train_labels=arrays["train_labels"],
+            test_images=arrays["test_images"],
+            test_labels=arrays["test_labels"],
+            class_names=tuple(arrays["class_names"].tolist()),
+            mean=tuple(arrays["mean"].tolist()),
+            std=tuple(arrays["std"].tolist()),
+        )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        warnings.warn(
+            f"unreadable data cache {cache_file} ({type(error).__name__}: {error}); "
+            "deleting it and decoding the source again",
+            stacklevel=4,
+        )
+        try:
+            os.remove(cache_file)
+        except OSError:
+            pass
+        return None
+
+
+def _write_cache(cache_file: str, dataset: Dataset) -> None:
+    """Writes the cache atomically (temp file + rename); a failure only costs a warning."""
+    directory = os.path.dirname(cache_file)
+    temp_path = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        descriptor, temp_path = tempfile.mkstemp(
+            dir=directory, prefix=os.path.basename(cache_file) + ".", suffix=".tmp"
+        )
+        with os.fdopen(descriptor, "wb") as file:
+            np.savez(
+                file,
+                train_images=dataset.train_images,
+                train_labels=dataset.train_labels,
+                test_images=dataset.test_images,
+                test_labels=dataset.test_labels,
+                class_names=np.asarray(dataset.class_names, dtype=np.str_),
+                mean=np.asarray(dataset.mean, dtype=np.float64),
+                std=np.asarray(dataset.std, dtype=np.float64),
+            )
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_path, cache_file)
+        temp_path = None
+    except OSError as error:
+        warnings.warn(f"could not write data cache {cache_file}: {error}", stacklevel=4)
+    finally:
+        if temp_path is not None and os.path.exists(temp_path):
+            os.remove(temp_path)
+
+
+def _is_ignored(parts: Sequence[str]) -> bool:
+    """Hidden files/folders and macOS resource forks are not data."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in parts)
+
+
+def _index_images(relative_paths: Iterable[str], source: str) -> list[_ImageFile]:
+    """Parses ``[top/]split/class/file.ext`` paths into image entries (other files are skipped)."""
+    paths = [p for p in relative_paths if not _is_ignored(p.split("/"))]
+    split_parts = [p.split("/") for p in paths]
+    top_levels = {parts[0] for parts in split_parts if len(parts) > 1}
+    strip_top = len(top_levels) == 1 and not top_levels & set(_REQUIRED_SPLITS)
+    entries, skipped = [], 0
+    for member, parts in zip(paths, split_parts, strict=True):
+        if strip_top:
+            parts = parts[1:]
+        if len(parts) != 3 or not parts[2].lower().endswith(_IMAGE_EXTENSIONS):
+            skipped += 1
+            continue
+        entries.append(_ImageFile(parts[0], parts[1], parts[2], member))
+    if skipped:
+        _logger.info("Skipped %d files of %s outside split/class/image layout", skipped, source)
+    return entries
+
+
+def _check_layout(entries: Sequence[_ImageFile], source: str) -> tuple[str, ...]:
+    """Checks that train and test exist with the same classes; returns the sorted class names."""
+    classes = {
+        split: {e.class_name for e in entries if e.split == split} for split in _REQUIRED_SPLITS
+    }
+    found = sorted({e.split for e in entries})
+    for split in _REQUIRED_SPLITS:
+        if not classes[split]:
+            raise DataSourceError(
+                f"{source}: no images under split {split!r} (found splits {found}); expected "
+                "[top/]train/<class>/<image> and [top/]test/<class>/<image> (jpg, jpeg or png)"
+            )
+    if classes["train"] != classes["test"]:
+        only_train = sorted(classes["train"] - classes["test"])
+        only_test = sorted(classes["test"] - classes["train"])
+        raise DataSourceError(
+            f"{source}: class folders differ between train and test "
+            f"(only in train: {only_train}; only in test: {only_test})"
+        )
+    return tuple(sorted(classes["train"]))
+
+
+def _target_mode(mode: str) -> str:
+    """Grayscale sources stay single-channel; everything else becomes RGB."""
+    return "L" if mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+
+
+def _decode_image(data: bytes, name: str, mode: str | None) -> np.ndarray:
+    """Decodes one image file to uint8 ``[H, W, C]``, converted to ``mode`` (or its own mode).
+
+    Args:
+      data: The encoded file.
+      name: Where it came from, for error messages.
+      mode: Pillow mode to convert to; None picks it from this image (see ``_target_mode``).
+
+    Returns:
+      The uint8 pixel array.
+
+    Raises:
+      DataSourceError: Pillow cannot decode the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            target = mode or _target_mode(image.mode)
+            if image.mode != target:
+                image = image.convert(target)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise DataSourceError(f"cannot decode image {name}: {error}") from error
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def _decode_entries(
+    entries: Sequence[_ImageFile],
+    class_names: tuple[str, ...],
+    read_fn: Callable[[_ImageFile], bytes],
+    source: str,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Decodes all images into per-split ``(images, labels)``; class-major, file-name order."""
+    label_of = {name: label for label, name in enumerate(class_names)}
+    mode: str | None = None
+    shape: tuple[int, ...] | None = None
+    result = {}
+    for split in _REQUIRED_SPLITS:
+        split_entries = sorted(
+            (e for e in entries if e.split == split),
+            key=lambda e: (label_of[e.class_name], e.file_name),
+        )
+        images: np.ndarray | None = None
+        labels = np.empty((len(split_entries),), dtype=np.int32)
+        for index, entry in enumerate(split_entries):
+            where = f"{source}:{entry.member}"
+            pixels = _decode_image(read_fn(entry), where, mode)
+            if shape is None:
+                mode = "L" if pixels.shape[-1] == 1 else "RGB"
+                shape = pixels.shape
+            elif pixels.shape != shape:
+                raise DataSourceError(
+                    f"image {where} has shape {pixels.shape}, but earlier images have {shape}; "
+                    "all images must share one size"
+                )
+            if images is None:
+                images = np.empty((len(split_entries), *shape), dtype=np.uint8)
+            images[index] = pixels
+            labels[index] = label_of[entry.class_name]
+        result[split] = (images, labels)
+    return result
+
+
+def _make_image_dataset(
+    name: str, class_names: tuple[str, ...], decoded: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> Dataset:
+    train_images, train_labels = decoded["train"]
+    test_images, test_labels = decoded["test"]
+    if class_names == CIFAR10_CLASS_NAMES and train_images.shape[-1] == 3:
+        mean, std = DATASET_STATS["cifar10"]
+    else:
+        mean, std = _channel_stats(train_images)
+    return Dataset(
+        name=name,
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_images,
+        test_labels=test_labels,
+        class_names=class_names,
+        mean=mean,
+        std=std,
+    )
+
+
+def _decode_folder(path: str, name: str) -> Dataset:
+    relative_paths = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for file_name in files:
+            relative = os.path.relpath(os.path.join(root, file_name), path)
+            relative_paths.append(relative.replace(os.sep, "/"))
+    entries = _index_images(relative_paths, path)
+    class_names = _check_layout(entries, path)
+
+    def read_fn(entry: _ImageFile) -> bytes:
+        with open(os.path.join(path, entry.member), "rb") as file:
+            return file.read()
+
+    decoded = _decode_entries(entries, class_names, read_fn, path)
+    return _make_image_dataset(name, class_names, decoded)
+
+
+def _decode_zip(path: str, name: str) -> Dataset:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [info.filename for info in archive.infolist() if not info.is_dir()]
+            entries = _index_images(members, path)
+            class_names = _check_layout(entries, path)
+            decoded = _decode_entries(
+                entries, class_names, lambda entry: archive.read(entry.member), path
+            )
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as error:
+        raise DataSourceError(f"corrupt zip archive {path}: {error}") from error
+    return _make_image_dataset(name, class_names, decoded)

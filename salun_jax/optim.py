@@ -1,0 +1,121 @@
+"""Optimizers: SGD as in PyTorch (coupled weight decay), multi-step LR by epoch, and the
+element-wise saliency-mask optax transform.
+
+References: reference-salun.md §2.3 (unlearning optimizer; mask application; PR #33), §9.1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+MASK_MODES = ("hard", "paper")
+
+
+class SaliencyMaskState(NamedTuple):
+    inner_state: optax.OptState
+
+
+def _is_whole_leaf(leaf) -> bool:
+    return isinstance(leaf, bool | jnp.bool_) or (hasattr(leaf, "shape") and leaf.shape == ())
+
+
+def saliency_masked(inner: optax.GradientTransformation, mask: PyTree,
+                    mode: str = "hard") -> optax.GradientTransformation:
+    """Restricts `inner` to the coordinates where an element-wise 0/1 `mask` is 1.
+
+    Same shape of API as `optax.masked(inner, mask)`, but the mask acts per element and masked-out
+    coordinates get a zero update (optax.masked would pass their raw gradient through).
+
+    Modes:
+      - "hard" (default): the mask multiplies the incoming gradient AND the final updates of
+        `inner`, so non-salient weights stay bit-identical even with weight decay and momentum
+        inside `inner` (the upstream fix, PR #33).
+      - "paper": the mask multiplies only the incoming gradient, before `inner`; weight decay and
+        momentum inside `inner` still move the non-salient weights, as in the code behind the
+        paper's tables (reference-salun.md §9.1).
+
+    A mask leaf may also be a Python bool (whole leaf: True trains, False freezes); such leaves are
+    handled with `optax.freeze`, so frozen leaves cost no element-wise multiply.
+
+    Args:
+      inner: the optimizer to restrict, e.g. `optax.chain(optax.add_decayed_weights(5e-4),
+        optax.sgd(lr, momentum=0.9))`.
+      mask: a pytree with the params' structure; leaves are 0/1 (or bool) arrays of each
+        param's shape, or Python bools.
+      mode: "hard" or "paper".
+
+    Returns:
+      An optax GradientTransformation.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> params = {"w": jnp.ones(3)}
+      >>> tx = saliency_masked(optax.sgd(1.0), {"w": jnp.array([1, 0, 1])})
+      >>> state = tx.init(params)
+      >>> updates, _ = tx.update({"w": jnp.full(3, 2.0)}, state, params)
+      >>> updates["w"].tolist()
+      [-2.0, 0.0, -2.0]
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown mask mode {mode!r}; known: {', '.join(MASK_MODES)}")
+    frozen = jax.tree.map(lambda m: _is_whole_leaf(m) and not bool(m), mask)
+    if any(jax.tree.leaves(frozen)):
+        # Whole frozen leaves: optax.freeze zeroes them after `inner`.
+        inner = optax.chain(inner, optax.freeze(frozen))
+
+    def apply_mask(tree):
+        def leaf(m, u):
+            return u if _is_whole_leaf(m) else jnp.where(m.astype(bool), u, 0).astype(u.dtype)
+
+        return jax.tree.map(leaf, mask, tree)
+
+    def init_fn(params):
+        return SaliencyMaskState(inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        updates, inner_state = inner.update(apply_mask(updates), state.inner_state, params)
+        if mode == "hard":
+            updates = apply_mask(updates)
+        return updates, SaliencyMaskState(inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def multistep_schedule(learning_rate: float, milestones: Sequence[int], gamma: float,
+                       steps_per_epoch: int) -> optax.Schedule:
+    """PyTorch MultiStepLR stepped once per epoch: lr * gamma^(number of milestones <= epoch)."""
+    boundaries = {int(m) * int(steps_per_epoch): gamma for m in milestones if m > 0}
+    return optax.piecewise_constant_schedule(learning_rate, boundaries)
+
+
+def make_sgd(learning_rate: float | optax.Schedule, momentum: float = 0.9,
+             weight_decay: float = 5e-4, mask: PyTree | None = None,
+             mask_mode: str = "hard") -> optax.GradientTransformation:
+    """PyTorch-equivalent SGD: d = g + wd * p; buf = m * buf + d; p -= lr * buf.
+
+    The order in the chain is the semantics: weight decay is added to the gradient before momentum
+    (coupled, as torch.optim.SGD), and the mask (if any) wraps the whole chain (see
+    `saliency_masked` for where it multiplies).
+    """
+    tx = optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum or None))
+    return tx if mask is None else saliency_masked(tx, mask, mask_mode)
+
+
+def make_adam(learning_rate: float, clip_norm: float | None = 1.0, mask: PyTree | None = None,
+              mask_mode: str = "hard", b1: float = 0.9, b2: float = 0.999,
+              eps: float = 1e-8) -> optax.GradientTransformation:
+    """Adam with global-norm clipping first, then (optional) the mask: "clip, then mask" upstream
+    (reference-salun.md §6.4), so the clipping norm includes masked-out coordinates."""
+    adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+    if mask is not None:
+        adam = saliency_masked(adam, mask, mask_mode)
+    if clip_norm is None:
+        return adam
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adam)

@@ -1,0 +1,384 @@
+"""Results on disk and for people: results JSON, a paper-style markdown table, and plots.
+
+Run records, as written by the experiment scripts and read by `summarize`:
+
+    {"method": "FT", "seed": 1,
+     "metrics": {"UA": 0.63, "RA": 99.88, "TA": 94.06, "MIA": 2.13, "run_time_s": 142.2}}
+
+All metrics in percent, as in the paper; `run_time_s` is the unlearning wall-clock time in seconds
+(compilation excluded where the script can separate it).
+
+References:
+  SalUn (Fan et al., ICLR 2024), Table 1 (format: mean ± std (gap to Retrain), Avg. Gap, RTE);
+  reference-salun.md Sec. 4.3 and Sec. 8.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from salun_jax.evaluation.metrics import gaps
+
+TABLE_KEYS = ("UA", "MIA", "RA", "TA")  # the paper's column order
+RUN_TIME_KEY = "run_time_s"
+
+
+# ------------------------------------------------------------------------------------------------
+# Results JSON.
+
+
+def _to_jsonable(obj: Any) -> Any:
+    """Recursively converts numpy / JAX values, tuples, paths and dataclasses to JSON types."""
+    if isinstance(obj, Mapping):
+        return {_json_key(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, bool | int | float | str) or obj is None:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, pathlib.PurePath):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):  # includes jax.Array
+        return np.asarray(obj).tolist()
+    raise TypeError(f"Cannot write a value of type {type(obj).__name__} to results JSON: {obj!r}")
+
+
+def _json_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, np.generic):
+        key = key.item()
+    if isinstance(key, bool | int | float) or key is None:
+        return json.dumps(key)
+    raise TypeError(f"Results JSON keys must be strings or numbers, got {type(key).__name__}.")
+
+
+def write_results(path: str | os.PathLike, results: Mapping[str, Any]) -> pathlib.Path:
+    """Writes `results` as indented JSON, atomically (temporary file + `os.replace`).
+
+    numpy / JAX scalars become Python numbers and arrays become (nested) lists; tuples become
+    lists. NaN and infinities are written as `NaN` / `Infinity` (Python's json reads them back).
+    Parent directories are created. A reader never sees a half-written file.
+
+    Args:
+      path: destination, e.g. `<workdir>/results.json`.
+      results: a mapping with string (or numeric) keys.
+
+    Returns:
+      The path written.
+
+    Raises:
+      TypeError: for values that have no JSON form; the destination is then left untouched.
+    """
+    path = pathlib.Path(path)
+    text = json.dumps(_to_jsonable(results), indent=2) + "\n"  # convert before touching disk
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_results(path: str | os.PathLike) -> Any:
+    """Reads a file written by `write_results`."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries and the paper-style table.
+
+
+def summarize(
+    runs: Sequence[Mapping[str, Any]],
+    reference_method: str | None = "retrain",
+    keys: Sequence[str] = TABLE_KEYS,
+) -> dict[str, dict[str, Any]]:
+    """Mean and std over seeds per method, plus gaps to the reference method's means.
+
+    Standard deviations are population std (`ddof=0`, numpy's default); the paper does not say
+    which it used. Gaps are `|mean(method) - mean(reference)|` from unrounded means, and Avg. Gap
+    is their mean over `keys`, as in the paper.
+
+    Args:
+      runs: records `{"method": str, "seed": int, "metrics": {key: float, ...}}`. Every run needs
+        all `keys`; `run_time_s` is summarized when all runs of a method have it.
+      reference_method: the method gaps are measured against (Retrain); `None` for no gaps.
+      keys: metric keys to summarize and to average in Avg. Gap.
+
+    Returns:
+      `{method: {"n_runs", "seeds", "mean": {k: ...}, "std": {k: ...}, "gap": {k: ...} | None,
+      "avg_gap": float | None}}`, methods in order of first appearance. `mean`/`std` hold `keys`
+      plus `run_time_s` when present; the reference's own gaps are 0.
+
+    Raises:
+      ValueError: on an empty `runs`, malformed records, missing metric keys, a repeated
+        (method, seed) pair, or a `reference_method` that has no runs.
+    """
+    keys = tuple(keys)
+    if not runs:
+        raise ValueError("runs is empty; nothing to summarize.")
+    if not keys:
+        raise ValueError("keys is empty.")
+    by_method: dict[str, list[Mapping[str, Any]]] = {}
+    seen: set[tuple[str, Any]] = set()
+    for i, run in enumerate(runs):
+        if not isinstance(run, Mapping) or "method" not in run or "metrics" not in run:
+            raise ValueError(
+                f"runs[{i}] must be a mapping with 'method' and 'metrics', got {run!r}."
+            )
+        method, metrics = run["method"], run["metrics"]
+        missing = [k for k in keys if k not in metrics]
+        if missing:
+            raise ValueError(
+                f"runs[{i}] (method {method!r}, seed {run.get('seed')!r}) lacks metric keys "
+                f"{missing}."
+            )
+        if "seed" in run:
+            if (method, run["seed"]) in seen:
+                raise ValueError(f"Method {method!r} has two runs with seed {run['seed']!r}.")
+            seen.add((method, run["seed"]))
+        by_method.setdefault(method, []).append(metrics)
+
+    if reference_method is not None and reference_method not in by_method:
+        raise ValueError(
+            f"Reference method {reference_method!r} has no runs; methods are {list(by_method)}."
+        )
+
+    seeds: dict[str, list[Any]] = {m: [] for m in by_method}
+    for run in runs:
+        seeds[run["method"]].append(run.get("seed"))
+
+    summary: dict[str, dict[str, Any]] = {}
+    for method, method_runs in by_method.items():
+        stat_keys = keys
+        if all(RUN_TIME_KEY in m for m in method_runs) and RUN_TIME_KEY not in keys:
+            stat_keys = keys + (RUN_TIME_KEY,)
+        values = {k: np.asarray([float(m[k]) for m in method_runs]) for k in stat_keys}
+        summary[method] = {
+            "n_runs": len(method_runs),
+            "seeds": seeds[method],
+            "mean": {k: float(np.mean(v)) for k, v in values.items()},
+            "std": {k: float(np.std(v, ddof=0)) for k, v in values.items()},
+            "gap": None,
+            "avg_gap": None,
+        }
+    if reference_method is not None:
+        reference_mean = summary[reference_method]["mean"]
+        for entry in summary.values():
+            entry["gap"] = gaps(entry["mean"], reference_mean, keys)
+            entry["avg_gap"] = float(np.mean(list(entry["gap"].values())))
+    return summary
+
+
+def _fmt(x: float, precision: int) -> str:
+    text = f"{x:.{precision}f}"
+    if float(text) == 0.0:  # no "-0.00"
+        text = f"{0.0:.{precision}f}"
+    return text
+
+
+def markdown_table(
+    summary: Mapping[str, Mapping[str, Any]],
+    keys: Sequence[str] = TABLE_KEYS,
+    reference_method: str | None = "retrain",
+    *,
+    precision: int = 2,
+    time_unit: str = "s",
+) -> str:
+    """A markdown table in the paper's Table 1 format.
+
+    Cells are `mean±std (gap)` with the gap `|mean - mean(reference)|` recomputed for `keys`;
+    the reference row has no brackets and an Avg. Gap of 0.00. Rows: the reference first, then
+    the other methods in the summary's order. The last column is the mean of `run_time_s`
+    ("n/a" when absent), in seconds or minutes.
+
+    Example row: `| FT | 0.63±0.55 (4.61) | 2.13±0.16 (10.75) | 99.88±0.08 (0.12) |
+    94.06±0.27 (0.20) | 3.92 | 142.20 |`.
+
+    Args:
+      summary: the output of `summarize`.
+      keys: metric columns, in order.
+      reference_method: the row to compare against; `None` drops gaps and the Avg. Gap column.
+      precision: decimals in every number.
+      time_unit: `"s"` or `"min"` for the RTE column.
+
+    Returns:
+      The table, one line per row, ending in a newline.
+
+    Raises:
+      ValueError: on an empty summary, a missing reference or key, or an unknown time unit.
+    """
+    keys = tuple(keys)
+    if not summary:
+        raise ValueError("summary is empty.")
+    if time_unit not in ("s", "min"):
+        raise ValueError(f"time_unit must be 's' or 'min', got {time_unit!r}.")
+    if reference_method is not None and reference_method not in summary:
+        raise ValueError(
+            f"Reference method {reference_method!r} is not in the summary ({list(summary)})."
+        )
+    for method, entry in summary.items():
+        missing = [k for k in keys if k not in entry["mean"] or k not in entry["std"]]
+        if missing:
+            raise ValueError(f"Summary of {method!r} lacks keys {missing}.")
+
+    order = list(summary)
+    if reference_method is not None:
+        order.remove(reference_method)
+        order.insert(0, reference_method)
+        reference_mean = summary[reference_method]["mean"]
+
+    header = ["Method", *keys]
+    if reference_method is not None:
+        header.append("Avg. Gap")
+    header.append(f"RTE ({time_unit})")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    for method in order:
+        entry = summary[method]
+        mean, std = entry["mean"], entry["std"]
+        cells = [str(method)]
+        per_key = None
+        if reference_method is not None:
+            per_key = gaps(mean, reference_mean, keys)
+        for k in keys:
+            cell = f"{_fmt(mean[k], precision)}±{_fmt(std[k], precision)}"
+            if per_key is not None and method != reference_method:
+                cell += f" ({_fmt(per_key[k], precision)})"
+            cells.append(cell)
+        if per_key is not None:
+            cells.append(_fmt(float(np.mean(list(per_key.values()))), precision))
+        run_time = mean.get(RUN_TIME_KEY)
+        if run_time is None or not math.isfinite(run_time):
+            cells.append("n/a")
+        else:
+            cells.append(_fmt(run_time / (60.0 if time_unit == "min" else 1.0), precision))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots. matplotlib is imported lazily and drawn on an explicit Agg canvas, so no display is
+# needed and pyplot's global state (and backend) is never touched.
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
+def plot_sweep(
+    fractions: Sequence[float],
+    metrics_by_fraction: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> pathlib.Path:
+    """Line plot of metrics (UA/RA/TA/MIA, %) against the saliency-mask fraction; writes a PNG.
+
+    Args:
+      fractions: x values, the fraction of weights kept salient (e.g. 0.1 ... 0.9).
+      metrics_by_fraction: `{name: [value per fraction]}`, each as long as `fractions`.
+      path: PNG destination (parents created).
+      title: optional figure title.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: on empty inputs or series whose lengths differ from `fractions`.
+    """
+    xs = [float(f) for f in fractions]
+    if not xs:
+        raise ValueError("fractions is empty.")
+    if not metrics_by_fraction:
+        raise ValueError("metrics_by_fraction is empty.")
+    bad = {k: len(v) for k, v in metrics_by_fraction.items() if len(v) != len(xs)}
+    if bad:
+        raise ValueError(f"Series lengths {bad} differ from len(fractions) = {len(xs)}.")
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.add_subplot()
+    for name, values in metrics_by_fraction.items():
+        ax.plot(xs, [float(v) for v in values], marker="o", label=name)
+    ax.set_xlabel("saliency mask fraction")
+    ax.set_ylabel("%")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _save_png(fig, path)
+
+
+def plot_layer_saliency(
+    layer_names: Sequence[str],
+    fractions: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> pathlib.Path:
+    """Horizontal bar chart of the fraction of salient weights per layer; writes a PNG.
+
+    Args:
+      layer_names: one label per layer, drawn top to bottom in the given order.
+      fractions: per-layer fraction of weights in the mask, in [0, 1].
+      path: PNG destination (parents created).
+      title: optional figure title.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: on empty inputs, mismatched lengths, or fractions outside [0, 1].
+    """
+    names = [str(n) for n in layer_names]
+    values = [float(f) for f in fractions]
+    if not names:
+        raise ValueError("layer_names is empty.")
+    if len(names) != len(values):
+        raise ValueError(f"{len(names)} layer names but {len(values)} fractions.")
+    out_of_range = [(n, v) for n, v in zip(names, values, strict=True) if not 0.0 <= v <= 1.0]
+    if out_of_range:
+        raise ValueError(f"Fractions must lie in [0, 1]; got {out_of_range[:5]}.")
+    fig = _new_figure(7.0, max(2.0, 0.25 * len(names) + 1.0))
+    ax = fig.add_subplot()
+    positions = np.arange(len(names))
+    ax.barh(positions, values)
+    ax.set_yticks(positions, labels=names, fontsize=7)
+    ax.invert_yaxis()  # first layer at the top
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("fraction of salient weights")
+    ax.grid(True, axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return _save_png(fig, path)
