@@ -158,7 +158,7 @@ def make_train_step(
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             batch_stats = jax.lax.pmean(batch_stats, axis_name)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         new_state = state.apply_gradients(grads, batch_stats if update_batch_stats else None)
         if post_update_fn is not None:
             new_state = post_update_fn(new_state)
@@ -188,7 +188,7 @@ def parallel_step(step_fn: Callable) -> Callable:
 
 def replicate(tree: PyTree) -> PyTree:
     """Copies every leaf to all local devices, stacked on a leading device axis (for pmap)."""
-    return flax.jax_utils.replicate(tree)
+    return flax.jax_utils.replicate(tree, axis_name=AXIS)  # same sharding as pmap outputs
 
 
 def unreplicate(tree: PyTree) -> PyTree:

@@ -441,7 +441,8 @@ def _load_image_archive(path: str, *, cache_dir: str | None) -> Dataset:
 def _read_cache(cache_file: str, name: str) -> Dataset | None:
     """Reads a cache file; deletes it and returns None (with a warning) if it is unusable."""
     try:
-        with np.load(cache_file, allow_pickle=False) as contents:
+        # Open the file ourselves: np.load leaks its handle when the zip directory is unreadable.
+        with open(cache_file, "rb") as file, np.load(file, allow_pickle=False) as contents:
             missing = set(_CACHE_KEYS) - set(contents.files)
             if missing:
                 raise KeyError(f"missing keys {sorted(missing)}")

@@ -88,7 +88,8 @@ def make_split(
 
     Args:
       train_labels, test_labels: int labels of the data set's train and test arrays.
-      scenario: "random" (n or a fraction of the train set) or "class" (all, or n, of a class).
+      scenario: "random" (n or a fraction of the train set), "class" (all, or n, of a class), or
+        "none" (no forget set: for training the original model).
       seed: split seed; validation uses `seed`, forget selection `seed - 1` (as upstream).
       val_fraction: per-class fraction of the train images held out for validation.
       num_forget / forget_fraction: size of the forget set (random: required, one of the two;
@@ -108,7 +109,9 @@ def make_split(
     train, val = train_val_split(train_labels, val_fraction, seed)
     forget_rng = np.random.RandomState(seed - 1 if seed > 0 else 0)
     test = np.arange(test_labels.size, dtype=np.int64)
-    if scenario == "random":
+    if scenario == "none":
+        forget = np.zeros(0, np.int64)
+    elif scenario == "random":
         if (num_forget is None) == (forget_fraction is None):
             raise ValueError("random forgetting needs exactly one of num_forget, forget_fraction")
         if forget_fraction is not None:
@@ -136,7 +139,7 @@ def make_split(
         if drop_forget_class_from_test:
             test = test[test_labels != forget_class]
     else:
-        raise ValueError(f"unknown scenario {scenario!r}; known: random, class")
+        raise ValueError(f"unknown scenario {scenario!r}; known: none, random, class")
     retain = np.setdiff1d(train, forget).astype(np.int64)
     description = {
         "dataset": dataset,
