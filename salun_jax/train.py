@@ -29,6 +29,7 @@ from flax import struct
 
 from salun_jax import optim as optim_lib
 from salun_jax.data.augment import random_crop_flip, to_float
+from salun_jax.data.batches import epoch_batches
 
 PyTree = Any
 AXIS = "batch"
@@ -188,34 +189,14 @@ def parallel_step(step_fn: Callable) -> Callable:
 
 def replicate(tree: PyTree) -> PyTree:
     """Copies every leaf to all local devices, stacked on a leading device axis (for pmap)."""
-    return flax.jax_utils.replicate(tree, axis_name=AXIS)  # same sharding as pmap outputs
+    # Via host copies: leaves that share a buffer (e.g. `extra` = params) must not alias, since
+    # the pmapped step donates the state. The axis name matches pmap outputs' sharding, so the
+    # second step does not retrace.
+    return flax.jax_utils.replicate(jax.device_get(tree), axis_name=AXIS)
 
 
 def unreplicate(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: x[0], tree)
-
-
-def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None,
-                  num_devices: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled batches over `indices`, the last partial batch padded (weight 0) to full size.
-
-    Returns:
-      (batch indices [S, D, B/D] int32, weights [S, D, B/D] float32).
-    """
-    indices = np.asarray(indices)
-    if indices.size == 0:
-        raise ValueError("cannot make batches from an empty index set")
-    if batch_size % num_devices:
-        raise ValueError(f"batch size {batch_size} is not divisible by {num_devices} devices")
-    order = rng.permutation(indices) if rng is not None else indices
-    steps = math.ceil(order.size / batch_size)
-    pad = steps * batch_size - order.size
-    padded = np.concatenate([order, np.resize(order, pad)]) if pad else order
-    weights = np.ones(padded.size, np.float32)
-    if pad:
-        weights[-pad:] = 0.0
-    shape = (steps, num_devices, batch_size // num_devices)
-    return padded.reshape(shape).astype(np.int32), weights.reshape(shape)
 
 
 def _reduce_epoch_metrics(step_metrics: list[dict]) -> dict[str, float]:

@@ -90,12 +90,13 @@ def make_denoising_loss_fn(
       cond_drop_prob: probability of replacing a sample's class with the null class.
       reduction: "upstream" (per-image sum, batch mean) or "mean"; see `diffusion_loss`.
 
-    Raises:
-      ValueError: bad reduction or cond_drop_prob.
-
     Returns:
       `loss_fn(params, x0, y, rng) -> (loss, metrics)`, with x0 [B, H, W, C] in [-1, 1] and
-      y [B] int. Noise, antithetic t, the null mask and the dropout key all come from `rng`.
+      y [B] int. Noise, antithetic t, the null mask and the dropout key all come from `rng`
+      (`split(rng, 4)` in that order). metrics: {"loss", "null_fraction"}.
+
+    Raises:
+      ValueError: bad reduction or cond_drop_prob.
     """
     if reduction not in ("upstream", "mean"):
         raise ValueError(f"reduction must be 'upstream' or 'mean' for a loss, got {reduction!r}.")

@@ -242,6 +242,10 @@ def ddim_sample(
       x_next = sqrt(abar_next) x0 + c1 z + sqrt(1 - abar_next - c1^2) eps
     The defaults (all T steps, eta 1, w 2) are the paper's `cifar10_sample.yml`.
 
+    Randomness: `init_rng, loop_rng = split(rng)`; x_T = normal(init_rng, [B, H, W, C]); the
+    noise of the i-th step taken is normal(split(loop_rng, n_steps)[i], x.shape). (`ddpm_sample`
+    uses the same layout.)
+
     Args:
       apply_fn: `UNet.apply`-like (hashable; pass the same object to avoid recompiling).
       params: model parameters.
@@ -265,7 +269,8 @@ def ddim_sample(
         params, schedule, labels, guidance_scale, num_steps, image_shape, num_classes, eta
     )
     return _ddim_loop(
-        apply_fn, params, schedule, rng, labels, eta, jnp.asarray(guidance_scale, jnp.float32),
+        apply_fn, params, schedule, rng, labels, jnp.asarray(eta, jnp.float32),
+        jnp.asarray(guidance_scale, jnp.float32),
         num_steps=num_steps, image_shape=image_shape, use_guidance=use_guidance,
     )
 

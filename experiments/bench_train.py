@@ -1,0 +1,339 @@
+"""Training throughput benchmark: the bare jitted train step vs. the real epoch loop.
+
+    python experiments/bench_train.py --json_out=/tmp/bench_train.json
+
+For each model (default: full-width ResNet-18 and a CPU-sized ResNet-8 at width 0.25, CIFAR-shaped
+32x32x3 inputs, batch 128, SGD + momentum + weight decay, on-device crop/flip augmentation) it
+prints images/s and achieved GFLOP/s of
+
+  - bare: `jax.jit(make_train_step(augment=True))` called in a Python loop on one fixed
+    device-resident batch, synced once at the end;
+  - loop: the epoch machinery of `salun_jax.train` (`parallel_step` + `replicate` +
+    `epoch_batches` + `run_epoch`) on synthetic data, timed after a warm-up epoch;
+
+next to this machine's float32 matmul GFLOP/s (jnp, and numpy) as the reference limit. The loop
+passes when it keeps the device busy: throughput >= 90% of the bare step's, the inner step traced
+once (`chex.assert_max_traces(n=1)`), no XLA compilation and no device-to-host transfer inside any
+step call after the warm-up epoch. FLOPs per step come from XLA's cost analysis of the compiled
+step (fallback: 3x the forward's). `--strict` exits 1 when a model fails.
+The transfer guard only bites on accelerators (on XLA:CPU a read is no transfer).
+
+Result on the 2-core CPU machine (jax 0.10.2, XLA:CPU, 1 device; the two cores were shared with
+other jobs, so the times are noisy to +-20%), default flags, about 4 minutes in all:
+
+    (filled in below, see the end of this docstring)
+
+`--quick` runs a tiny SmallCNN on 8x8 images in seconds (the test's configuration).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from salun_jax.models import create_model
+from salun_jax.optim import make_sgd
+from salun_jax.train import (
+    AXIS,
+    create_train_state,
+    epoch_batches,
+    make_train_step,
+    parallel_step,
+    replicate,
+    run_epoch,
+)
+
+_MODELS = flags.DEFINE_list("models", ["resnet18", "resnet8"], "Model names (create_model).")
+_WIDTHS = flags.DEFINE_list("widths", ["1.0", "0.25"], "Width multiplier per model (or one).")
+_STEPS = flags.DEFINE_list("steps", ["3", "20"], "Timed steps per model (or one for all).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps of the bare step (the loop's warm-up "
+                                "epoch has as many steps as its timed epoch).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Square input size.")
+_CHANNELS = flags.DEFINE_integer("channels", 3, "Input channels.")
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 4096, "Reference f32 matmul: n x n @ n x n.")
+_MATMUL_REPEATS = flags.DEFINE_integer("matmul_repeats", 5, "Timed matmuls (median is used).")
+_NUMPY_REFERENCE = flags.DEFINE_bool("numpy_reference", True, "Also time numpy's matmul.")
+_MIN_RATIO = flags.DEFINE_float("min_ratio", 0.9, "Loop/bare throughput needed to pass.")
+_STRICT = flags.DEFINE_bool("strict", False, "Exit with status 1 if any model fails.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny configuration (seconds; for the tests). Flags "
+                           "given explicitly still win.")
+
+# What --quick changes; flags given on the command line override these.
+_QUICK_VALUES = {"models": ["small_cnn"], "widths": ["0.25"], "steps": ["3"], "batch_size": 16,
+                 "image_size": 8, "matmul_size": 256, "matmul_repeats": 3}
+_NUM_CLASSES = 10
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+# 1. The reference limit: float32 matmul throughput.
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_gflops(n: int, repeats: int, use_numpy: bool) -> dict[str, float]:
+    """Median float32 GFLOP/s of an n x n matmul (2 n^3 flops), jitted jnp and optionally numpy."""
+    rng = np.random.default_rng(0)
+    a_host = rng.standard_normal((n, n), np.float32)
+    b_host = rng.standard_normal((n, n), np.float32)
+    flops = 2.0 * n**3
+    matmul = jax.jit(jnp.matmul)
+    a, b = jax.device_put(a_host), jax.device_put(b_host)
+    matmul(a, b).block_until_ready()  # compile
+    out = {"matmul_size": n,
+           "jax_matmul_gflops": flops / _median_seconds(
+               lambda: matmul(a, b).block_until_ready(), repeats) / 1e9}
+    if use_numpy:
+        np.matmul(a_host, b_host)
+        out["numpy_matmul_gflops"] = flops / _median_seconds(
+            lambda: np.matmul(a_host, b_host), repeats) / 1e9
+    return out
+
+
+# 2. Compilation and transfer checks around the pmapped step.
+
+class _CompileCounter:
+    """Counts XLA backend compilations (any function) while registered."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event: str, duration: float, **kwargs) -> None:
+        del duration, kwargs
+        if event == _COMPILE_EVENT:
+            self.count += 1
+
+
+@contextlib.contextmanager
+def _counting_compiles() -> Iterator[_CompileCounter]:
+    counter = _CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(counter)
+
+
+class _CheckedStep:
+    """Wraps a pmapped step: once `armed`, counts compilations inside its calls and forbids
+    device-to-host transfers (a per-step host sync) in them. Costs microseconds per call.
+
+    The transfer guard bites on accelerators only: XLA:CPU arrays already live in host memory,
+    so reading one is no transfer and the guard lets it pass (seen with jax 0.10.2)."""
+
+    def __init__(self, p_step: Callable, counter: _CompileCounter):
+        self.p_step, self.counter = p_step, counter
+        self.armed, self.compiles = False, 0
+
+    def __call__(self, *args):
+        if not self.armed:
+            return self.p_step(*args)
+        before = self.counter.count
+        with jax.transfer_guard_device_to_host("disallow"):
+            out = self.p_step(*args)
+        self.compiles += self.counter.count - before
+        return out
+
+
+# 3. FLOPs of one train step.
+
+def _cost_flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # older jax: one dict per partition
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def _forward_flops(state, images: jax.Array) -> float:
+    forward = jax.jit(lambda variables, x: state.apply_fn(variables, x, train=True,
+                                                          mutable=["batch_stats"]))
+    return _cost_flops(forward.lower(state.variables, images.astype(jnp.float32)).compile())
+
+
+# 4. One model.
+
+def _synthetic_data(num_examples: int, image_shape: tuple[int, ...], seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 256, (num_examples, *image_shape), dtype=np.uint8),
+            "label": rng.integers(0, _NUM_CLASSES, num_examples, dtype=np.int32)}
+
+
+def _rates(seconds_per_step: float, batch_size: int, flops: float, peak_gflops: float) -> dict:
+    gflops = flops / seconds_per_step / 1e9
+    return {"step_s": seconds_per_step, "images_per_s": batch_size / seconds_per_step,
+            "gflops": gflops, "pct_of_matmul": 100.0 * gflops / peak_gflops}
+
+
+def bench_model(name: str, width: float, *, batch_size: int, steps: int, warmup: int,
+                image_shape: tuple[int, ...], peak_gflops: float,
+                min_ratio: float) -> dict:
+    """Times the bare jitted step and the epoch loop of one model; returns a result record."""
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"need steps >= 1 and warmup >= 1, got {steps} and {warmup}")
+    num_devices = jax.local_device_count()
+    model = create_model(name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1],
+                         width)
+    state = create_train_state(model, jax.random.key(0), image_shape,
+                               make_sgd(0.01, momentum=0.9, weight_decay=5e-4))
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    data = _synthetic_data(steps * batch_size, image_shape)
+    key = jax.random.key(1)
+    # The loop gets its own copy first: the bare step donates (and so consumes) `state`.
+    state_r, data_r = replicate(state), replicate(data)
+
+    # Bare step: one compile (also the source of the FLOP count), then a Python loop on one
+    # device-resident batch; the only sync is at the end.
+    batch = jax.device_put({"image": data["image"][:batch_size],
+                            "label": data["label"][:batch_size]})
+    start = time.perf_counter()
+    compiled = jax.jit(make_train_step(augment=True), donate_argnums=(0,)).lower(
+        state, batch, key).compile()
+    compile_s = time.perf_counter() - start
+    flops, flops_source = _cost_flops(compiled), "XLA cost analysis of the compiled train step"
+    if flops <= 0:
+        flops = 3.0 * _forward_flops(state, batch["image"])
+        flops_source = "3x XLA cost analysis of the forward pass"
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, key)
+    jax.block_until_ready((state, metrics))
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch, key)
+    jax.block_until_ready((state, metrics))
+    bare_s = (time.perf_counter() - start) / steps
+    del state
+
+    # Loop: the real epoch machinery; a warm-up epoch, then one timed epoch. Both have `steps`
+    # steps, as all epochs of `fit` have one length: run_epoch's end-of-epoch reduction compiles
+    # once per epoch length, a one-off cost that must not land in the timed epoch.
+    with _counting_compiles() as counter:
+        p_step = _CheckedStep(parallel_step(chex.assert_max_traces(
+            make_train_step(augment=True, axis_name=AXIS), n=1)), counter)
+        warm_batches = epoch_batches(np.arange(steps * batch_size), batch_size,
+                                     np.random.default_rng(0), num_devices)
+        start = time.perf_counter()
+        state_r, _ = run_epoch(p_step, state_r, data_r, warm_batches, key, progress=False)
+        warm_s = time.perf_counter() - start
+        p_step.armed = True
+        timed_batches = epoch_batches(np.arange(steps * batch_size), batch_size,
+                                      np.random.default_rng(1), num_devices)
+        start = time.perf_counter()
+        state_r, epoch_metrics = run_epoch(p_step, state_r, data_r, timed_batches, key,
+                                           progress=False)
+        loop_s = (time.perf_counter() - start) / steps
+    ratio = bare_s / loop_s
+    passed = ratio >= min_ratio and p_step.compiles == 0 and epoch_metrics["finite"]
+    return {
+        "model": name, "width": width, "params": num_params, "batch_size": batch_size,
+        "image_shape": list(image_shape), "devices": num_devices, "steps": steps,
+        "warmup": warmup, "flops_per_step": flops, "flops_source": flops_source,
+        "bare_compile_s": compile_s, "loop_warmup_epoch_s": warm_s,
+        "bare": _rates(bare_s, batch_size, flops, peak_gflops),
+        "loop": _rates(loop_s, batch_size, flops, peak_gflops),
+        "loop_over_bare": ratio, "loop_compiles_after_warmup": p_step.compiles,
+        "loop_loss": epoch_metrics["loss"], "passed": bool(passed),
+    }
+
+
+# 5. Output.
+
+def format_table(results: list[dict]) -> str:
+    header = (f"{'model':<16}{'params':>11}{'':>2}{'phase':<6}{'step s':>9}{'img/s':>9}"
+              f"{'GFLOP/s':>9}{'% mm':>7}{'loop/bare':>11}  check")
+    lines = [header, "-" * len(header)]
+    for r in results:
+        label = f"{r['model']} x{r['width']:g}"
+        for phase in ("bare", "loop"):
+            p = r[phase]
+            tail = ""
+            if phase == "loop":
+                tail = (f"{r['loop_over_bare']:>11.3f}  {'PASS' if r['passed'] else 'FAIL'}"
+                        f" (compiles {r['loop_compiles_after_warmup']})")
+            lines.append(f"{label if phase == 'bare' else '':<16}"
+                         f"{r['params'] if phase == 'bare' else '':>11}{'':>2}{phase:<6}"
+                         f"{p['step_s']:>9.3f}{p['images_per_s']:>9.1f}{p['gflops']:>9.2f}"
+                         f"{p['pct_of_matmul']:>7.1f}{tail}")
+    return "\n".join(lines)
+
+
+def _per_model(values: list[str], count: int, name: str, cast: Callable) -> list:
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count:
+        raise app.UsageError(f"--{name} needs 1 or {count} values, got {len(values)}")
+    return [cast(v) for v in values]
+
+
+def run_benchmark() -> dict:
+    """Runs the benchmark as the flags say, prints the table; returns the JSON record."""
+    if _QUICK.value:
+        for name, value in _QUICK_VALUES.items():
+            if not flags.FLAGS[name].present:
+                flags.FLAGS[name].value = value
+    models = _MODELS.value
+    widths = _per_model(_WIDTHS.value, len(models), "widths", float)
+    steps = _per_model(_STEPS.value, len(models), "steps", int)
+    image_shape = (_IMAGE_SIZE.value, _IMAGE_SIZE.value, _CHANNELS.value)
+
+    reference = matmul_gflops(_MATMUL_SIZE.value, _MATMUL_REPEATS.value, _NUMPY_REFERENCE.value)
+    peak = reference["jax_matmul_gflops"]
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
+          f"{jax.local_device_count()} device(s): {jax.devices()[0].device_kind}")
+    print(f"reference f32 matmul {reference['matmul_size']}^2: jnp {peak:.1f} GFLOP/s"
+          + (f", numpy {reference['numpy_matmul_gflops']:.1f} GFLOP/s"
+             if "numpy_matmul_gflops" in reference else ""))
+    sys.stdout.flush()
+    results = []
+    for name, width, num_steps in zip(models, widths, steps, strict=True):
+        record = bench_model(name, width, batch_size=_BATCH_SIZE.value, steps=num_steps,
+                             warmup=_WARMUP.value, image_shape=image_shape, peak_gflops=peak,
+                             min_ratio=_MIN_RATIO.value)
+        results.append(record)
+        print(f"{name} x{width:g}: {record['flops_per_step'] / 1e9:.3g} GFLOP/step "
+              f"({record['flops_source']}); bare compile {record['bare_compile_s']:.1f} s, "
+              f"loop warm-up epoch {record['loop_warmup_epoch_s']:.1f} s", flush=True)
+    print()
+    print(f"batch {_BATCH_SIZE.value}, images {'x'.join(map(str, image_shape))}; "
+          f"% mm = achieved GFLOP/s as % of the jnp matmul; loop passes at loop/bare >= "
+          f"{_MIN_RATIO.value:g} with no compilation after the warm-up epoch")
+    print(format_table(results))
+    output = {"jax_version": jax.__version__, "backend": jax.default_backend(),
+              "devices": jax.local_device_count(), "reference": reference,
+              "min_ratio": _MIN_RATIO.value, "results": results,
+              "passed": all(r["passed"] for r in results)}
+    if _JSON_OUT.value:
+        directory = os.path.dirname(os.path.abspath(_JSON_OUT.value))
+        os.makedirs(directory, exist_ok=True)
+        with open(_JSON_OUT.value, "w") as f:
+            json.dump(output, f, indent=2, sort_keys=True)
+    return output
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    output = run_benchmark()
+    if _STRICT.value and not output["passed"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,214 @@
+"""Weight saliency: gradient scores of a forget loss, global top-k 0/1 masks, sweeps, statistics.
+
+A mask is a pytree with exactly the params' structure; each leaf is a 0/1 (bool) array of the
+param's shape. One implementation serves classification and diffusion.
+
+References: Fan et al. 2024 (SalUn), Eq. 3: m_S = 1(|grad l_f(theta; D_f)| at theta_o >= gamma);
+reference-salun.md §3 (classification, HEAD semantics) and §6.3 (DDPM: per-batch clipping).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from salun_jax.data.augment import random_crop_flip, to_float
+from salun_jax.train import weighted_mean
+
+PyTree = Any
+BatchLossFn = Callable[[PyTree, dict, jax.Array], jax.Array]
+
+
+class MaskMismatchError(ValueError):
+    """A mask (or score tree) does not fit the params it is used with."""
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+    """'/'-joined key paths of the leaves, in `jax.tree.leaves` order."""
+    paths, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            for path, _ in paths]
+
+
+def check_same_structure(tree: PyTree, params: PyTree, what: str = "mask") -> None:
+    """Raises MaskMismatchError naming the first leaf path where `tree` and `params` differ."""
+    tree_names, params_names = leaf_names(tree), leaf_names(params)
+    tree_leaves, params_leaves = jax.tree.leaves(tree), jax.tree.leaves(params)
+    tree_shapes = dict(zip(tree_names, (np.shape(x) for x in tree_leaves), strict=True))
+    for name, leaf in zip(params_names, params_leaves, strict=True):
+        if name not in tree_shapes:
+            raise MaskMismatchError(f"{what} has no leaf {name!r} that the params have")
+        if tree_shapes[name] != np.shape(leaf):
+            raise MaskMismatchError(f"{what} leaf {name!r} has shape {tree_shapes[name]}, the "
+                                    f"params' has {np.shape(leaf)}")
+    extra = sorted(set(tree_names) - set(params_names))
+    if extra:
+        raise MaskMismatchError(f"{what} has leaf {extra[0]!r} that the params do not have")
+
+
+def accumulate_gradients(batch_loss_fn: BatchLossFn, params: PyTree, batches: dict,
+                         rng: jax.Array, clip_norm: float | None = None) -> PyTree:
+    """Sum over batches of grad(batch loss) (signed), in one jitted `lax.scan`; see
+    `gradient_saliency` for the arguments."""
+    return _accumulate_gradients(batch_loss_fn, params, batches, rng, clip_norm)
+
+
+def gradient_saliency(batch_loss_fn: BatchLossFn, params: PyTree, batches: dict, rng: jax.Array,
+                      clip_norm: float | None = None) -> PyTree:
+    """|sum over batches of grad(batch loss)| per weight, in one jitted `lax.scan`.
+
+    Args:
+      batch_loss_fn: (params, batch, rng) -> scalar loss of one batch (e.g. the batch-mean CE,
+        or the diffusion loss). The sign is irrelevant after the absolute value.
+      params: the weights at which to take gradients (the original model).
+      batches: a dict of arrays with a leading [num_batches, ...] axis.
+      rng: key; batch i uses fold_in(rng, i).
+      clip_norm: clip each batch's gradient to this global norm before accumulating (the DDPM
+        mask does this upstream, reference-salun.md §6.3); None for classification.
+
+    Returns:
+      A scores pytree with the params' structure (float32, >= 0).
+    """
+    return jax.tree.map(jnp.abs, _accumulate_gradients(batch_loss_fn, params, batches, rng,
+                                                       clip_norm))
+
+
+@jax.jit(static_argnums=(0, 4))
+def _accumulate_gradients(batch_loss_fn, params, batches, rng, clip_norm):
+    def body(total, inputs):
+        index, batch = inputs
+        grads = jax.grad(batch_loss_fn)(params, batch, jax.random.fold_in(rng, index))
+        if clip_norm is not None:
+            scale = jnp.minimum(1.0, clip_norm / (optax.tree.norm(grads) + 1e-6))
+            grads = jax.tree.map(lambda g: g * scale, grads)
+        return jax.tree.map(jnp.add, total, grads), None
+
+    num_batches = jax.tree.leaves(batches)[0].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_batches), batches))
+    return total
+
+
+def classification_forget_loss(apply_fn: Callable, batch_stats: PyTree, augment: bool = True,
+                               crop_padding: int = 4, flip: bool = True) -> BatchLossFn:
+    """The upstream mask loss: -CE (batch mean over valid examples), BN in inference mode, forget
+    images with the train augmentation on (reference-salun.md §3).
+
+    The batch holds `image` uint8, `label` int32 and `weight` (0 for padding), so a final partial
+    batch weighs each of its samples by 1/n_valid, as upstream's sum of per-batch means.
+    """
+
+    def loss_fn(params, batch, rng):
+        images = (random_crop_flip(rng, batch["image"], crop_padding, flip) if augment
+                  else to_float(batch["image"]))
+        logits = apply_fn({"params": params, "batch_stats": batch_stats}, images, train=False)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return -weighted_mean(ce, batch["weight"])
+
+    return loss_fn
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"mask fraction must be in (0, 1], got {fraction}")
+
+
+def _ranks(scores: PyTree) -> tuple[np.ndarray, list, Any]:
+    """Rank of each weight by descending score (0 = most salient); stable: ties keep leaf order."""
+    leaves, treedef = jax.tree.flatten(scores)
+    flat = np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])
+    if not np.all(np.isfinite(flat)):
+        raise ValueError("saliency scores contain NaN or inf")
+    order = np.argsort(-flat, kind="stable")
+    ranks = np.empty(flat.size, np.int64)
+    ranks[order] = np.arange(flat.size)
+    return ranks, leaves, treedef
+
+
+def _mask_from_ranks(ranks, leaves, treedef, fraction):
+    _check_fraction(fraction)
+    keep = ranks < int(fraction * ranks.size)
+    out, offset = [], 0
+    for leaf in leaves:
+        size = int(np.size(leaf))
+        out.append(keep[offset:offset + size].reshape(np.shape(leaf)))
+        offset += size
+    return jax.tree.unflatten(treedef, out)
+
+
+def mask_from_scores(scores: PyTree, fraction: float) -> PyTree:
+    """Global top-k 0/1 mask: exactly int(fraction * P) ones over all leaves together.
+
+    Ties are broken deterministically: the earlier weight in (leaf order, row-major) order wins.
+
+    Args:
+      scores: a pytree of non-negative saliency scores (the params' structure).
+      fraction: share of weights marked salient, in (0, 1].
+
+    Returns:
+      A pytree of bool numpy arrays with the scores' structure.
+
+    Raises:
+      ValueError: fraction outside (0, 1], or non-finite scores.
+
+    References: SalUn Eq. 3 with gamma the (1 - fraction) quantile; upstream `with_{f}.pt`.
+    """
+    _check_fraction(fraction)
+    return _mask_from_ranks(*_ranks(scores), fraction)
+
+
+def mask_sweep(scores: PyTree, fractions: Sequence[float] = tuple(np.arange(1, 11) / 10)
+               ) -> dict[float, PyTree]:
+    """Masks for several fractions from one ranking of the scores (upstream: 0.1 ... 1.0)."""
+    for fraction in fractions:
+        _check_fraction(fraction)
+    ranked = _ranks(scores)
+    return {float(f): _mask_from_ranks(*ranked, f) for f in fractions}
+
+
+def mask_stats(mask: PyTree) -> dict[str, Any]:
+    """Global and per-leaf share of ones, and counts."""
+    names, leaves = leaf_names(mask), jax.tree.leaves(mask)
+    ones = [int(np.count_nonzero(x)) for x in leaves]
+    sizes = [int(np.size(x)) for x in leaves]
+    return {"ones": sum(ones), "size": sum(sizes), "fraction": sum(ones) / max(sum(sizes), 1),
+            "per_leaf": {n: o / s for n, o, s in zip(names, ones, sizes, strict=True)}}
+
+
+def save_mask(path: str, mask: PyTree) -> None:
+    """Writes a mask as .npz keyed by leaf path (atomically)."""
+    arrays = {name: np.asarray(x, bool) for name, x in zip(leaf_names(mask), jax.tree.leaves(mask),
+                                                             strict=True)}
+    tmp = f"{path}.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_mask(path: str, params: PyTree) -> PyTree:
+    """Reads a mask saved by `save_mask` and checks it against `params`.
+
+    Raises:
+      FileNotFoundError: no file.
+      MaskMismatchError: a leaf is missing, extra or of another shape (the message names it).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no mask file at {path}")
+    with np.load(path) as f:
+        stored = {name: f[name] for name in f.files}
+    names, treedef = leaf_names(params), jax.tree.structure(params)
+    for name, leaf in zip(names, jax.tree.leaves(params), strict=True):
+        if name not in stored:
+            raise MaskMismatchError(f"mask {path} has no leaf {name!r} that the params have")
+        if stored[name].shape != np.shape(leaf):
+            raise MaskMismatchError(f"mask {path} leaf {name!r} has shape {stored[name].shape}, "
+                                    f"the params' has {np.shape(leaf)}")
+    extra = sorted(set(stored) - set(names))
+    if extra:
+        raise MaskMismatchError(f"mask {path} has leaf {extra[0]!r} that the params do not have")
+    return jax.tree.unflatten(treedef, [stored[name] for name in names])

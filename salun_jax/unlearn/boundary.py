@@ -1,0 +1,106 @@
+"""Boundary unlearning (Chen et al. 2023): boundary shrink (BS) and boundary expanding (BE).
+
+References: reference-salun.md §2.4 (BS: FGSM against the frozen original; BE: a shadow class),
+§9.2 (upstream never removes BE's shadow logit; our default does).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from salun_jax.models.resnet import torch_uniform_init
+from salun_jax.train import TrainState, make_train_step
+from salun_jax.unlearn.common import (
+    UnlearnConfig,
+    UnlearnOutput,
+    UnlearnTask,
+    run_sgd,
+    sgd_state,
+    step_kwargs,
+    steps_per_epoch,
+)
+
+
+def fgsm_neighbour_labels(apply_fn, original_variables, images, labels, bound: float):
+    """x_adv = clip(x + bound * sign(grad_x CE(original(x), y)), 0, 1), rounded to multiples of
+    1/255; returns argmax original(x_adv): the nearest "wrong" class across the boundary."""
+
+    def loss(x):
+        logits = apply_fn(original_variables, x, train=False)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+    grad = jax.grad(loss)(images)
+    adversarial = jnp.clip(images + bound * jnp.sign(grad), 0.0, 1.0)
+    adversarial = jnp.round(adversarial * 255.0) / 255.0
+    return jnp.argmax(apply_fn(original_variables, adversarial, train=False), axis=-1)
+
+
+def boundary_shrink(state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array,
+                    mask=None) -> UnlearnOutput:
+    """BS: on D_f only, train the model to predict the label the frozen original gives an FGSM
+    neighbour of each (augmented) forget image."""
+
+    def relabel(rng, images, labels, batch, state):
+        del rng, batch
+        new_labels = fgsm_neighbour_labels(state.apply_fn, state.extra, images, labels,
+                                           config.boundary_bound)
+        return images, jax.lax.stop_gradient(new_labels)
+
+    steps = steps_per_epoch([len(task.forget)], config.batch_size)
+    state = sgd_state(state, config, steps, mask).replace(extra=state.variables)
+    step = make_train_step(**step_kwargs(config), batch_transform_fn=relabel)
+    state, compile_s, run_s, history = run_sgd(state, task, step, lambda e, r: [task.forget],
+                                               config, rng, desc="BS")
+    return UnlearnOutput(state.replace(extra=None), compile_s, run_s, history)
+
+
+def _extend_head(params, num_classes: int, rng: jax.Array):
+    """Adds one output to the classifier head `fc` (kernel [D, K] and bias [K]); the new column
+    gets PyTorch's default Linear init, the old ones are copied."""
+    fc = params["fc"]
+    leaves = jax.tree.leaves(fc)
+    kernel_fan_in = next(x.shape[0] for x in leaves if x.ndim == 2)
+    init = torch_uniform_init(kernel_fan_in)
+    new = []
+    for i, leaf in enumerate(leaves):
+        if leaf.shape[-1] != num_classes:
+            raise ValueError(f"classifier head leaf of shape {leaf.shape} is not {num_classes}-way")
+        column = init(jax.random.fold_in(rng, i), (*leaf.shape[:-1], 1), leaf.dtype)
+        new.append(jnp.concatenate([leaf, column], axis=-1))
+    return {**params, "fc": jax.tree.unflatten(jax.tree.structure(fc), new)}
+
+
+def _drop_last_output(params):
+    return {**params, "fc": jax.tree.map(lambda x: x[..., :-1], params["fc"])}
+
+
+def boundary_expanding(state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array,
+                       mask=None) -> UnlearnOutput:
+    """BE: widen the head by a shadow class, train D_f towards it, then (default) drop the shadow
+    output again. `remove_shadow_logit=False` keeps the K+1-way head as upstream does; the output
+    then carries the widened `model`."""
+    if "fc" not in state.params:
+        raise ValueError("boundary expanding needs a classifier head named 'fc'")
+    if mask is not None:
+        raise ValueError("boundary expanding does not take a mask (its head changes shape)")
+    wide_model = task.model.clone(num_classes=task.num_classes + 1)
+    init_rng, rng = jax.random.split(rng)
+    wide = TrainState.create(apply_fn=wide_model.apply,
+                             params=_extend_head(state.params, task.num_classes, init_rng),
+                             batch_stats=state.batch_stats, tx=optax.identity())
+    steps = steps_per_epoch([len(task.forget)], config.batch_size)
+    wide = sgd_state(wide, config, steps)
+    shadow = task.num_classes
+
+    def to_shadow(rng, images, labels, batch, state):
+        return images, jnp.full_like(labels, shadow)
+
+    step = make_train_step(**step_kwargs(config), batch_transform_fn=to_shadow)
+    wide, compile_s, run_s, history = run_sgd(wide, task, step, lambda e, r: [task.forget],
+                                              config, rng, desc="BE")
+    if not config.remove_shadow_logit:
+        return UnlearnOutput(wide, compile_s, run_s, history, model=wide_model)
+    narrow = state.replace(params=_drop_last_output(wide.params), batch_stats=wide.batch_stats)
+    return UnlearnOutput(narrow, compile_s, run_s, history)
