@@ -224,6 +224,8 @@ def bench_model(name: str, width: float, *, batch_size: int, steps: int, warmup:
     # Loop: the real epoch machinery; a warm-up epoch, then one timed epoch. Both have `steps`
     # steps, as all epochs of `fit` have one length: run_epoch's end-of-epoch reduction compiles
     # once per epoch length, a one-off cost that must not land in the timed epoch.
+    # chex keys its trace counts by call site and source, which are the same for every model.
+    chex.clear_trace_counter()
     with _counting_compiles() as counter:
         p_step = _CheckedStep(parallel_step(chex.assert_max_traces(
             make_train_step(augment=True, axis_name=AXIS), n=1)), counter)

@@ -55,8 +55,10 @@ def np_fake_guided(x, t, y, a, w):
 def _keys_like_sampler(rng, n_steps, shape):
     init_rng, loop_rng = jax.random.split(rng)
     x_init = np.asarray(jax.random.normal(init_rng, shape), np.float64)
-    noises = [np.asarray(jax.random.normal(k, shape), np.float64)
-              for k in jax.random.split(loop_rng, n_steps)]
+    noises = [
+        np.asarray(jax.random.normal(k, shape), np.float64)
+        for k in jax.random.split(loop_rng, n_steps)
+    ]
     return x_init, noises
 
 
@@ -135,7 +137,8 @@ def test_denoising_loss_fn_draws_and_calls():
     # eps_pred = 0, so the loss is mean_b sum(noise^2) ~ 4*4*2 = 32.
     assert 28.0 < float(loss) < 36.0 and metrics["loss"] == loss
     mean_loss, _ = make_denoising_loss_fn(zero_apply, schedule, reduction="mean")(
-        {}, x0, jnp.zeros(64, jnp.int32), jax.random.key(3))
+        {}, x0, jnp.zeros(64, jnp.int32), jax.random.key(3)
+    )
     np.testing.assert_allclose(mean_loss, loss / 32, rtol=1e-6)
 
 
@@ -150,8 +153,9 @@ def test_guided_eps_formula():
     params = fake_params()
     for w in [2.0, 0.5]:
         expected = np_fake_guided(np.asarray(x), np.asarray(t), np.asarray(y), 0.3, w)
-        np.testing.assert_allclose(guided_eps(fake_apply, params, x, t, y, w), expected,
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            guided_eps(fake_apply, params, x, t, y, w), expected, rtol=1e-5, atol=1e-6
+        )
         traced = jax.jit(lambda w: guided_eps(fake_apply, params, x, t, y, w))(w)
         np.testing.assert_allclose(traced, expected, rtol=1e-5, atol=1e-6)
 
@@ -213,8 +217,17 @@ def test_ddim_matches_numpy_reference(eta, w, num_steps):
     rng = jax.random.key(7)
     ts, ts_next = timestep_sequence(100, num_steps)
     x_init, noises = _keys_like_sampler(rng, len(ts), (3, 4, 4, 2))
-    out = ddim_sample(fake_apply, fake_params(), schedule, rng, labels, image_shape=(4, 4, 2),
-                      num_steps=num_steps, eta=eta, guidance_scale=w)
+    out = ddim_sample(
+        fake_apply,
+        fake_params(),
+        schedule,
+        rng,
+        labels,
+        image_shape=(4, 4, 2),
+        num_steps=num_steps,
+        eta=eta,
+        guidance_scale=w,
+    )
     expected = _np_ddim(schedule, x_init, noises, labels, ts, ts_next, eta, w, 0.3)
     np.testing.assert_allclose(out, expected, atol=2e-4)
 
@@ -225,8 +238,9 @@ def test_ddpm_matches_numpy_reference():
     rng = jax.random.key(3)
     ts, ts_next = timestep_sequence(50, 50)
     x_init, noises = _keys_like_sampler(rng, len(ts), (2, 3, 3, 1))
-    out = ddpm_sample(fake_apply, fake_params(), schedule, rng, labels, image_shape=(3, 3, 1),
-                      guidance_scale=2.0)
+    out = ddpm_sample(
+        fake_apply, fake_params(), schedule, rng, labels, image_shape=(3, 3, 1), guidance_scale=2.0
+    )
     expected = _np_ddpm(schedule, x_init, noises, labels, ts, ts_next, 2.0, 0.3)
     np.testing.assert_allclose(out, expected, atol=2e-4)
 
@@ -269,14 +283,23 @@ def test_ddim_seed_behaviour():
 def test_samplers_do_not_retrace(sampler):
     chex.clear_trace_counter()  # the counter is keyed by the function's code, shared by params
     counted_apply = chex.assert_max_traces(
-        lambda *args, **kw: fake_apply(*args, **kw), n=1)  # one trace per (shape, static) config
+        lambda *args, **kw: fake_apply(*args, **kw), n=1
+    )  # one trace per (shape, static) config
     schedule = linear_schedule(100)
     extra = {"eta": 0.3} if sampler is ddim_sample else {}
     outs = []
     for seed, w, a in [(0, 2.0, 0.3), (1, 0.5, 0.1), (2, jnp.float32(3.0), 0.2)]:
-        out = sampler(counted_apply, fake_params(a=a), schedule, jax.random.key(seed),
-                      jnp.array([seed, 9 - seed]), image_shape=(4, 4, 1), num_steps=5,
-                      guidance_scale=w, **extra)
+        out = sampler(
+            counted_apply,
+            fake_params(a=a),
+            schedule,
+            jax.random.key(seed),
+            jnp.array([seed, 9 - seed]),
+            image_shape=(4, 4, 1),
+            num_steps=5,
+            guidance_scale=w,
+            **extra,
+        )
         chex.assert_shape(out, (2, 4, 4, 1))
         chex.assert_tree_all_finite(out)
         outs.append(out)
@@ -310,22 +333,50 @@ def test_to_uint8():
     ],
 )
 def test_sampler_bad_inputs(kwargs, match):
-    args = {"params": fake_params(), "labels": np.array([0, 1]), "num_steps": 5,
-            "image_shape": (4, 4, 1), "eta": 0.0}
+    args = {
+        "params": fake_params(),
+        "labels": np.array([0, 1]),
+        "num_steps": 5,
+        "image_shape": (4, 4, 1),
+        "eta": 0.0,
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        ddim_sample(fake_apply, args.pop("params"), linear_schedule(100), jax.random.key(0),
-                    args.pop("labels"), guidance_scale=2.0, **args)
+        ddim_sample(
+            fake_apply,
+            args.pop("params"),
+            linear_schedule(100),
+            jax.random.key(0),
+            args.pop("labels"),
+            guidance_scale=2.0,
+            **args,
+        )
 
 
 def test_no_null_class_ok_without_guidance():
     params = {"a": jnp.float32(0.3)}
-    out = ddpm_sample(fake_apply, params, linear_schedule(20), jax.random.key(0), jnp.array([1]),
-                      image_shape=(2, 2, 1), guidance_scale=0.0, num_classes=3)
+    out = ddpm_sample(
+        fake_apply,
+        params,
+        linear_schedule(20),
+        jax.random.key(0),
+        jnp.array([1]),
+        image_shape=(2, 2, 1),
+        guidance_scale=0.0,
+        num_classes=3,
+    )
     chex.assert_shape(out, (1, 2, 2, 1))
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        ddpm_sample(fake_apply, params, linear_schedule(20), jax.random.key(0), jnp.array([3]),
-                    image_shape=(2, 2, 1), guidance_scale=0.0, num_classes=3)
+        ddpm_sample(
+            fake_apply,
+            params,
+            linear_schedule(20),
+            jax.random.key(0),
+            jnp.array([3]),
+            image_shape=(2, 2, 1),
+            guidance_scale=0.0,
+            num_classes=3,
+        )
 
 
 def test_loss_bad_inputs():
@@ -351,8 +402,9 @@ def tiny():
     x = jnp.zeros((1, 8, 8, 1))
     t = jnp.zeros((1,), jnp.int32)
     # rbg keys: XLA:CPU here compiles ~100 threefry initialisers slowly (~2x the init time).
-    params = jax.jit(lambda k: model.init(k, x, t, t, train=False))(
-        jax.random.key(0, impl="rbg"))["params"]
+    params = jax.jit(lambda k: model.init(k, x, t, t, train=False))(jax.random.key(0, impl="rbg"))[
+        "params"
+    ]
     return model, params
 
 
@@ -384,11 +436,27 @@ def test_tiny_unet_samplers(tiny):
     schedule = linear_schedule()
     labels = jnp.array([0, 5, 9])
     for sample_fn, extra in [(ddim_sample, {"eta": 1.0}), (ddpm_sample, {})]:
-        out = sample_fn(model.apply, params, schedule, jax.random.key(0), labels,
-                        image_shape=(8, 8, 1), num_steps=4, guidance_scale=2.0, **extra)
+        out = sample_fn(
+            model.apply,
+            params,
+            schedule,
+            jax.random.key(0),
+            labels,
+            image_shape=(8, 8, 1),
+            num_steps=4,
+            guidance_scale=2.0,
+            **extra,
+        )
         chex.assert_shape(out, (3, 8, 8, 1))
         chex.assert_tree_all_finite(out)
         assert float(jnp.abs(out).max()) <= 1.0
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
-        ddim_sample(model.apply, params, schedule, jax.random.key(0), jnp.array([10]),
-                    image_shape=(8, 8, 1), num_steps=4)
+        ddim_sample(
+            model.apply,
+            params,
+            schedule,
+            jax.random.key(0),
+            jnp.array([10]),
+            image_shape=(8, 8, 1),
+            num_steps=4,
+        )

@@ -16,7 +16,7 @@ from salun_jax.models.unet import (
     tiny_digits_unet,
 )
 
-# Derived by hand (see `_expected_param_count` and the module docstring of the report):
+# Derived by hand and by `_expected_param_count` (a per-layer count without Flax):
 # DDIM-repo CIFAR-10 UNet 35,746,307 + 512 * (sum of the 22 res-block widths = 4,992) for the
 # wider [temb, cemb] projection + class path 330,112.
 PAPER_PARAM_COUNT = 38_632_323
@@ -27,9 +27,7 @@ def _abstract_params(model, batch=1):
     s = model.image_size
     x = jnp.zeros((batch, s, s, model.out_channels))
     t = jnp.zeros((batch,), jnp.int32)
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), x, t, t, train=False)
-    )
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, t, train=False))
     return variables["params"]
 
 
@@ -196,13 +194,20 @@ def test_bad_inputs_raise():
     model = tiny_digits_unet()
     t = jnp.zeros((2,), jnp.int32)
     with pytest.raises(ValueError, match=r"\[B, 8, 8, C\]"):
-        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)), t, t,
-                                          train=False))
+        jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 1)), t, t, train=False)
+        )
     with pytest.raises(ValueError, match="null_class=False"):
-        jax.eval_shape(lambda: model.clone(null_class=False).init(
-            jax.random.key(0), jnp.zeros((2, 8, 8, 1)), t, t, train=False,
-            null_mask=jnp.zeros(2, bool)))
+        jax.eval_shape(
+            lambda: model.clone(null_class=False).init(
+                jax.random.key(0),
+                jnp.zeros((2, 8, 8, 1)),
+                t,
+                t,
+                train=False,
+                null_mask=jnp.zeros(2, bool),
+            )
+        )
     params = _abstract_params(model.clone(null_class=False))
     assert NULL_CLASS_PARAM not in params
     assert _count(params) == TINY_PARAM_COUNT - 32
-

@@ -114,7 +114,12 @@ def make_denoising_loss_fn(
         null_mask = sample_null_mask(null_rng, batch, cond_drop_prob)
         # 3. Predict the noise with dropout on.
         eps_pred = apply_fn(
-            {"params": params}, x_t, t, y, train=True, null_mask=null_mask,
+            {"params": params},
+            x_t,
+            t,
+            y,
+            train=True,
+            null_mask=null_mask,
             rngs={"dropout": dropout_rng},
         )
         loss = diffusion_loss(noise, eps_pred, reduction)

@@ -107,7 +107,16 @@ def _padded_alphas_cumprod(schedule: NoiseSchedule) -> jax.Array:
     jax.jit, static_argnames=("apply_fn", "num_steps", "image_shape", "use_guidance")
 )
 def _ddim_loop(
-    apply_fn, params, schedule, rng, labels, eta, guidance_scale, *, num_steps, image_shape,
+    apply_fn,
+    params,
+    schedule,
+    rng,
+    labels,
+    eta,
+    guidance_scale,
+    *,
+    num_steps,
+    image_shape,
     use_guidance,
 ):
     ts, ts_next = timestep_sequence(schedule.num_timesteps, num_steps)
@@ -138,7 +147,15 @@ def _ddim_loop(
     jax.jit, static_argnames=("apply_fn", "num_steps", "image_shape", "use_guidance")
 )
 def _ddpm_loop(
-    apply_fn, params, schedule, rng, labels, guidance_scale, *, num_steps, image_shape,
+    apply_fn,
+    params,
+    schedule,
+    rng,
+    labels,
+    guidance_scale,
+    *,
+    num_steps,
+    image_shape,
     use_guidance,
 ):
     ts, ts_next = timestep_sequence(schedule.num_timesteps, num_steps)
@@ -269,9 +286,16 @@ def ddim_sample(
         params, schedule, labels, guidance_scale, num_steps, image_shape, num_classes, eta
     )
     return _ddim_loop(
-        apply_fn, params, schedule, rng, labels, jnp.asarray(eta, jnp.float32),
+        apply_fn,
+        params,
+        schedule,
+        rng,
+        labels,
+        jnp.asarray(eta, jnp.float32),
         jnp.asarray(guidance_scale, jnp.float32),
-        num_steps=num_steps, image_shape=image_shape, use_guidance=use_guidance,
+        num_steps=num_steps,
+        image_shape=image_shape,
+        use_guidance=use_guidance,
     )
 
 
@@ -307,8 +331,15 @@ def ddpm_sample(
         params, schedule, labels, guidance_scale, num_steps, image_shape, num_classes
     )
     return _ddpm_loop(
-        apply_fn, params, schedule, rng, labels, jnp.asarray(guidance_scale, jnp.float32),
-        num_steps=num_steps, image_shape=image_shape, use_guidance=use_guidance,
+        apply_fn,
+        params,
+        schedule,
+        rng,
+        labels,
+        jnp.asarray(guidance_scale, jnp.float32),
+        num_steps=num_steps,
+        image_shape=image_shape,
+        use_guidance=use_guidance,
     )
 
 

@@ -61,9 +61,7 @@ def linear_schedule(
     )
 
 
-def q_sample(
-    schedule: NoiseSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array
-) -> jax.Array:
+def q_sample(schedule: NoiseSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     """Samples x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
 
     Args:
