@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -9,7 +11,7 @@ import sys
 
 import ml_collections
 
-from salun_jax.data import load_dataset
+from salun_jax.data import load_dataset, subset_per_class
 from salun_jax.data.splits import Split, load_split, make_split, save_split
 from salun_jax.train import TrainConfig
 
@@ -28,16 +30,38 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: str, config: ml_collections.ConfigDict,
+                 fixed_keys: tuple[str, ...] = ("dataset", "train_per_class", "test_per_class",
+                                                "split", "train")) -> None:
+    """Writes config.json; refuses a work directory made with a different data/split/training
+    config (its checkpoints would silently be reused)."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    new = json.loads(config.to_json_best_effort(sort_keys=True))
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [k for k in fixed_keys if old.get(k) != new.get(k)]
+        if changed:
+            fail(f"{workdir} was made with a different {', '.join(changed)} config; use a new "
+                 "--workdir (or restore the old settings) so its checkpoints are not reused")
+    with open(path, "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def config_hash(*parts) -> str:
+    """A short hash of JSON-able parts (e.g. a method's config), to tell stale results apart."""
+    text = json.dumps([dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p
+                       for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def load_data(config: ml_collections.ConfigDict):
     try:
-        return load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
-                            cache_dir=config.get("cache_dir") or None)
+        dataset = load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
+                               cache_dir=config.get("cache_dir") or None)
+        return subset_per_class(dataset, config.get("train_per_class", 0),
+                                config.get("test_per_class", 0))
     except (ValueError, FileNotFoundError, OSError) as error:
         fail(str(error).splitlines()[0])
 
@@ -77,3 +101,23 @@ def write_json(path: str, record: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def run(main, config_flag) -> None:
+    """`absl.app.run(main)`, but a bad flag or config override (unknown key, missing config file)
+    ends with one clear error line instead of a traceback."""
+    from absl import app, flags
+
+    for i, arg in enumerate(sys.argv):  # config_flags prints a traceback for a missing file
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            sys.argv[i + 1] if arg == "--config" and i + 1 < len(sys.argv) else None)
+        if path is not None and not os.path.exists(path.split(":", 1)[0]):
+            fail(f"no config file {path}")
+    try:
+        remaining = flags.FLAGS(sys.argv)
+        config_flag.value  # noqa: B018 - config_flags reports a bad config file only when read
+    except Exception as error:  # noqa: BLE001 - anything raised while parsing flags is user input
+        text = " ".join(line.strip(" '\"\\") for line in str(error).replace("\\n", "\n")
+                        .splitlines() if line.strip())
+        fail(f"bad command line: {text}")
+    app.run(main, flags_parser=lambda argv: remaining)  # parsed once (overrides define flags)

@@ -56,7 +56,9 @@ from salun_jax.train import (
 
 _MODELS = flags.DEFINE_list("models", ["resnet18", "resnet8"], "Model names (create_model).")
 _WIDTHS = flags.DEFINE_list("widths", ["1.0", "0.25"], "Width multiplier per model (or one).")
-_STEPS = flags.DEFINE_list("steps", ["3", "20"], "Timed steps per model (or one for all).")
+_STEPS = flags.DEFINE_list("steps", ["2", "20"], "Steps per timed round, per model (or one).")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timed rounds (bare, loop); the fastest "
+                               "of each counts.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps of the bare step (the loop's warm-up "
                                 "epoch has as many steps as its timed epoch).")
@@ -73,7 +75,7 @@ _QUICK = flags.DEFINE_bool("quick", False, "Tiny configuration (seconds; for the
 
 # What --quick changes; flags given on the command line override these.
 _QUICK_VALUES = {"models": ["small_cnn"], "widths": ["0.25"], "steps": ["3"], "batch_size": 16,
-                 "image_size": 8, "matmul_size": 256, "matmul_repeats": 3}
+                 "image_size": 8, "matmul_size": 256, "matmul_repeats": 3, "rounds": 2}
 _NUM_CLASSES = 10
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -183,11 +185,16 @@ def _rates(seconds_per_step: float, batch_size: int, flops: float, peak_gflops: 
 
 
 def bench_model(name: str, width: float, *, batch_size: int, steps: int, warmup: int,
-                image_shape: tuple[int, ...], peak_gflops: float,
+                rounds: int, image_shape: tuple[int, ...], peak_gflops: float,
                 min_ratio: float) -> dict:
-    """Times the bare jitted step and the epoch loop of one model; returns a result record."""
-    if steps < 1 or warmup < 1:
-        raise ValueError(f"need steps >= 1 and warmup >= 1, got {steps} and {warmup}")
+    """Times the bare jitted step and the epoch loop of one model; returns a result record.
+
+    After compiling and warming up both, runs `rounds` rounds, each `steps` bare steps then one
+    `steps`-step epoch of the loop, and keeps each one's fastest round: other jobs on a shared
+    machine only ever add time, and interleaving exposes both to the same slow spells.
+    """
+    if steps < 1 or warmup < 1 or rounds < 1:
+        raise ValueError(f"need steps, warmup and rounds >= 1, got {steps}, {warmup}, {rounds}")
     num_devices = jax.local_device_count()
     model = create_model(name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1],
                          width)
@@ -200,7 +207,7 @@ def bench_model(name: str, width: float, *, batch_size: int, steps: int, warmup:
     state_r, data_r = replicate(state), replicate(data)
 
     # Bare step: one compile (also the source of the FLOP count), then a Python loop on one
-    # device-resident batch; the only sync is at the end.
+    # device-resident batch that syncs only at its end.
     batch = jax.device_put({"image": data["image"][:batch_size],
                             "label": data["label"][:batch_size]})
     start = time.perf_counter()
@@ -211,47 +218,59 @@ def bench_model(name: str, width: float, *, batch_size: int, steps: int, warmup:
     if flops <= 0:
         flops = 3.0 * _forward_flops(state, batch["image"])
         flops_source = "3x XLA cost analysis of the forward pass"
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch, key)
-    jax.block_until_ready((state, metrics))
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, batch, key)
-    jax.block_until_ready((state, metrics))
-    bare_s = (time.perf_counter() - start) / steps
-    del state
 
-    # Loop: the real epoch machinery; a warm-up epoch, then one timed epoch. Both have `steps`
-    # steps, as all epochs of `fit` have one length: run_epoch's end-of-epoch reduction compiles
-    # once per epoch length, a one-off cost that must not land in the timed epoch.
+    def bare_steps(state, count):
+        start = time.perf_counter()
+        for _ in range(count):
+            state, metrics = compiled(state, batch, key)
+        jax.block_until_ready((state, metrics))
+        return state, (time.perf_counter() - start) / count
+
+    state, _ = bare_steps(state, warmup)
+
+    # Loop: the real epoch machinery, a warm-up epoch then timed ones. All have `steps` steps,
+    # as all epochs of `fit` have one length: run_epoch's end-of-epoch reduction compiles once
+    # per epoch length, a one-off cost that must not land in a timed epoch.
     # chex keys its trace counts by call site and source, which are the same for every model.
     chex.clear_trace_counter()
+    bare_times, loop_times = [], []
     with _counting_compiles() as counter:
         p_step = _CheckedStep(parallel_step(chex.assert_max_traces(
             make_train_step(augment=True, axis_name=AXIS), n=1)), counter)
-        warm_batches = epoch_batches(np.arange(steps * batch_size), batch_size,
-                                     np.random.default_rng(0), num_devices)
-        start = time.perf_counter()
-        state_r, _ = run_epoch(p_step, state_r, data_r, warm_batches, key, progress=False)
-        warm_s = time.perf_counter() - start
+
+        def loop_epoch(state_r, epoch):
+            batches = epoch_batches(np.arange(steps * batch_size), batch_size,
+                                    np.random.default_rng(epoch), num_devices)
+            start = time.perf_counter()
+            state_r, metrics = run_epoch(p_step, state_r, data_r, batches,
+                                         jax.random.fold_in(key, epoch), progress=False)
+            return state_r, metrics, (time.perf_counter() - start) / steps
+
+        state_r, _, warm_s = loop_epoch(state_r, 0)
         p_step.armed = True
-        timed_batches = epoch_batches(np.arange(steps * batch_size), batch_size,
-                                      np.random.default_rng(1), num_devices)
-        start = time.perf_counter()
-        state_r, epoch_metrics = run_epoch(p_step, state_r, data_r, timed_batches, key,
-                                           progress=False)
-        loop_s = (time.perf_counter() - start) / steps
+        finite = True
+        for epoch in range(1, rounds + 1):
+            state, seconds = bare_steps(state, steps)
+            bare_times.append(seconds)
+            state_r, metrics, seconds = loop_epoch(state_r, epoch)
+            loop_times.append(seconds)
+            finite = finite and metrics["finite"]
+    bare_s, loop_s = min(bare_times), min(loop_times)
     ratio = bare_s / loop_s
-    passed = ratio >= min_ratio and p_step.compiles == 0 and epoch_metrics["finite"]
+    passed = ratio >= min_ratio and p_step.compiles == 0 and finite
     return {
         "model": name, "width": width, "params": num_params, "batch_size": batch_size,
         "image_shape": list(image_shape), "devices": num_devices, "steps": steps,
-        "warmup": warmup, "flops_per_step": flops, "flops_source": flops_source,
-        "bare_compile_s": compile_s, "loop_warmup_epoch_s": warm_s,
+        "warmup": warmup, "rounds": rounds, "flops_per_step": flops,
+        "flops_source": flops_source, "bare_compile_s": compile_s,
+        "loop_warmup_epoch_s": warm_s * steps,
         "bare": _rates(bare_s, batch_size, flops, peak_gflops),
         "loop": _rates(loop_s, batch_size, flops, peak_gflops),
-        "loop_over_bare": ratio, "loop_compiles_after_warmup": p_step.compiles,
-        "loop_loss": epoch_metrics["loss"], "passed": bool(passed),
+        "bare_step_s_per_round": bare_times, "loop_step_s_per_round": loop_times,
+        "loop_over_bare": ratio,
+        "loop_over_bare_median": statistics.median(bare_times) / statistics.median(loop_times),
+        "loop_compiles_after_warmup": p_step.compiles, "loop_loss": metrics["loss"],
+        "finite": bool(finite), "passed": bool(passed),
     }
 
 
@@ -271,7 +290,7 @@ def format_table(results: list[dict]) -> str:
                         f" (compiles {r['loop_compiles_after_warmup']})")
             lines.append(f"{label if phase == 'bare' else '':<16}"
                          f"{r['params'] if phase == 'bare' else '':>11}{'':>2}{phase:<6}"
-                         f"{p['step_s']:>9.3f}{p['images_per_s']:>9.1f}{p['gflops']:>9.2f}"
+                         f"{p['step_s']:>9.4g}{p['images_per_s']:>9.1f}{p['gflops']:>9.2f}"
                          f"{p['pct_of_matmul']:>7.1f}{tail}")
     return "\n".join(lines)
 
@@ -306,7 +325,8 @@ def run_benchmark() -> dict:
     results = []
     for name, width, num_steps in zip(models, widths, steps, strict=True):
         record = bench_model(name, width, batch_size=_BATCH_SIZE.value, steps=num_steps,
-                             warmup=_WARMUP.value, image_shape=image_shape, peak_gflops=peak,
+                             warmup=_WARMUP.value, rounds=_ROUNDS.value,
+                             image_shape=image_shape, peak_gflops=peak,
                              min_ratio=_MIN_RATIO.value)
         results.append(record)
         print(f"{name} x{width:g}: {record['flops_per_step'] / 1e9:.3g} GFLOP/step "

@@ -18,7 +18,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 import _common
@@ -64,6 +64,10 @@ def main(argv):
                 get_method(method)
             except ValueError as error:
                 _common.fail(str(error))
+    if "SalUn" in config.run_methods or config.sweep_fractions:
+        for fraction in (*config.sweep_fractions, config.methods.SalUn.mask_fraction):
+            if not 0.0 < fraction <= 1.0:
+                _common.fail(f"mask fraction must be in (0, 1], got {fraction}")
     _common.write_config(workdir, config)
     dataset = _common.load_data(config)
     train_config = _common.train_config(config.train)
@@ -75,6 +79,17 @@ def main(argv):
     results_path = os.path.join(workdir, "results.json")
     results = load_results(results_path)
     results["config"] = config.to_dict()
+    method_configs = {m: unlearn_config(config, m) for m in config.run_methods if m != "Retrain"}
+    hashes = {m: _common.config_hash(c, config.methods.get(m, {}).get("mask_fraction"))
+              for m, c in method_configs.items()}
+    hashes["Retrain"] = _common.config_hash(retrain_config)
+    hashes["Original"] = _common.config_hash(train_config)
+    # A method counts as done only if it ran with the same config; stale results are redone.
+    results["runs"] = [r for r in results["runs"]
+                       if r.get("config_hash") == hashes.get(r["method"])]
+    sweep_hash = _common.config_hash(unlearn_config(config, "SalUn"), list(config.sweep_fractions))
+    results["sweep"] = {k: v for k, v in results["sweep"].items()
+                        if v.get("config_hash") == sweep_hash}
     done = {(r["method"], r["seed"]) for r in results["runs"]}
 
     def evaluate(variables, split, fn=predict_fn):
@@ -83,7 +98,7 @@ def main(argv):
 
     def record(method, seed, metrics, split, **extra):
         results["runs"].append({"method": method, "seed": seed, "split_hash": split.hash,
-                                "metrics": metrics, **extra})
+                                "config_hash": hashes[method], "metrics": metrics, **extra})
         report.write_results(results_path, results)  # after every method: nothing lost
         logging.info("seed %d %s: %s", seed, method,
                      {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)})
@@ -152,8 +167,7 @@ def main(argv):
         for index, method in enumerate(config.run_methods):
             if method == "Retrain" or (method, seed) in done:
                 continue
-            method_config = unlearn_config(config, method)
-            output = get_method(method)(original, task, method_config,
+            output = get_method(method)(original, task, method_configs[method],
                                         jax.random.key(seed * 100 + index),
                                         mask=chosen if method in MASKED_METHODS else None)
             fn = predict_fn if output.model is None else make_predict_fn(output.model.apply)
@@ -165,7 +179,8 @@ def main(argv):
         # Mask-fraction sweep of SalUn (first seed only).
         key = str(seed)
         if config.sweep_fractions and seed == config.seeds[0] and key not in results["sweep"]:
-            sweep = {"fractions": [], "UA": [], "RA": [], "TA": [], "MIA": []}
+            sweep = {"fractions": [], "UA": [], "RA": [], "TA": [], "MIA": [],
+                     "config_hash": sweep_hash}
             salun_config = unlearn_config(config, "SalUn")
             for fraction in sorted(config.sweep_fractions):
                 output = get_method("SalUn")(original, task, salun_config,
@@ -197,4 +212,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _common.run(main, _CONFIG)

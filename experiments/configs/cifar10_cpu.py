@@ -1,0 +1,44 @@
+"""CIFAR-10 (the shared JPEG copy) on CPU: the whole pipeline, 1 seed, within 45 minutes.
+
+    python experiments/unlearn.py --config experiments/configs/cifar10_cpu.py --workdir runs/cifar10_cpu
+
+CPU-sized: a class-balanced train subset of 10,000 images (the first 1,000 per class; 9,000 after
+the 10% validation split, 900 of them forgotten), the full 10,000-image test set, and ResNet-18 at
+width 0.25 (channels 16/32/64/128, 0.70M parameters). 10% random forgetting, all methods, mask 0.5.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.dataset = "../shared/data/cifar10_jpeg.zip"
+    config.data_dir = ""
+    config.cache_dir = ""
+    config.train_per_class = 1000
+    config.test_per_class = 0
+    config.seeds = (1,)
+    config.split = dict(scenario="random", forget_fraction=0.1, val_fraction=0.1)
+    config.train = dict(model="resnet18", width=0.25, epochs=20, batch_size=128, learning_rate=0.1,
+                        momentum=0.9, weight_decay=5e-4, milestones=(10, 15), gamma=0.1,
+                        crop_padding=4, flip=True, seed=0)
+    config.retrain = dict()
+    config.unlearn = dict(epochs=5, learning_rate=0.01, batch_size=128, momentum=0.9,
+                          weight_decay=5e-4, crop_padding=4, flip=True, mask_mode="hard",
+                          batch_stats="update", rl_variant="sequential")
+    config.methods = dict(
+        FT=dict(learning_rate=0.02),
+        GA=dict(learning_rate=1e-3, epochs=3),
+        RL=dict(learning_rate=0.01),
+        IU=dict(alpha=1.0),
+        **{"l1-sparse": dict(learning_rate=0.02, alpha=1e-4)},
+        BS=dict(learning_rate=1e-3),
+        BE=dict(learning_rate=1e-3),
+        SalUn=dict(learning_rate=0.01, mask_fraction=0.5),
+        **{"SalUn-soft": dict(learning_rate=0.01)},
+    )
+    config.run_methods = ("Retrain", "FT", "GA", "RL", "IU", "l1-sparse", "BS", "BE", "SalUn",
+                          "SalUn-soft")
+    config.sweep_fractions = ()
+    config.mia_kinds = ("confidence",)
+    return config
