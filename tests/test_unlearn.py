@@ -34,11 +34,11 @@ LEARNING_RATES = {"FT": 0.01, "GA": 0.05, "RL": 0.05, "IU": 1.0, "l1-sparse": 0.
                   "BE": 0.01, "SalUn": 0.05, "SalUn-soft": 0.05}
 # Per-method settings of the shared runs. IU: a short WoodFisher recursion, and gradients without
 # augmentation (halves its compile time). l1-sparse: an alpha that shows against FT in 2 epochs.
-# RL: one epoch of the concat variant, the same run SalUn-soft is compared with (SalUn runs the
-# default sequential variant).
+# SalUn-soft: one epoch (see its test).
 DEFAULTS = {"IU": dict(alpha=1.0, woodfisher_samples=20, iu_augment=False),
-            "l1-sparse": dict(alpha=1e-3), "RL": dict(epochs=1, rl_variant="concat"),
-            "SalUn-soft": dict(epochs=1)}
+            "l1-sparse": dict(alpha=1e-3), "SalUn-soft": dict(epochs=1)}
+# RL as SalUn-soft runs it (one epoch, concat), without the proximal step.
+RL_CONCAT = dict(epochs=1, rl_variant="concat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +240,7 @@ def test_salun_soft_resets_coordinates_to_the_epoch_start(setup, run):
     # With one epoch the epoch-start snapshot is the original: after the last step's proximal
     # step, at least `ratio` coordinates equal it exactly (reference-salun.md §2.6).
     soft = run("SalUn-soft")  # one epoch
-    rl = run("RL")  # the same run (one epoch, concat) without the proximal step
+    rl = run("RL", **RL_CONCAT)  # the same run without the proximal step
     chex.assert_tree_all_finite(soft.state.params)
     assert soft.state.extra is None
     before = _flat(setup.state.params)
@@ -257,8 +257,8 @@ def test_rl_variants_both_run(setup, run):
     # Sequential: all forget batches, then all retain batches; concat: mixed batches
     # (reference-salun.md §2.5). The step counts tell the two batchings apart.
     num_forget, num_retain = len(setup.task.forget), len(setup.task.retain)
-    sequential = run("SalUn", with_mask=True)  # two epochs; the mask does not change batching
-    concat = run("RL")  # one epoch
+    sequential = run("RL")  # the default, two epochs
+    concat = run("RL", **RL_CONCAT)  # one epoch
     for out in (sequential, concat):
         chex.assert_tree_all_finite(out.state.params)
     assert int(sequential.state.step) == 2 * (-(-num_forget // 64) + -(-num_retain // 64))
