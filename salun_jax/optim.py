@@ -6,6 +6,7 @@ References: reference-salun.md §2.3 (unlearning optimizer; mask application; PR
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -90,7 +91,9 @@ def saliency_masked(inner: optax.GradientTransformation, mask: PyTree,
 def multistep_schedule(learning_rate: float, milestones: Sequence[int], gamma: float,
                        steps_per_epoch: int) -> optax.Schedule:
     """PyTorch MultiStepLR stepped once per epoch: lr * gamma^(number of milestones <= epoch)."""
-    boundaries = {int(m) * int(steps_per_epoch): gamma for m in milestones if m > 0}
+    # Repeated milestones decay repeatedly (PyTorch counts them); milestone 0 decays from the start.
+    counts = collections.Counter(int(m) for m in milestones)
+    boundaries = {m * int(steps_per_epoch): gamma**count for m, count in counts.items()}
     return optax.piecewise_constant_schedule(learning_rate, boundaries)
 
 

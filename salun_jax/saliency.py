@@ -47,9 +47,10 @@ def check_same_structure(tree: PyTree, params: PyTree, what: str = "mask") -> No
         if tree_shapes[name] != np.shape(leaf):
             raise MaskMismatchError(f"{what} leaf {name!r} has shape {tree_shapes[name]}, the "
                                     f"params' has {np.shape(leaf)}")
-    extra = sorted(set(tree_names) - set(params_names))
-    if extra:
-        raise MaskMismatchError(f"{what} has leaf {extra[0]!r} that the params do not have")
+    known = set(params_names)
+    extra = next((name for name in tree_names if name not in known), None)
+    if extra is not None:
+        raise MaskMismatchError(f"{what} has leaf {extra!r} that the params do not have")
 
 
 def accumulate_gradients(batch_loss_fn: BatchLossFn, params: PyTree, batches: dict,

@@ -205,9 +205,6 @@ def test_make_sgd_follows_the_schedule():
     assert seen == pytest.approx([1.0, 1.0, 0.5, 0.5])
 
 
-@pytest.mark.xfail(strict=True, reason="multistep_schedule drops milestone 0 and merges repeated "
-                   "milestones; torch MultiStepLR (and the docstring's gamma^(number of "
-                   "milestones <= epoch)) counts both")
 @pytest.mark.parametrize("milestones, epoch, factor", [((0,), 0, 0.1), ((2, 2), 2, 0.01)])
 def test_multistep_schedule_counts_every_milestone(milestones, epoch, factor):
     schedule = optim.multistep_schedule(1.0, milestones, 0.1, steps_per_epoch=4)

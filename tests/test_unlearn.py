@@ -199,7 +199,8 @@ def test_be_returns_k_way_model_by_default(setup, run, predict_fn):
     out = run("BE")
     assert out.model is None
     chex.assert_trees_all_equal_shapes(out.state.params, setup.state.params)
-    assert predict_fn(out.state.variables, setup.data("forget")[0][:3]).shape == (3, NUM_CLASSES)
+    images = setup.data("forget")[0]
+    chex.assert_shape(predict_fn(out.state.variables, images), (len(images), NUM_CLASSES))
 
 
 def test_be_keeps_the_shadow_logit_on_request(setup, run):
@@ -207,8 +208,9 @@ def test_be_keeps_the_shadow_logit_on_request(setup, run):
     assert wide.model is not None and wide.model.num_classes == NUM_CLASSES + 1
     fc = wide.state.params["fc"]
     assert {leaf.shape[-1] for leaf in jax.tree.leaves(fc)} == {NUM_CLASSES + 1}
-    logits = make_predict_fn(wide.model.apply)(wide.state.variables, setup.data("forget")[0][:3])
-    chex.assert_shape(logits, (3, NUM_CLASSES + 1))
+    images = setup.data("forget")[0]
+    logits = make_predict_fn(wide.model.apply)(wide.state.variables, images)
+    chex.assert_shape(logits, (len(images), NUM_CLASSES + 1))
     # Same seed: the default run is this one with the shadow output dropped.
     narrow = run("BE")
     chex.assert_trees_all_equal(narrow.state.params["fc"],
@@ -247,7 +249,7 @@ def test_salun_soft_resets_coordinates_to_the_epoch_start(setup, run):
     steps = int(np.ceil((len(setup.task.forget) + len(setup.task.retain)) / BASE["batch_size"]))
     ratio = int(0.5 * (steps - 1) / steps * before.size)
     reset = _flat(soft.state.params) == before
-    assert reset.sum() >= ratio - 1, (reset.sum(), ratio)
+    assert ratio - 1 <= reset.sum() < 0.6 * before.size, (reset.sum(), ratio)  # -1: float32
     assert np.mean(_flat(rl.state.params) == before) < 0.05
     assert not np.array_equal(_flat(soft.state.params), _flat(rl.state.params))
     assert len(soft.history) == len(rl.history) == 1

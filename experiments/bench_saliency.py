@@ -1,0 +1,100 @@
+"""Cost of a saliency mask against one forward+backward pass over the forget set.
+
+    python experiments/bench_saliency.py --model=resnet18 --width=0.25 --forget=900 --batch_size=128
+
+Times (after compilation) (a) `saliency.gradient_saliency` (jitted lax.scan accumulating |sum of
+per-batch gradients|) plus the global top-k ranking into a mask, against (b) a plain jitted
+forward+backward per batch over the same forget set, dispatched from Python. The issue's bar: the
+mask costs at most 1.5x (b).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from salun_jax import saliency
+from salun_jax.data.batches import gather_batches
+from salun_jax.models import create_model
+from salun_jax.train import init_variables
+
+_MODEL = flags.DEFINE_string("model", "resnet18", "Model name.")
+_WIDTH = flags.DEFINE_float("width", 0.25, "Width multiplier.")
+_FORGET = flags.DEFINE_integer("forget", 900, "Forget-set size.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.")
+_SIZE = flags.DEFINE_integer("image_size", 32, "Image side.")
+_CHANNELS = flags.DEFINE_integer("channels", 3, "Image channels.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
+_JSON = flags.DEFINE_string("json_out", None, "Write the numbers here.")
+
+
+def _median_seconds(fn, repeats):
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def run(model_name, width, forget, batch_size, image_size, channels, repeats) -> dict:
+    model = create_model(model_name, 10, (0.5,) * channels, (0.25,) * channels, width)
+    variables = init_variables(model, jax.random.key(0), (image_size, image_size, channels))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (forget, image_size, image_size, channels)).astype(np.uint8)
+    labels = rng.integers(0, 10, forget).astype(np.int32)
+    batches = gather_batches({"image": images, "label": labels}, np.arange(forget), batch_size,
+                             rng)
+    loss_fn = saliency.classification_forget_loss(model.apply, variables["batch_stats"])
+    params = variables["params"]
+    key = jax.random.key(1)
+    device_batches = jax.device_put(batches)
+
+    def mask_once():
+        scores = saliency.gradient_saliency(loss_fn, params, device_batches, key)
+        return saliency.mask_from_scores(scores, 0.5)
+
+    grad_fn = jax.jit(jax.grad(loss_fn))
+    per_batch = [jax.tree.map(lambda x, i=i: x[i], device_batches)
+                 for i in range(batches["weight"].shape[0])]
+
+    def forward_backward_once():
+        outs = [grad_fn(params, b, key) for b in per_batch]
+        jax.block_until_ready(outs)
+
+    def scores_only():
+        jax.block_until_ready(saliency.gradient_saliency(loss_fn, params, device_batches, key))
+
+    mask_s = _median_seconds(mask_once, repeats)
+    scores_s = _median_seconds(scores_only, repeats)
+    fb_s = _median_seconds(forward_backward_once, repeats)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    return {"model": model_name, "width": width, "params": int(num_params), "forget": forget,
+            "batch_size": batch_size, "mask_seconds": mask_s, "scores_seconds": scores_s,
+            "ranking_seconds": mask_s - scores_s, "forward_backward_seconds": fb_s,
+            "mask_over_forward_backward": mask_s / fb_s}
+
+
+def main(argv):
+    del argv
+    result = run(_MODEL.value, _WIDTH.value, _FORGET.value, _BATCH.value, _SIZE.value,
+                 _CHANNELS.value, _REPEATS.value)
+    print(f"{result['model']} x{result['width']} ({result['params']:,} params), forget "
+          f"{result['forget']}, batch {result['batch_size']} on {jax.devices()[0].platform}")
+    print(f"  one fwd+bwd pass over D_f : {result['forward_backward_seconds']:.3f} s")
+    print(f"  saliency scores (scan)    : {result['scores_seconds']:.3f} s")
+    print(f"  + global top-k ranking    : {result['ranking_seconds']:.3f} s")
+    print(f"  mask / fwd+bwd            : {result['mask_over_forward_backward']:.2f}x "
+          f"({'PASS' if result['mask_over_forward_backward'] <= 1.5 else 'FAIL'} vs 1.5x)")
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
