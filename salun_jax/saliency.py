@@ -9,6 +9,7 @@ reference-salun.md §3 (classification, HEAD semantics) and §6.3 (DDPM: per-bat
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,18 +56,31 @@ def check_same_structure(tree: PyTree, params: PyTree, what: str = "mask") -> No
 
 def accumulate_gradients(batch_loss_fn: BatchLossFn, params: PyTree, batches: dict,
                          rng: jax.Array, clip_norm: float | None = None) -> PyTree:
-    """Sum over batches of grad(batch loss) (signed), in one jitted `lax.scan`; see
-    `gradient_saliency` for the arguments."""
-    return _accumulate_gradients(batch_loss_fn, params, batches, rng, clip_norm)
+    """Sum over batches of grad(batch loss) (signed); see `gradient_saliency` for the arguments.
+
+    One jitted step per batch adds into a donated accumulator; the Python loop only dispatches
+    (no host sync until the caller reads the result). A `lax.scan` over batches would be one
+    program, but XLA:CPU runs convolution gradients inside loops about 15x slower than the same
+    step on its own (measured here: 2 ResNet batches 65 s in a scan vs 4 s stepped).
+    """
+    batches = jax.device_put(batches)
+    total = jax.tree.map(jnp.zeros_like, params)
+    num_batches = jax.tree.leaves(batches)[0].shape[0]
+    for index in range(num_batches):
+        batch = jax.tree.map(lambda x, i=index: x[i], batches)
+        total = _accumulate_step(batch_loss_fn, clip_norm, total, params, batch,
+                                 jax.random.fold_in(rng, index))
+    return total
 
 
 def gradient_saliency(batch_loss_fn: BatchLossFn, params: PyTree, batches: dict, rng: jax.Array,
                       clip_norm: float | None = None) -> PyTree:
-    """|sum over batches of grad(batch loss)| per weight, in one jitted `lax.scan`.
+    """|sum over batches of grad(batch loss)| per weight.
 
     Args:
       batch_loss_fn: (params, batch, rng) -> scalar loss of one batch (e.g. the batch-mean CE,
-        or the diffusion loss). The sign is irrelevant after the absolute value.
+        or the diffusion loss). The sign is irrelevant after the absolute value. Pass the same
+        function object on every call, or each call compiles anew.
       params: the weights at which to take gradients (the original model).
       batches: a dict of arrays with a leading [num_batches, ...] axis.
       rng: key; batch i uses fold_in(rng, i).
@@ -76,24 +90,17 @@ def gradient_saliency(batch_loss_fn: BatchLossFn, params: PyTree, batches: dict,
     Returns:
       A scores pytree with the params' structure (float32, >= 0).
     """
-    return jax.tree.map(jnp.abs, _accumulate_gradients(batch_loss_fn, params, batches, rng,
-                                                       clip_norm))
+    return jax.tree.map(jnp.abs, accumulate_gradients(batch_loss_fn, params, batches, rng,
+                                                      clip_norm))
 
 
-@jax.jit(static_argnums=(0, 4))
-def _accumulate_gradients(batch_loss_fn, params, batches, rng, clip_norm):
-    def body(total, inputs):
-        index, batch = inputs
-        grads = jax.grad(batch_loss_fn)(params, batch, jax.random.fold_in(rng, index))
-        if clip_norm is not None:
-            scale = jnp.minimum(1.0, clip_norm / (optax.tree.norm(grads) + 1e-6))
-            grads = jax.tree.map(lambda g: g * scale, grads)
-        return jax.tree.map(jnp.add, total, grads), None
-
-    num_batches = jax.tree.leaves(batches)[0].shape[0]
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_batches), batches))
-    return total
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def _accumulate_step(batch_loss_fn, clip_norm, total, params, batch, rng):
+    grads = jax.grad(batch_loss_fn)(params, batch, rng)
+    if clip_norm is not None:
+        scale = jnp.minimum(1.0, clip_norm / (optax.tree.norm(grads) + 1e-6))
+        grads = jax.tree.map(lambda g: g * scale, grads)
+    return jax.tree.map(jnp.add, total, grads)
 
 
 def classification_forget_loss(apply_fn: Callable, batch_stats: PyTree, augment: bool = True,

@@ -142,29 +142,35 @@ def make_train_step(
         if batch_transform_fn is not None:
             images, labels = batch_transform_fn(transform_rng, images, labels, batch, state)
         weights = batch.get("weight", jnp.ones(labels.shape, jnp.float32))
+        # Mean over the real examples of the global batch: each device sums its weighted losses
+        # and divides by the global weight, then gradients are psum-ed. (A pmean of per-device
+        # means would over-weight a device whose shard is mostly padding.)
+        num_devices, total_weight = 1, jnp.sum(weights)
+        if axis_name is not None:
+            num_devices = jax.lax.psum(1, axis_name)
+            total_weight = jax.lax.psum(total_weight, axis_name)
+        total_weight = jnp.maximum(total_weight, 1.0)
 
         def loss_fn(params):
             logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
                                              images, train=True, mutable=["batch_stats"])
-            loss = weighted_mean(example_loss_fn(logits, labels), weights)
+            loss = jnp.sum(example_loss_fn(logits, labels) * weights) / total_weight
             if regularizer_fn is not None:
-                loss = loss + regularizer_fn(params, state.step)
+                loss = loss + regularizer_fn(params, state.step) / num_devices
             return loss, (logits, updates.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
-        metrics = {"loss": loss,
-                   "accuracy": weighted_mean(jnp.argmax(logits, -1) == labels, weights),
-                   "num_examples": jnp.sum(weights)}
+        correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights) / total_weight
+        metrics = {"loss": loss, "accuracy": correct, "num_examples": jnp.sum(weights)}
         if axis_name is not None:
-            grads = jax.lax.pmean(grads, axis_name)
+            grads = jax.lax.psum(grads, axis_name)
             batch_stats = jax.lax.pmean(batch_stats, axis_name)
+            metrics = jax.lax.psum(metrics, axis_name)
         metrics["grad_norm"] = optax.tree.norm(grads)
         new_state = state.apply_gradients(grads, batch_stats if update_batch_stats else None)
         if post_update_fn is not None:
             new_state = post_update_fn(new_state)
-        if axis_name is not None:
-            metrics = jax.lax.pmean(metrics, axis_name)
         return new_state, metrics
 
     return train_step
@@ -201,11 +207,11 @@ def unreplicate(tree: PyTree) -> PyTree:
 
 def _reduce_epoch_metrics(step_metrics: list[dict]) -> dict[str, float]:
     stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
-    stacked = jax.tree.map(lambda x: np.asarray(x)[:, 0], stacked)  # device 0 holds the pmean
+    stacked = jax.tree.map(lambda x: np.asarray(x)[:, 0], stacked)  # psum-ed: device 0 has all
     counts = stacked.pop("num_examples")
     out = {name: float(np.sum(values * counts) / max(np.sum(counts), 1.0))
            for name, values in stacked.items()}
-    out["num_examples"] = float(np.sum(counts)) * jax.local_device_count()
+    out["num_examples"] = float(np.sum(counts))
     out["finite"] = bool(np.all(np.isfinite(stacked["loss"])))
     return out
 

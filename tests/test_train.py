@@ -147,6 +147,17 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
     chex.assert_trees_all_close(s1.params, unreplicate(s2).params, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(m1["loss"], m2["loss"][0], rtol=1e-5)
     chex.assert_trees_all_equal(*[jax.tree.map(lambda x, i=i: x[i], s2.params) for i in (0, 1)])
+
+    # A padded last batch split unevenly (device 1: 6 of 8 are padding) still gives the mean
+    # over the 10 real examples, as one device does.
+    weights = np.ones((2, 8), np.float32)
+    weights[1, 2:] = 0.0
+    real = indices.reshape(2, 8)[weights > 0]
+    one, _ = single(state, {"image": data["image"][real], "label": data["label"][real],
+                            "weight": np.ones(10, np.float32)}, key)
+    two, m3 = p_step(replicate(state), data_r, indices.reshape(2, 8), weights, key)
+    chex.assert_trees_all_close(one.params, unreplicate(two).params, atol=1e-6, rtol=1e-5)
+    assert float(m3["num_examples"][0]) == 10.0
     print("TWO_DEVICES_OK")
 """)
 

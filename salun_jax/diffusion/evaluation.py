@@ -28,6 +28,7 @@ import numpy as np
 
 from salun_jax.diffusion.samplers import ddim_sample, to_uint8
 from salun_jax.diffusion.schedule import NoiseSchedule
+from salun_jax.diffusion.training import uncommitted
 from salun_jax.diffusion.unlearning import check_null_class
 
 PyTree = Any
@@ -75,6 +76,7 @@ def generate_samples(
     if guidance_scale != 0:
         check_null_class(params, f"sampling with guidance_scale={guidance_scale}")
     batch_size = min(batch_size, labels.size)
+    params = uncommitted(params)  # one compilation for params from `fit` and from elsewhere
     out = []
     for i, start in enumerate(range(0, labels.size, batch_size)):
         chunk = labels[start:start + batch_size]

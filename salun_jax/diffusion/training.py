@@ -172,6 +172,16 @@ def make_diffusion_train_step(
     return train_step
 
 
+def uncommitted(tree: PyTree) -> PyTree:
+    """The same values as plain default-device arrays (no mesh in their types).
+
+    `train.fit` returns states whose arrays carry the pmap mesh ('batch') in their sharding; a
+    jitted loop fed with them plus fresh arrays (a new optimizer's step counter) would see the
+    mesh appear in its outputs' types and retrace once. Copying through the host avoids that.
+    """
+    return jax.tree.map(jnp.asarray, jax.device_get(tree))
+
+
 def init_unet_params(model: nn.Module, rng: jax.Array) -> PyTree:
     """Initialises a `UNet` on a dummy batch of one; returns its params.
 
@@ -186,11 +196,14 @@ def init_unet_params(model: nn.Module, rng: jax.Array) -> PyTree:
     return jax.jit(init)(rng)
 
 
-def create_diffusion_state(model: nn.Module, rng: jax.Array,
-                           config: DiffusionTrainConfig) -> TrainState:
-    """A fresh TrainState: UNet params, clip + Adam (`optim.make_adam`), EMA if configured."""
+def create_diffusion_state(model: nn.Module, rng: jax.Array, config: DiffusionTrainConfig,
+                           params: PyTree | None = None) -> TrainState:
+    """A fresh TrainState: UNet params (initialised from `rng` unless given), clip + Adam
+    (`optim.make_adam`), and the EMA if configured."""
     tx = optim_lib.make_adam(config.learning_rate, clip_norm=config.grad_clip)
-    return TrainState.create(apply_fn=model.apply, params=init_unet_params(model, rng), tx=tx,
+    if params is None:
+        params = init_unet_params(model, rng)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                              ema_decay=config.ema_decay)
 
 
@@ -253,6 +266,8 @@ def train_diffusion(
                                      flip=config.flip, axis_name=AXIS)
     num_epochs = epochs_for_iterations(config.num_iterations, train_indices.size,
                                        config.batch_size)
-    return fit(state, train_step=step, data={"image": images, "label": labels},
-               train_indices=train_indices, batch_size=config.batch_size, num_epochs=num_epochs,
-               seed=config.seed, workdir=workdir, progress=progress, desc=desc)
+    state, history = fit(state, train_step=step, data={"image": images, "label": labels},
+                         train_indices=train_indices, batch_size=config.batch_size,
+                         num_epochs=num_epochs, seed=config.seed, workdir=workdir,
+                         progress=progress, desc=desc)
+    return uncommitted(state), history

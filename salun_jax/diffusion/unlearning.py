@@ -37,7 +37,11 @@ from salun_jax.data.batches import gather_batches
 from salun_jax.diffusion.losses import antithetic_timesteps, diffusion_loss, sample_null_mask
 from salun_jax.diffusion.samplers import guided_eps
 from salun_jax.diffusion.schedule import NoiseSchedule, q_sample
-from salun_jax.diffusion.training import denoising_loss_per_example, to_model_range
+from salun_jax.diffusion.training import (
+    denoising_loss_per_example,
+    to_model_range,
+    uncommitted,
+)
 from salun_jax.models.unet import NULL_CLASS_PARAM
 from salun_jax.train import TrainState, weighted_mean
 
@@ -291,18 +295,33 @@ def make_diffusion_unlearn_step(
             target = jax.lax.stop_gradient(apply_fn(
                 {"params": state.params}, x_t, t, pseudo, train=True,
                 null_mask=null_mask_or_none(null2_rng, b), rngs={"dropout": drop2_rng}))
+            # The retain draw: fresh noise, t and class-drop (upstream's separate
+            # `noise_estimation_loss_conditional` call).
             x0_retain = to_model_range(batch["retain_image"])
             retain_labels = batch["retain_label"]
+            r = x0_retain.shape[0]
+            r_noise_rng, r_t_rng, r_null_rng = jax.random.split(retain_rng, 3)
+            r_noise = jax.random.normal(r_noise_rng, x0_retain.shape, x0_retain.dtype)
+            r_t = antithetic_timesteps(r_t_rng, r, schedule.num_timesteps)
+            r_x_t = q_sample(schedule, x0_retain, r_t, r_noise)
+            # Forget and retain inputs go through the UNet as ONE batch: every layer acts per
+            # example (GroupNorm, attention, element-wise dropout), so this equals two passes and
+            # halves the compiled program.
+            x_all = jnp.concatenate([x_t, r_x_t])
+            t_all = jnp.concatenate([t, r_t])
+            y_all = jnp.concatenate([forget_labels, retain_labels])
+            null_all = None
+            if cond_drop_prob > 0:
+                null_all = jnp.concatenate([sample_null_mask(null_rng, b, cond_drop_prob),
+                                            sample_null_mask(r_null_rng, r, cond_drop_prob)])
 
             def loss_fn(params):
-                output = apply_fn({"params": params}, x_t, t, forget_labels, train=True,
-                                  null_mask=null_mask_or_none(null_rng, b),
-                                  rngs={"dropout": drop_rng})
+                eps_all = apply_fn({"params": params}, x_all, t_all, y_all, train=True,
+                                   null_mask=null_all, rngs={"dropout": drop_rng})
+                output, eps_retain = eps_all[:b], eps_all[b:]
                 forget_loss = diffusion_loss(target, output, "mean")  # nn.MSELoss(): mean
-                per_example, _ = denoising_loss_per_example(
-                    apply_fn, schedule, params, x0_retain, retain_labels, retain_rng,
-                    cond_drop_prob)
-                retain_loss = jnp.mean(per_example)  # per-image SUM, batch mean (see module doc)
+                # L_simple: per-image SUM, batch mean (see the module's scale note).
+                retain_loss = diffusion_loss(r_noise, eps_retain, "upstream")
                 return forget_loss + alpha * retain_loss, (forget_loss, retain_loss)
 
         (loss, (forget_loss, retain_loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -369,6 +388,7 @@ def unlearn_diffusion(
     if mask is not None:
         saliency.check_same_structure(mask, params)
         mask = jax.tree.map(lambda m: jnp.asarray(m, bool), mask)
+    params = uncommitted(params)
     forget_labels = np.asarray(forget_labels, np.int32)
     if forget_labels.size == 0:
         raise ValueError("the forget set is empty")
@@ -438,7 +458,7 @@ def unlearn_diffusion(
                                                                 0.0))
 
 
-def diffusion_forget_retain(images: np.ndarray, labels: np.ndarray, forget_class: int,
+def diffusion_forget_retain(labels: np.ndarray, forget_class: int,
                             num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Class-wise D_f / D_r index arrays (upstream `get_forget_dataset`: all images of the class).
 

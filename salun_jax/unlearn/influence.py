@@ -7,6 +7,7 @@ samples (unshuffled), then theta += alpha * k.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -33,32 +34,32 @@ def _summed_ce_loss(apply_fn, batch_stats, augment: bool):
     return loss_fn
 
 
-@jax.jit(static_argnums=(0,))
+@functools.partial(jax.jit, static_argnums=(0,))
+def _flat_grad(per_sample_loss, params, sample, rng):
+    grads = jax.grad(per_sample_loss)(params, jax.tree.map(lambda x: x[None], sample), rng)
+    return ravel_pytree(grads)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1, 2))
+def _woodfisher_step(per_sample_loss, k, o, params, sample, rng, n):
+    """tmp = o.g; k -= (k.g / (N + tmp)) o; o -= (tmp / (N + tmp)) o (upstream, literally)."""
+    g = _flat_grad(per_sample_loss, params, sample, rng)
+    tmp = jnp.dot(o, g)
+    k = k - (jnp.dot(k, g) / (n + tmp)) * o
+    o = o - (tmp / (n + tmp)) * o
+    return k, o
+
+
 def _woodfisher(per_sample_loss, params, samples, rng, v, n):
-    """k = v; o = g_0; for each later g: tmp = o.g; k -= (k.g / (N + tmp)) o;
-    o -= (tmp / (N + tmp)) o (upstream, literally)."""
+    """k = v; o = g_0; then one rank-one update per later sample. A Python loop of jitted steps
+    (XLA:CPU runs gradients inside `lax.scan` far slower than stepped; see saliency.py)."""
     _, unravel = ravel_pytree(params)
-
-    def grad_of(index, sample):
-        g = jax.grad(per_sample_loss)(params, jax.tree.map(lambda x: x[None], sample),
-                                      jax.random.fold_in(rng, index))
-        return ravel_pytree(g)[0]
-
-    first = jax.tree.map(lambda x: x[0], samples)
-    rest = jax.tree.map(lambda x: x[1:], samples)
-    o = grad_of(0, first)
-
-    def body(carry, inputs):
-        k, o = carry
-        index, sample = inputs
-        g = grad_of(index, sample)
-        tmp = jnp.dot(o, g)
-        k = k - (jnp.dot(k, g) / (n + tmp)) * o
-        o = o - (tmp / (n + tmp)) * o
-        return (k, o), None
-
-    count = jax.tree.leaves(rest)[0].shape[0]
-    (k, _), _ = jax.lax.scan(body, (v, o), (jnp.arange(1, count + 1), rest))
+    take = lambda i: jax.tree.map(lambda x: x[i], samples)  # noqa: E731
+    o = _flat_grad(per_sample_loss, params, take(0), jax.random.fold_in(rng, 0))
+    k = v
+    for index in range(1, len(samples["label"])):
+        k, o = _woodfisher_step(per_sample_loss, k, o, params, take(index),
+                                jax.random.fold_in(rng, index), n)
     return unravel(k)
 
 
@@ -79,8 +80,8 @@ def influence_unlearning(state, task: UnlearnTask, config: UnlearnConfig, rng: j
                      forget_sum, retain_sum)
     count = min(config.woodfisher_samples + 2, n_r)
     order = np.asarray(task.retain[:count])  # unshuffled, batch size 1
-    samples = {"image": task.images[order], "label": task.labels[order],
-               "weight": np.ones(count, np.float32)}
+    samples = jax.device_put({"image": task.images[order], "label": task.labels[order],
+                              "weight": np.ones(count, np.float32)})
     k = _woodfisher(loss_fn, state.params, samples, fisher_rng, ravel_pytree(v)[0],
                     float(config.woodfisher_samples))
     if mask is not None:
