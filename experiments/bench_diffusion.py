@@ -50,7 +50,7 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 100, "DDIM steps.")
 
 
 def _minimal_unet() -> UNet:
-    return UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1,
+    return UNet(ch=8, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(), dropout=0.1,
                 num_classes=10, image_size=8, out_channels=1, num_groups=4)
 
 
@@ -144,8 +144,8 @@ def main(argv):
     reference = {"matmul_n": 256 if quick else 2048}
     reference["jax_matmul_gflops"] = matmul_gflops(reference["matmul_n"])
     if quick:
-        train = [bench_train_step("minimal UNet 8x8x1", _minimal_unet(), 4, 2)]
-        sampling = [bench_sampling("minimal UNet 8x8x1", _minimal_unet(), 4, 2)]
+        train = [bench_train_step("minimal UNet 8x8x1", _minimal_unet(), 2, 1)]
+        sampling = [bench_sampling("minimal UNet 8x8x1", _minimal_unet(), 2, 1)]
     else:
         train = [bench_train_step("paper UNet 32x32x3", paper_cifar10_unet(),
                                   _PAPER_BATCH.value, _PAPER_STEPS.value),

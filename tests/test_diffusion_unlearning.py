@@ -24,11 +24,9 @@ from salun_jax.diffusion.evaluation import (
 from salun_jax.diffusion.training import (
     DiffusionTrainConfig,
     create_diffusion_state,
-    denoising_loss_per_example,
     epochs_for_iterations,
     init_unet_params,
     make_diffusion_train_step,
-    to_model_range,
 )
 from salun_jax.diffusion.unlearning import (
     DiffusionUnlearnConfig,
@@ -45,8 +43,9 @@ NUM_CLASSES = 4
 
 
 def _unet(null_class=True, ch=8):
-    # One level, no attention except the middle one: compiles in seconds on CPU.
-    return UNet(ch=ch, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.1,
+    # One level, no residual blocks on the way down: three blocks and the middle attention in
+    # all, the smallest UNet that compiles (in seconds on CPU).
+    return UNet(ch=ch, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(), dropout=0.1,
                 num_classes=NUM_CLASSES, image_size=8, out_channels=1, num_groups=4,
                 null_class=null_class)
 
@@ -85,6 +84,13 @@ def train_step(model, schedule):
         make_diffusion_train_step(model.apply, schedule, cond_drop_prob=0.1, flip=True), n=1))
 
 
+@pytest.fixture(scope="module")
+def train_state(model, params):
+    # Shared: the optimizer is a static field of the state, so a new one would retrace the step.
+    config = DiffusionTrainConfig(learning_rate=3e-3, ema_decay=0.9, flip=False)
+    return create_diffusion_state(model, None, config, params=params)
+
+
 def _batch(seed, weight=None):
     rng = np.random.default_rng(seed)
     return {"image": jnp.asarray(rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)),
@@ -92,33 +98,26 @@ def _batch(seed, weight=None):
             "weight": jnp.ones(8, jnp.float32) if weight is None else jnp.asarray(weight)}
 
 
-def test_train_step_does_not_retrace_and_loss_decreases(model, params, schedule, train_step):
-    config = DiffusionTrainConfig(learning_rate=3e-3, ema_decay=0.9, flip=False)
-    state = create_diffusion_state(model, None, config, params=params)
+def test_train_step_does_not_retrace_and_loss_decreases(train_step, train_state):
+    state = train_state
     batch = _batch(1)
-    x0 = to_model_range(batch["image"])
-
-    def fixed_loss(params):  # the same noise and t before and after training
-        per_example, _ = denoising_loss_per_example(model.apply, schedule, params, x0,
-                                                    batch["label"], jax.random.key(7), 0.0)
-        return float(jnp.mean(per_example))
-
-    before = fixed_loss(state.params)
     key = jax.random.key(2)
-    for _ in range(12):
+    state, first = train_step(state, batch, key)
+    for _ in range(11):
         state, metrics = train_step(state, batch, key)
     chex.assert_tree_all_finite(state.params)
     assert int(state.step) == 12
     assert set(metrics) >= {"loss", "num_examples", "grad_norm", "null_fraction"}
     assert float(metrics["num_examples"]) == 8.0
-    assert fixed_loss(state.params) < 0.8 * before
+    # The same draws as the first step (its keys fold in state.step = 0), trained weights.
+    _, again = train_step(state.replace(step=jnp.zeros((), jnp.int32)), batch, key)
+    assert float(again["loss"]) < 0.8 * float(first["loss"])
     # The EMA trails the params.
     assert not np.allclose(jax.tree.leaves(state.ema_params)[0], jax.tree.leaves(state.params)[0])
 
 
-def test_train_step_ignores_padded_examples(model, params, schedule, train_step):
-    state = create_diffusion_state(model, None, DiffusionTrainConfig(ema_decay=0.9),
-                                   params=params)
+def test_train_step_ignores_padded_examples(train_step, train_state):
+    state = train_state
     weight = np.array([1.0] * 5 + [0.0] * 3, np.float32)
     batch = _batch(2, weight)
     other = dict(batch, image=batch["image"].at[5:].set(255 - batch["image"][5:]))
@@ -184,19 +183,13 @@ def test_mask_has_exact_count_structure_and_per_batch_clipping(model, params, sc
     images, labels = data
     forget = labels == 1  # 6 images: one batch of 8 (2 padded)
     kwargs = dict(batch_size=8, guidance_scale=2.0)
-    raw = diffusion_saliency_scores(model.apply, params, schedule, images[forget], labels[forget],
-                                    jax.random.key(5), clip_norm=None, **kwargs)
     clipped = diffusion_saliency_scores(model.apply, params, schedule, images[forget],
                                         labels[forget], jax.random.key(5), clip_norm=1e-3,
                                         **kwargs)
     saliency.check_same_structure(clipped, params, "scores")
-    raw_norm = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(raw))))
-    assert raw_norm > 1e-3
-    # Hand check for one batch: clip(g) = g * c / (|g| + 1e-6), so |scores| = c and the scores
-    # are the unclipped ones rescaled.
-    scale = 1e-3 / (raw_norm + 1e-6)
-    chex.assert_trees_all_close(clipped, jax.tree.map(lambda x: x * scale, raw), rtol=2e-3,
-                                atol=1e-9)
+    # Hand check for one batch: clip(g) = g * c / (|g| + 1e-6) has norm c (as |g| >> c here).
+    norm = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(clipped))))
+    assert norm == pytest.approx(1e-3, rel=1e-3)
     mask = saliency.mask_from_scores(jax.device_get(clipped), 0.5)
     saliency.check_same_structure(mask, params)
     total = sum(int(np.size(x)) for x in jax.tree.leaves(params))

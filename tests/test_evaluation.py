@@ -328,3 +328,42 @@ def test_stopwatch_and_timed():
 def test_docstring_examples_run():
     outcome = doctest.testmod(metrics_module, optionflags=doctest.ELLIPSIS)
     assert outcome.attempted > 0 and outcome.failed == 0
+
+
+def test_evaluate_unlearning_on_a_constructed_model():
+    """A 'model' that looks its answer up by image index: UA/RA/TA and MIA are known exactly."""
+    import jax.numpy as jnp
+
+    from salun_jax.data.splits import make_split
+    from salun_jax.evaluation.classification import evaluate_unlearning
+
+    rng = np.random.default_rng(0)
+    n_train, n_test, k = 200, 60, 4
+    train_labels = rng.integers(0, k, n_train).astype(np.int32)
+    test_labels = rng.integers(0, k, n_test).astype(np.int32)
+    split = make_split(train_labels, test_labels, scenario="random", num_forget=20,
+                       val_fraction=0.0)
+    # Train images carry their index in [0, 200); test images in [200, 260). Stored as uint8
+    # pairs (hi, lo) so indices above 255 fit.
+    def encode(ids):
+        return np.stack([ids // 256, ids % 256], -1).astype(np.uint8).reshape(-1, 1, 1, 2)
+
+    train_images, test_images = encode(np.arange(n_train)), encode(np.arange(n_train, 260))
+    predicted = np.concatenate([train_labels, test_labels]).copy()
+    wrong = split.forget[:5]  # 5 of 20 forget images misclassified -> UA = 25
+    predicted[wrong] = (predicted[wrong] + 1) % k
+    confidence = np.where(np.arange(260) < n_train, 8.0, 0.5)  # members confident, others not
+    logits_table = np.eye(k)[predicted] * confidence[:, None]
+
+    def predict_fn(variables, images):
+        ids = images[..., 0].astype(jnp.int32) * 256 + images[..., 1].astype(jnp.int32)
+        return variables["table"][ids.reshape(-1)]
+
+    metrics = evaluate_unlearning(predict_fn, {"table": jnp.asarray(logits_table)}, train_images,
+                                  train_labels, test_images, test_labels, split,
+                                  mia_kinds=("confidence", "entropy"))
+    assert metrics["UA"] == 25.0
+    assert metrics["RA"] == 100.0 and metrics["TA"] == 100.0
+    # Forget images look like members except the 5 misclassified ones (p_y tiny): 5/20 non-member.
+    assert metrics["MIA"] == 25.0
+    assert set(metrics["MIA_all"]) == {"confidence", "entropy"}

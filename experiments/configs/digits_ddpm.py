@@ -55,7 +55,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                          batch_size=300, use_ema=False, seed=0, grid_per_class=10, grid_scale=4)
     if variant == "tiny":
         config.max_per_class = 12
-        config.model = dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+        config.model = dict(ch=8, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(),
                             dropout=0.0, resamp_with_conv=True, num_groups=4, null_class=True)
         config.train.num_iterations = 4
         config.train.batch_size = 32

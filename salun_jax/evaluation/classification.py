@@ -22,7 +22,8 @@ def evaluate_unlearning(predict_fn: Callable, variables: Any, train_images: np.n
 
     UA = 100 - accuracy on D_f; RA on D_r; TA on the split's test indices (class-wise runs drop the
     forgotten class); MIA = 100 * the `confidence` SVC's share of D_f predicted non-member, the SVC
-    trained on the first |test| retain samples (members, index order) vs the test set.
+    trained on the first |test| retain samples (members, index order) vs the test set (both cut to
+    the smaller of the two sizes, so the two classes are balanced).
 
     Returns:
       {"UA", "RA", "TA", "MIA"} floats, plus "MIA_all" {kind: percent} for `mia_kinds`.
@@ -33,9 +34,12 @@ def evaluate_unlearning(predict_fn: Callable, variables: Any, train_images: np.n
     forget_logits = predict(predict_fn, variables, train_images[split.forget])
     retain_logits = predict(predict_fn, variables, train_images[split.retain])
     test_logits = predict(predict_fn, variables, test_x)
-    shadow = np.arange(min(len(split.test), len(split.retain)))
-    mia = svc_mia(from_logits(retain_logits[shadow]), train_labels[split.retain][shadow],
-                  from_logits(test_logits), test_y,
+    # Upstream: the first |test| retain samples vs the whole test set (balanced, since retain is
+    # larger there). When retain is the smaller set, both sides take the first n = |retain|, so
+    # the SVC's classes stay balanced (an imbalanced SVC predicts the majority class everywhere).
+    n = min(len(split.test), len(split.retain))
+    mia = svc_mia(from_logits(retain_logits[:n]), train_labels[split.retain][:n],
+                  from_logits(test_logits[:n]), test_y[:n],
                   from_logits(forget_logits), train_labels[split.forget],
                   kinds=tuple(mia_kinds), m_entropy=m_entropy)
     return {
