@@ -26,7 +26,7 @@ import optax
 from salun_jax import optim as optim_lib
 from salun_jax.diffusion.losses import antithetic_timesteps, diffusion_loss, sample_null_mask
 from salun_jax.diffusion.schedule import NoiseSchedule, q_sample
-from salun_jax.train import AXIS, TrainState, fit, weighted_mean
+from salun_jax.train import AXIS, TrainState, fit
 
 PyTree = Any
 ApplyFn = Callable[..., jax.Array]
@@ -97,19 +97,26 @@ def denoising_loss_per_example(
     Returns:
       (per-example loss [B] = sum over H, W, C of (eps - eps_pred)^2, null fraction scalar).
     """
+    per_example, null_mask = _denoising_loss(apply_fn, schedule, params, x0, labels, rng,
+                                             cond_drop_prob)
+    return per_example, jnp.mean(null_mask)
+
+
+def _denoising_loss(apply_fn, schedule, params, x0, labels, rng, cond_drop_prob):
+    """(per-example loss [B], null mask as float [B]); see `denoising_loss_per_example`."""
     noise_rng, t_rng, null_rng, dropout_rng = jax.random.split(rng, 4)
     batch = x0.shape[0]
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     t = antithetic_timesteps(t_rng, batch, schedule.num_timesteps)
     x_t = q_sample(schedule, x0, t, noise)
     null_mask = None
-    null_fraction = jnp.zeros((), jnp.float32)
     if cond_drop_prob > 0:
         null_mask = sample_null_mask(null_rng, batch, cond_drop_prob)
-        null_fraction = jnp.mean(null_mask.astype(jnp.float32))
     eps_pred = apply_fn({"params": params}, x_t, t, labels, train=True, null_mask=null_mask,
                         rngs={"dropout": dropout_rng})
-    return diffusion_loss(noise, eps_pred, "per_example"), null_fraction
+    null_float = (jnp.zeros((batch,), jnp.float32) if null_mask is None
+                  else null_mask.astype(jnp.float32))
+    return diffusion_loss(noise, eps_pred, "per_example"), null_float
 
 
 def make_diffusion_train_step(
@@ -131,11 +138,13 @@ def make_diffusion_train_step(
       schedule: the noise schedule.
       cond_drop_prob: probability of the null class per example (0.1 upstream).
       flip: random horizontal flip per example (upstream CIFAR-10: on).
-      axis_name: the pmap axis to average gradients and metrics over (`train.AXIS` for `fit`).
+      axis_name: the pmap axis (`train.AXIS` for `fit`): the loss is the mean over the real
+        examples of the global batch, gradients and metrics are psum-ed over devices.
 
     Returns:
       The step. batch: `image` uint8 [B, H, W, C], `label` int32 [B], optional `weight` [B].
-      metrics: loss, num_examples (sum of weights), grad_norm, null_fraction.
+      metrics: loss, num_examples (sum of weights), grad_norm (after the cross-device sum,
+      before clipping), null_fraction (share of real examples that saw the null class).
 
     Raises:
       ValueError: cond_drop_prob outside [0, 1].
@@ -153,21 +162,27 @@ def make_diffusion_train_step(
             x0 = random_flip(flip_rng, x0)
         labels = batch["label"]
         weights = batch.get("weight", jnp.ones(labels.shape, jnp.float32))
+        # The mean over the real examples of the GLOBAL batch, as `train.make_train_step`: each
+        # device sums its weighted losses and divides by the global weight; gradients and
+        # metrics are then psum-ed.
+        total_weight = jnp.sum(weights)
+        if axis_name is not None:
+            total_weight = jax.lax.psum(total_weight, axis_name)
+        total_weight = jnp.maximum(total_weight, 1.0)
 
         def loss_fn(params):
-            per_example, null_fraction = denoising_loss_per_example(
+            per_example, null_mask = _denoising_loss(
                 apply_fn, schedule, params, x0, labels, loss_rng, cond_drop_prob)
-            return weighted_mean(per_example, weights), null_fraction
+            loss = jnp.sum(per_example * weights) / total_weight
+            return loss, jnp.sum(null_mask * weights) / total_weight
 
         (loss, null_fraction), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         metrics = {"loss": loss, "num_examples": jnp.sum(weights), "null_fraction": null_fraction}
         if axis_name is not None:
-            grads = jax.lax.pmean(grads, axis_name)
+            grads = jax.lax.psum(grads, axis_name)
+            metrics = jax.lax.psum(metrics, axis_name)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        new_state = state.apply_gradients(grads)
-        if axis_name is not None:
-            metrics = jax.lax.pmean(metrics, axis_name)
-        return new_state, metrics
+        return state.apply_gradients(grads), metrics
 
     return train_step
 
