@@ -96,13 +96,6 @@ def train_config(config: ml_collections.ConfigDict) -> TrainConfig:
         fail(f"bad train config: {error}")
 
 
-def write_json(path: str, record: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def run(main, config_flag) -> None:
     """`absl.app.run(main)`, but a bad flag or config override (unknown key, missing config file)
     ends with one clear error line instead of a traceback."""

@@ -14,6 +14,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 import _common
+from salun_jax import report
 from salun_jax.models import create_model
 from salun_jax.train import TrainingDivergedError, accuracy, make_predict_fn, train_classifier
 
@@ -54,7 +55,7 @@ def main(argv):
                                   dataset.test_labels[test]),
         "history": history,
     }
-    _common.write_json(os.path.join(workdir, "results.json"), results)
+    report.write_results(os.path.join(workdir, "results.json"), results)
     logging.info("train accuracy %.2f%%, test accuracy %.2f%%", results["train_accuracy"],
                  results["test_accuracy"])
     print(f"test accuracy {results['test_accuracy']:.2f}% (results in {workdir}/results.json)")
