@@ -11,10 +11,20 @@ Measures, on whatever device JAX picks:
   - CFG DDIM sampling with the tiny UNet (100 steps, eta 1, w 2; each step is one UNet pass on a
     2B batch): images/s.
 
-Result on the 2-core CPU machine (jax 0.10.2, XLA:CPU, shared with other jobs: +-30% noise),
-default flags, about 3 minutes:
+Result on the 2-core CPU machine (jax 0.10.2, XLA:CPU, 1 device, shared with other jobs: expect
++-30% noise), default flags, 1 min 44 s in all:
 
-    (see the table in the issue note / README; numbers are filled in from a measured run)
+    float32 matmul 2048^2: 185.1 GFLOP/s (jnp)
+
+    | train step         | params | batch | compile (s) | s/step | images/s | GFLOP/s |
+    | paper UNet 32x32x3 | 38.63M | 8     | 25.5        | 2.679  | 3.0      | 105.1   |
+    | tiny UNet 8x8x1    | 0.78M  | 64    | 15.5        | 0.070  | 914.7    | 73.8    |
+
+    | DDIM sampling (CFG w 2, eta 1) | batch | steps | compile (s) | s    | images/s |
+    | tiny UNet 8x8x1                | 100   | 100   | 3.9         | 5.46 | 18.3     |
+
+So the paper's 800k x 128 images would take ~1 year of this CPU: the paper config is for
+accelerators. The tiny UNet trains at ~900 images/s (digits_ddpm: 1000 steps of 64 in ~2 min).
 
 `--quick` runs a minimal UNet with tiny batches and step counts in seconds (the test's setting).
 """
@@ -35,6 +45,7 @@ from salun_jax.diffusion.evaluation import generate_samples
 from salun_jax.diffusion.training import (
     DiffusionTrainConfig,
     create_diffusion_state,
+    init_unet_params,
     make_diffusion_train_step,
 )
 from salun_jax.models.unet import UNet, paper_cifar10_unet, tiny_digits_unet
@@ -78,11 +89,11 @@ def _cost_flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def bench_train_step(name: str, model: UNet, batch_size: int, steps: int) -> dict:
+def bench_train_step(name: str, model: UNet, params, batch_size: int, steps: int) -> dict:
     """Compile time, median step time, images/s and GFLOP/s of the jitted DDPM train step."""
     schedule = linear_schedule()
-    state = create_diffusion_state(model, jax.random.key(0, impl="rbg"),
-                                   DiffusionTrainConfig(ema_decay=0.9999))
+    state = create_diffusion_state(model, None, DiffusionTrainConfig(ema_decay=0.9999),
+                                   params=params)
     # No donation: a fresh state's EMA shares its buffers with the params.
     step = jax.jit(make_diffusion_train_step(model.apply, schedule, flip=True))
     shape = (batch_size, model.image_size, model.image_size, model.out_channels)
@@ -110,16 +121,14 @@ def bench_train_step(name: str, model: UNet, batch_size: int, steps: int) -> dic
             "flops_per_step": flops, "gflops": None if flops is None else flops / seconds / 1e9}
 
 
-def bench_sampling(name: str, model: UNet, batch_size: int, num_steps: int) -> dict:
+def bench_sampling(name: str, model: UNet, params, batch_size: int, num_steps: int) -> dict:
     """Images/s of CFG DDIM sampling (eta 1, w 2), timed after a compiling call."""
     schedule = linear_schedule()
-    state = create_diffusion_state(model, jax.random.key(0, impl="rbg"),
-                                   DiffusionTrainConfig(ema_decay=None))
     labels = np.arange(batch_size) % model.num_classes
     image_shape = (model.image_size, model.image_size, model.out_channels)
 
     def run(seed):
-        return generate_samples(model.apply, state.params, schedule, labels,
+        return generate_samples(model.apply, params, schedule, labels,
                                 jax.random.key(seed), image_shape=image_shape,
                                 num_steps=num_steps, eta=1.0, guidance_scale=2.0,
                                 batch_size=batch_size)
@@ -143,15 +152,20 @@ def main(argv):
           f"jax {jax.__version__}")
     reference = {"matmul_n": 256 if quick else 2048}
     reference["jax_matmul_gflops"] = matmul_gflops(reference["matmul_n"])
+    key = jax.random.key(0, impl="rbg")  # rbg: init compiles much faster than threefry
     if quick:
-        train = [bench_train_step("minimal UNet 8x8x1", _minimal_unet(), 2, 1)]
-        sampling = [bench_sampling("minimal UNet 8x8x1", _minimal_unet(), 2, 1)]
+        model = _minimal_unet()
+        params = init_unet_params(model, key)
+        train = [bench_train_step("minimal UNet 8x8x1", model, params, 2, 1)]
+        sampling = [bench_sampling("minimal UNet 8x8x1", model, params, 2, 1)]
     else:
-        train = [bench_train_step("paper UNet 32x32x3", paper_cifar10_unet(),
+        paper, tiny = paper_cifar10_unet(), tiny_digits_unet()
+        tiny_params = init_unet_params(tiny, key)
+        train = [bench_train_step("paper UNet 32x32x3", paper, init_unet_params(paper, key),
                                   _PAPER_BATCH.value, _PAPER_STEPS.value),
-                 bench_train_step("tiny UNet 8x8x1", tiny_digits_unet(), _TINY_BATCH.value,
+                 bench_train_step("tiny UNet 8x8x1", tiny, tiny_params, _TINY_BATCH.value,
                                   _TINY_STEPS.value)]
-        sampling = [bench_sampling("tiny UNet 8x8x1", tiny_digits_unet(), _SAMPLE_BATCH.value,
+        sampling = [bench_sampling("tiny UNet 8x8x1", tiny, tiny_params, _SAMPLE_BATCH.value,
                                    _SAMPLE_STEPS.value)]
 
     def fmt(x, spec):

@@ -89,6 +89,16 @@ def subset_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
                                    for k in np.unique(labels)]))
 
 
+def frozen_random_flip(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each image flipped left-right with probability 1/2, once: upstream builds D_f and D_r for
+    the mask and unlearning with list comprehensions over a flipping dataset, so one random flip
+    is applied and then frozen (reference-salun.md §6.2)."""
+    flip = np.random.default_rng(seed).random(len(images)) < 0.5
+    out = np.array(images, copy=True)
+    out[flip] = out[flip][:, :, ::-1]
+    return out
+
+
 def build_unet(config: ml_collections.ConfigDict, num_classes: int,
                image_shape: tuple[int, ...]) -> UNet:
     values = config.model.to_dict()
@@ -184,6 +194,8 @@ def main(argv):
     test_images, test_labels = dataset.test_images[test_idx], dataset.test_labels[test_idx]
     image_shape = tuple(int(d) for d in images.shape[1:])
     forget_idx, retain_idx = diffusion_forget_retain(labels, forget_class, num_classes)
+    # D_f and D_r of the mask and of unlearning (upstream: a random flip, frozen, for CIFAR-10).
+    unlearn_images = frozen_random_flip(images) if config.frozen_flip else images
     results_path = os.path.join(workdir, "results.json")
     results = load_results(results_path)
     results.update(dataset=dataset.name, forget_class=forget_class, num_classes=num_classes,
@@ -280,7 +292,8 @@ def main(argv):
             start = time.perf_counter()
             try:
                 scores = diffusion_saliency_scores(
-                    apply_fn, original_params, schedule, images[forget_idx], labels[forget_idx],
+                    apply_fn, original_params, schedule, unlearn_images[forget_idx],
+                    labels[forget_idx],
                     jax.random.key(mask_config.seed), batch_size=mask_config.batch_size,
                     guidance_scale=mask_config.guidance_scale,
                     clip_norm=mask_config.clip_norm or None, shuffle_seed=mask_config.seed)
@@ -312,8 +325,8 @@ def main(argv):
             else:
                 output = unlearn_diffusion(
                     apply_fn, original_params, schedule,
-                    forget_images=images[forget_idx], forget_labels=labels[forget_idx],
-                    retain_images=images[retain_idx], retain_labels=labels[retain_idx],
+                    forget_images=unlearn_images[forget_idx], forget_labels=labels[forget_idx],
+                    retain_images=unlearn_images[retain_idx], retain_labels=labels[retain_idx],
                     num_classes=num_classes, config=method_config,
                     mask=mask if masked else None, desc=method)
                 params, run_seconds = output.params, output.run_seconds

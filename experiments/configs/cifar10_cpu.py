@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
                           batch_stats="update", rl_variant="sequential")
     config.methods = dict(
         FT=dict(learning_rate=0.02),
-        GA=dict(learning_rate=1e-3, epochs=3),
+        GA=dict(learning_rate=5e-3, epochs=3),
         RL=dict(learning_rate=0.01),
         IU=dict(alpha=1.0),
         **{"l1-sparse": dict(learning_rate=0.02, alpha=1e-4)},
