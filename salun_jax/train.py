@@ -60,7 +60,8 @@ class TrainState(struct.PyTreeNode):
         return cls(step=jnp.zeros((), jnp.int32), params=params,
                    batch_stats={} if batch_stats is None else batch_stats,
                    opt_state=tx.init(params), extra=extra,
-                   ema_params=params if ema_decay else None, apply_fn=apply_fn, tx=tx,
+                   ema_params=jax.tree.map(jnp.copy, params) if ema_decay else None,
+                   apply_fn=apply_fn, tx=tx,
                    ema_decay=ema_decay)
 
     @property
@@ -202,7 +203,10 @@ def replicate(tree: PyTree) -> PyTree:
 
 
 def unreplicate(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: x[0], tree)
+    """Device 0's copy, placed plainly on that device (no pmap mesh in its type, so jitted code
+    fed it and fresh arrays does not retrace)."""
+    device = jax.local_devices()[0]
+    return jax.tree.map(lambda x: jax.device_put(x[0], device), tree)
 
 
 def _reduce_epoch_metrics(step_metrics: list[dict]) -> dict[str, float]:
