@@ -236,14 +236,16 @@ def main(argv):
     try:
         original, original_history = train_diffusion(
             images, labels, np.arange(labels.size), model, schedule, train_config,
-            workdir=os.path.join(workdir, "original"), desc="original")
+            workdir=os.path.join(workdir, "original"), desc="original",
+            checkpoint_every=config.get("checkpoint_every", 1))
         trained = {"Original": (original, original_history)}
         if "Retrain" in config.run_methods:
             retrain_config = dataclasses.replace(
                 train_config, **{"seed": train_config.seed + 1000, **config.retrain.to_dict()})
             trained["Retrain"] = train_diffusion(
                 images, labels, retain_idx, model, schedule, retrain_config,
-                workdir=os.path.join(workdir, "retrain"), desc="retrain")
+                workdir=os.path.join(workdir, "retrain"), desc="retrain",
+                checkpoint_every=config.get("checkpoint_every", 1))
     except (TrainingDivergedError, ValueError) as error:
         _common.fail(str(error))
 

@@ -254,13 +254,16 @@ def fit(
     eval_fn: Callable[[TrainState], dict] | None = None,
     progress: bool = True,
     desc: str = "train",
+    checkpoint_every: int = 1,
 ) -> tuple[TrainState, list[dict]]:
     """Trains for `num_epochs` epochs with data parallelism over all local devices.
 
-    With a `workdir`, saves a checkpoint every epoch under `workdir/checkpoints` and appends a
-    line per epoch to `workdir/metrics.jsonl`; re-running on the same workdir resumes from the
-    newest readable checkpoint and (same seed) ends with the same parameters as an uninterrupted
-    run, because each epoch's shuffle and keys derive from (seed, epoch) alone.
+    With a `workdir`, saves a checkpoint every `checkpoint_every` epochs (and after the last)
+    under `workdir/checkpoints` and then appends the saved epochs' lines to
+    `workdir/metrics.jsonl` (so the log never holds an epoch that a resume re-runs); re-running
+    on the same workdir resumes from the newest readable checkpoint and (same seed) ends with the
+    same parameters as an uninterrupted run, because each epoch's shuffle and keys derive from
+    (seed, epoch) alone.
 
     Args:
       state: the initial (unreplicated) state.
@@ -274,7 +277,10 @@ def fit(
 
     Raises:
       TrainingDivergedError: the loss became non-finite; the last good checkpoint is kept.
+      ValueError: `checkpoint_every` < 1.
     """
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
     checkpointer = None
     start_epoch, history = 0, []
     if workdir is not None:
@@ -296,6 +302,7 @@ def fit(
     state_r = replicate(state)
     data_r = replicate({k: np.asarray(v) for k, v in data.items()})
     key = jax.random.key(seed)
+    saved = start_epoch  # epochs held by the newest checkpoint
     try:
         for epoch in range(start_epoch, num_epochs):
             start = time.perf_counter()
@@ -308,17 +315,21 @@ def fit(
             if not metrics.pop("finite"):
                 raise TrainingDivergedError(
                     f"{desc}: non-finite loss in epoch {epoch + 1}; stopped. "
-                    + (f"The last good checkpoint (epoch {epoch}) is kept in {workdir}."
-                       if checkpointer else "Lower the learning rate or check the data."))
+                    + (f"The last good checkpoint (epoch {saved}) is kept in {workdir}."
+                       if checkpointer and saved else
+                       "Lower the learning rate or check the data."))
             record = {"phase": desc, "epoch": epoch + 1, "seconds": seconds,
                       "images_per_s": metrics["num_examples"] / seconds, **metrics}
             if eval_fn is not None:
                 record.update(eval_fn(unreplicate(state_r)))
             history.append(record)
             logging.info("%s", json.dumps(record, sort_keys=True))
-            if checkpointer is not None:
-                append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
+            if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0
+                                             or epoch + 1 == num_epochs):
                 checkpointer.save(epoch, unreplicate(state_r), {"history": history})
+                for line in history[len(history) - (epoch + 1 - saved):]:
+                    append_jsonl(os.path.join(workdir, "metrics.jsonl"), line)
+                saved = epoch + 1
     finally:
         if checkpointer is not None:
             checkpointer.close()
@@ -382,10 +393,12 @@ class TrainConfig:
 def train_classifier(images: np.ndarray, labels: np.ndarray, train_indices: np.ndarray,
                      model: nn.Module, config: TrainConfig, workdir: str | None = None,
                      eval_fn: Callable[[TrainState], dict] | None = None, progress: bool = True,
-                     desc: str = "train") -> tuple[TrainState, list[dict]]:
+                     desc: str = "train", checkpoint_every: int = 1,
+                     ) -> tuple[TrainState, list[dict]]:
     """Trains `model` from a fresh init on `images[train_indices]` with SGD + multi-step LR.
 
-    Resumes from `workdir` if it holds checkpoints of this run.
+    Resumes from `workdir` if it holds checkpoints of this run (saved every `checkpoint_every`
+    epochs, see `fit`).
     """
     steps_per_epoch = math.ceil(len(train_indices) / config.batch_size)
     schedule = optim_lib.multistep_schedule(config.learning_rate, config.milestones, config.gamma,
@@ -397,4 +410,4 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, train_indices: np.n
     return fit(state, train_step=step, data={"image": images, "label": labels},
                train_indices=train_indices, batch_size=config.batch_size,
                num_epochs=config.epochs, seed=config.seed, workdir=workdir, eval_fn=eval_fn,
-               progress=progress, desc=desc)
+               progress=progress, desc=desc, checkpoint_every=checkpoint_every)

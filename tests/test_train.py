@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -82,6 +83,30 @@ def test_resume_equals_uninterrupted(digits, tmp_path):
     assert [r["epoch"] for r in history] == [1, 2, 3]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
+
+
+def test_checkpoint_every_n_epochs_resumes_from_the_last_saved(digits, tmp_path):
+    _, state, data = _setup(digits)
+    straight, _ = _fit(state, data, epochs=3)
+    steps_per_epoch = 15
+
+    def crash_in_epoch_four(s):  # epochs 1-3 done; only epoch 2 (index 1) was saved
+        if int(s.step) > 3 * steps_per_epoch:
+            raise KeyboardInterrupt
+        return {}
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(state, data, str(tmp_path), epochs=5, checkpoint_every=2, eval_fn=crash_in_epoch_four)
+    assert Checkpointer(str(tmp_path / "checkpoints")).all_epochs() == [1]
+    metrics = tmp_path / "metrics.jsonl"
+    assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2]
+    resumed, history = _fit(state, data, str(tmp_path), epochs=3, checkpoint_every=2)
+    chex.assert_trees_all_equal(straight.params, resumed.params)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert Checkpointer(str(tmp_path / "checkpoints")).all_epochs() == [1, 2]  # the last, too
+    assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        _fit(state, data, str(tmp_path), checkpoint_every=0)
 
 
 def test_corrupt_latest_checkpoint_falls_back(digits, tmp_path):

@@ -49,6 +49,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train = dict(num_iterations=1000, batch_size=64, learning_rate=2e-3, grad_clip=1.0,
                         ema_decay=0.995, cond_drop_prob=0.1, flip=False, seed=0)
     config.retrain = dict()  # overrides of `train` for Retrain (same recipe by default)
+    config.checkpoint_every = 1  # epochs between DDPM checkpoints (not part of the recipe)
     config.classifier = dict(model="small_cnn", width=0.5, epochs=20, batch_size=64,
                              learning_rate=0.05, momentum=0.9, weight_decay=5e-4, milestones=(15,),
                              gamma=0.1, crop_padding=1, flip=False, seed=0)
