@@ -233,11 +233,12 @@ def main(argv):
     apply_fn = model.apply  # one object: the samplers' jit cache is keyed by it
     schedule = linear_schedule(**config.diffusion.to_dict())
     train_config = diffusion_train_config(config.train.to_dict())
+    checkpoint_every = config.get("checkpoint_every", 1)  # configs written before it: each epoch
     try:
         original, original_history = train_diffusion(
             images, labels, np.arange(labels.size), model, schedule, train_config,
             workdir=os.path.join(workdir, "original"), desc="original",
-            checkpoint_every=config.get("checkpoint_every", 1))
+            checkpoint_every=checkpoint_every)
         trained = {"Original": (original, original_history)}
         if "Retrain" in config.run_methods:
             retrain_config = dataclasses.replace(
@@ -245,7 +246,7 @@ def main(argv):
             trained["Retrain"] = train_diffusion(
                 images, labels, retain_idx, model, schedule, retrain_config,
                 workdir=os.path.join(workdir, "retrain"), desc="retrain",
-                checkpoint_every=config.get("checkpoint_every", 1))
+                checkpoint_every=checkpoint_every)
     except (TrainingDivergedError, ValueError) as error:
         _common.fail(str(error))
 

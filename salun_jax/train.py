@@ -236,9 +236,9 @@ def run_epoch(p_step: Callable, state: TrainState, data: dict, batches: tuple[np
     return state, _reduce_epoch_metrics(step_metrics)
 
 
-def append_jsonl(path: str, record: dict) -> None:
+def append_jsonl(path: str, records: list[dict]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
 
 
 def fit(
@@ -302,7 +302,7 @@ def fit(
     state_r = replicate(state)
     data_r = replicate({k: np.asarray(v) for k, v in data.items()})
     key = jax.random.key(seed)
-    saved = start_epoch  # epochs held by the newest checkpoint
+    saved, unsaved = start_epoch, []  # epochs in the newest checkpoint; records since then
     try:
         for epoch in range(start_epoch, num_epochs):
             start = time.perf_counter()
@@ -323,13 +323,13 @@ def fit(
             if eval_fn is not None:
                 record.update(eval_fn(unreplicate(state_r)))
             history.append(record)
+            unsaved.append(record)
             logging.info("%s", json.dumps(record, sort_keys=True))
             if checkpointer is not None and ((epoch + 1) % checkpoint_every == 0
                                              or epoch + 1 == num_epochs):
                 checkpointer.save(epoch, unreplicate(state_r), {"history": history})
-                for line in history[len(history) - (epoch + 1 - saved):]:
-                    append_jsonl(os.path.join(workdir, "metrics.jsonl"), line)
-                saved = epoch + 1
+                append_jsonl(os.path.join(workdir, "metrics.jsonl"), unsaved)
+                saved, unsaved = epoch + 1, []
     finally:
         if checkpointer is not None:
             checkpointer.close()
@@ -393,12 +393,10 @@ class TrainConfig:
 def train_classifier(images: np.ndarray, labels: np.ndarray, train_indices: np.ndarray,
                      model: nn.Module, config: TrainConfig, workdir: str | None = None,
                      eval_fn: Callable[[TrainState], dict] | None = None, progress: bool = True,
-                     desc: str = "train", checkpoint_every: int = 1,
-                     ) -> tuple[TrainState, list[dict]]:
+                     desc: str = "train") -> tuple[TrainState, list[dict]]:
     """Trains `model` from a fresh init on `images[train_indices]` with SGD + multi-step LR.
 
-    Resumes from `workdir` if it holds checkpoints of this run (saved every `checkpoint_every`
-    epochs, see `fit`).
+    Resumes from `workdir` if it holds checkpoints of this run.
     """
     steps_per_epoch = math.ceil(len(train_indices) / config.batch_size)
     schedule = optim_lib.multistep_schedule(config.learning_rate, config.milestones, config.gamma,
@@ -410,4 +408,4 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, train_indices: np.n
     return fit(state, train_step=step, data={"image": images, "label": labels},
                train_indices=train_indices, batch_size=config.batch_size,
                num_epochs=config.epochs, seed=config.seed, workdir=workdir, eval_fn=eval_fn,
-               progress=progress, desc=desc, checkpoint_every=checkpoint_every)
+               progress=progress, desc=desc)

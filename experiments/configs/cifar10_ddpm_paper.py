@@ -66,7 +66,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.max_per_class = 4
         config.train.num_iterations = 1  # = one epoch: 5 steps of 8
         config.train.batch_size = 8
-        config.checkpoint_every = 1
         config.classifier.update(model="resnet8", width=0.25, epochs=1, batch_size=50,
                                  milestones=())
         config.mask.batch_size = 4
