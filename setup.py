@@ -1,15 +1,26 @@
 """salun_jax: SalUn (gradient-based weight saliency for machine unlearning) in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
     name="salun_jax",
-    version="0.1.0",
+    version="0.2.0",  # = salun_jax/version.py
     description="Machine unlearning with gradient-based weight saliency (SalUn) in JAX/Flax",
     packages=find_packages(include=["salun_jax", "salun_jax.*"]),
     python_requires=">=3.11",
     install_requires=[
-        "jax>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "orbax-checkpoint>=0.12.8", "chex>=0.1.92",
-        "tensorflow-datasets>=4.9.10", "ml_collections>=1.1.0", "absl-py", "numpy", "scikit-learn",
-        "pillow", "matplotlib", "tqdm",
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "chex>=0.1.92",
+        "tensorflow-datasets>=4.9.10",
+        "ml_collections>=1.1.0",
+        "absl-py",
+        "numpy",
+        "scikit-learn",
+        "pillow",
+        "matplotlib",
+        "tqdm",
     ],
 )

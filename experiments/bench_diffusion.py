@@ -4,10 +4,10 @@
 
 Measures, on whatever device JAX picks:
   - the machine's float32 matmul GFLOP/s (jnp, n x n) as the reference limit;
-  - the jitted DDPM train step (`make_diffusion_train_step`: loss, grad, clip + Adam, EMA) on one
-    fixed device-resident batch, for the paper's CIFAR-10 UNet (38.6M params, 32x32x3) and the
-    tiny digits UNet (0.78M params, 8x8x1): compile seconds, median seconds/step, images/s and
-    achieved GFLOP/s (FLOPs from XLA's cost analysis of the compiled step);
+  - the jitted DDPM train step (`make_step(denoising_loss(...))`: loss, grad, clip + Adam,
+    EMA) on one fixed device-resident batch, for the paper's CIFAR-10 UNet (38.6M params,
+    32x32x3) and the tiny digits UNet (0.78M params, 8x8x1): compile seconds, median seconds/step,
+    images/s and achieved GFLOP/s (FLOPs from XLA's cost analysis of the compiled step);
   - CFG DDIM sampling with the tiny UNet (100 steps, eta 1, w 2; each step is one UNet pass on a
     2B batch): images/s.
 
@@ -41,14 +41,15 @@ import numpy as np
 from absl import app, flags
 
 from salun_jax.diffusion import linear_schedule
-from salun_jax.diffusion.evaluation import generate_samples
 from salun_jax.diffusion.training import (
     DiffusionTrainConfig,
     create_diffusion_state,
     init_unet_params,
-    make_diffusion_train_step,
 )
+from salun_jax.evaluation.generation import generate_samples
+from salun_jax.losses import denoising_loss
 from salun_jax.models.unet import UNet, paper_cifar10_unet, tiny_digits_unet
+from salun_jax.step import make_step
 
 _QUICK = flags.DEFINE_bool("quick", False, "Seconds-scale run with a minimal UNet (for tests).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
@@ -61,8 +62,17 @@ _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 100, "DDIM steps.")
 
 
 def _minimal_unet() -> UNet:
-    return UNet(ch=8, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(), dropout=0.1,
-                num_classes=10, image_size=8, out_channels=1, num_groups=4)
+    return UNet(
+        ch=8,
+        ch_mult=(1,),
+        num_res_blocks=0,
+        attn_resolutions=(),
+        dropout=0.1,
+        num_classes=10,
+        image_size=8,
+        out_channels=1,
+        num_groups=4,
+    )
 
 
 def matmul_gflops(n: int, repeats: int = 5) -> float:
@@ -92,15 +102,18 @@ def _cost_flops(compiled) -> float | None:
 def bench_train_step(name: str, model: UNet, params, batch_size: int, steps: int) -> dict:
     """Compile time, median step time, images/s and GFLOP/s of the jitted DDPM train step."""
     schedule = linear_schedule()
-    state = create_diffusion_state(model, None, DiffusionTrainConfig(ema_decay=0.9999),
-                                   params=params)
+    state = create_diffusion_state(
+        model, None, DiffusionTrainConfig(ema_decay=0.9999), params=params
+    )
     # No donation: a fresh state's EMA shares its buffers with the params.
-    step = jax.jit(make_diffusion_train_step(model.apply, schedule, flip=True))
+    step = jax.jit(make_step(denoising_loss(model.apply, schedule, flip=True), axis_name=None))
     shape = (batch_size, model.image_size, model.image_size, model.out_channels)
     rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8)),
-             "label": jnp.asarray(rng.integers(0, model.num_classes, batch_size), jnp.int32),
-             "weight": jnp.ones((batch_size,), jnp.float32)}
+    batch = {
+        "image": jnp.asarray(rng.integers(0, 256, shape, dtype=np.uint8)),
+        "label": jnp.asarray(rng.integers(0, model.num_classes, batch_size), jnp.int32),
+        "weight": jnp.ones((batch_size,), jnp.float32),
+    }
     key = jax.random.key(1)
     start = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
@@ -115,10 +128,17 @@ def bench_train_step(name: str, model: UNet, params, batch_size: int, steps: int
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    return {"name": name, "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
-            "batch_size": batch_size, "steps": steps, "compile_seconds": compile_seconds,
-            "seconds_per_step": seconds, "images_per_s": batch_size / seconds,
-            "flops_per_step": flops, "gflops": None if flops is None else flops / seconds / 1e9}
+    return {
+        "name": name,
+        "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "batch_size": batch_size,
+        "steps": steps,
+        "compile_seconds": compile_seconds,
+        "seconds_per_step": seconds,
+        "images_per_s": batch_size / seconds,
+        "flops_per_step": flops,
+        "gflops": None if flops is None else flops / seconds / 1e9,
+    }
 
 
 def bench_sampling(name: str, model: UNet, params, batch_size: int, num_steps: int) -> dict:
@@ -128,10 +148,18 @@ def bench_sampling(name: str, model: UNet, params, batch_size: int, num_steps: i
     image_shape = (model.image_size, model.image_size, model.out_channels)
 
     def run(seed):
-        return generate_samples(model.apply, params, schedule, labels,
-                                jax.random.key(seed), image_shape=image_shape,
-                                num_steps=num_steps, eta=1.0, guidance_scale=2.0,
-                                batch_size=batch_size)
+        return generate_samples(
+            model.apply,
+            params,
+            schedule,
+            labels,
+            jax.random.key(seed),
+            image_shape=image_shape,
+            num_steps=num_steps,
+            eta=1.0,
+            guidance_scale=2.0,
+            batch_size=batch_size,
+        )
 
     start = time.perf_counter()
     run(0)
@@ -139,17 +167,23 @@ def bench_sampling(name: str, model: UNet, params, batch_size: int, num_steps: i
     start = time.perf_counter()
     run(1)
     seconds = time.perf_counter() - start
-    return {"name": name, "batch_size": batch_size, "ddim_steps": num_steps,
-            "compile_seconds": max(first - seconds, 0.0), "seconds": seconds,
-            "images_per_s": batch_size / seconds,
-            "unet_passes_per_s": 2 * batch_size * num_steps / seconds}
+    return {
+        "name": name,
+        "batch_size": batch_size,
+        "ddim_steps": num_steps,
+        "compile_seconds": max(first - seconds, 0.0),
+        "seconds": seconds,
+        "images_per_s": batch_size / seconds,
+        "unet_passes_per_s": 2 * batch_size * num_steps / seconds,
+    }
 
 
 def main(argv):
     del argv
     quick = _QUICK.value
-    print(f"device: {jax.devices()[0].device_kind} x{jax.local_device_count()}, "
-          f"jax {jax.__version__}")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.local_device_count()}, jax {jax.__version__}"
+    )
     reference = {"matmul_n": 256 if quick else 2048}
     reference["jax_matmul_gflops"] = matmul_gflops(reference["matmul_n"])
     key = jax.random.key(0, impl="rbg")  # rbg: init compiles much faster than threefry
@@ -161,36 +195,67 @@ def main(argv):
     else:
         paper, tiny = paper_cifar10_unet(), tiny_digits_unet()
         tiny_params = init_unet_params(tiny, key)
-        train = [bench_train_step("paper UNet 32x32x3", paper, init_unet_params(paper, key),
-                                  _PAPER_BATCH.value, _PAPER_STEPS.value),
-                 bench_train_step("tiny UNet 8x8x1", tiny, tiny_params, _TINY_BATCH.value,
-                                  _TINY_STEPS.value)]
-        sampling = [bench_sampling("tiny UNet 8x8x1", tiny, tiny_params, _SAMPLE_BATCH.value,
-                                   _SAMPLE_STEPS.value)]
+        train = [
+            bench_train_step(
+                "paper UNet 32x32x3",
+                paper,
+                init_unet_params(paper, key),
+                _PAPER_BATCH.value,
+                _PAPER_STEPS.value,
+            ),
+            bench_train_step(
+                "tiny UNet 8x8x1", tiny, tiny_params, _TINY_BATCH.value, _TINY_STEPS.value
+            ),
+        ]
+        sampling = [
+            bench_sampling(
+                "tiny UNet 8x8x1", tiny, tiny_params, _SAMPLE_BATCH.value, _SAMPLE_STEPS.value
+            )
+        ]
 
     def fmt(x, spec):
         return "n/a" if x is None else format(x, spec)
 
-    lines = [f"float32 matmul {reference['matmul_n']}^2: "
-             f"{reference['jax_matmul_gflops']:.1f} GFLOP/s (jnp)", "",
-             "| train step | params | batch | compile (s) | s/step | images/s | GFLOP/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"float32 matmul {reference['matmul_n']}^2: "
+        f"{reference['jax_matmul_gflops']:.1f} GFLOP/s (jnp)",
+        "",
+        "| train step | params | batch | compile (s) | s/step | images/s | GFLOP/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in train:
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['batch_size']} | "
-                     f"{r['compile_seconds']:.1f} | {r['seconds_per_step']:.3f} | "
-                     f"{r['images_per_s']:.1f} | {fmt(r['gflops'], '.1f')} |")
-    lines += ["", "| DDIM sampling (CFG w 2, eta 1) | batch | steps | compile (s) | s | "
-              "images/s | UNet image-passes/s |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['batch_size']} | "
+            f"{r['compile_seconds']:.1f} | {r['seconds_per_step']:.3f} | "
+            f"{r['images_per_s']:.1f} | {fmt(r['gflops'], '.1f')} |"
+        )
+    lines += [
+        "",
+        "| DDIM sampling (CFG w 2, eta 1) | batch | steps | compile (s) | s | "
+        "images/s | UNet image-passes/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in sampling:
-        lines.append(f"| {r['name']} | {r['batch_size']} | {r['ddim_steps']} | "
-                     f"{r['compile_seconds']:.1f} | {r['seconds']:.2f} | "
-                     f"{r['images_per_s']:.1f} | {r['unet_passes_per_s']:.0f} |")
+        lines.append(
+            f"| {r['name']} | {r['batch_size']} | {r['ddim_steps']} | "
+            f"{r['compile_seconds']:.1f} | {r['seconds']:.2f} | "
+            f"{r['images_per_s']:.1f} | {r['unet_passes_per_s']:.0f} |"
+        )
     print("\n".join(lines))
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w") as f:
-            json.dump({"reference": reference, "train": train, "sampling": sampling,
-                       "quick": quick, "jax": jax.__version__,
-                       "device": jax.devices()[0].device_kind}, f, indent=2)
+            json.dump(
+                {
+                    "reference": reference,
+                    "train": train,
+                    "sampling": sampling,
+                    "quick": quick,
+                    "jax": jax.__version__,
+                    "device": jax.devices()[0].device_kind,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

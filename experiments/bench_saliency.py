@@ -20,8 +20,9 @@ from absl import app, flags
 
 from salun_jax import saliency
 from salun_jax.data.batches import gather_batches
+from salun_jax.losses import classification_forget_loss
 from salun_jax.models import create_model
-from salun_jax.train import init_variables
+from salun_jax.step import init_variables
 
 _MODEL = flags.DEFINE_string("model", "resnet18", "Model name.")
 _WIDTH = flags.DEFINE_float("width", 0.25, "Width multiplier.")
@@ -45,23 +46,24 @@ def run(model_name, width, forget, batch_size, image_size, channels, repeats) ->
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (forget, image_size, image_size, channels)).astype(np.uint8)
     labels = rng.integers(0, 10, forget).astype(np.int32)
-    batches = gather_batches({"image": images, "label": labels}, np.arange(forget), batch_size,
-                             rng)
-    loss_fn = saliency.classification_forget_loss(model.apply, variables["batch_stats"])
+    batches = gather_batches({"image": images, "label": labels}, np.arange(forget), batch_size, rng)
+    loss_fn = classification_forget_loss(model.apply, variables["batch_stats"])
     params = variables["params"]
     key = jax.random.key(1)
     device_batches = jax.device_put(batches)
 
     grad_fn = jax.jit(jax.grad(loss_fn))
-    per_batch = [jax.tree.map(lambda x, i=i: x[i], device_batches)
-                 for i in range(batches["weight"].shape[0])]
+    per_batch = [
+        jax.tree.map(lambda x, i=i: x[i], device_batches) for i in range(batches["weight"].shape[0])
+    ]
 
     def forward_backward_once():
         jax.block_until_ready([grad_fn(params, b, key) for b in per_batch])
 
     def scores_only():
         return jax.block_until_ready(
-            saliency.gradient_saliency(loss_fn, params, device_batches, key))
+            saliency.gradient_saliency(loss_fn, params, device_batches, key)
+        )
 
     scores = scores_only()  # compile both before timing
     forward_backward_once()
@@ -74,23 +76,42 @@ def run(model_name, width, forget, batch_size, image_size, channels, repeats) ->
     ranking_s = float(np.median(ranking_times))
     mask_s = scores_s + ranking_s
     num_params = sum(x.size for x in jax.tree.leaves(params))
-    return {"model": model_name, "width": width, "params": int(num_params), "forget": forget,
-            "batch_size": batch_size, "mask_seconds": mask_s, "scores_seconds": scores_s,
-            "ranking_seconds": ranking_s, "forward_backward_seconds": fb_s,
-            "mask_over_forward_backward": mask_s / fb_s}
+    return {
+        "model": model_name,
+        "width": width,
+        "params": int(num_params),
+        "forget": forget,
+        "batch_size": batch_size,
+        "mask_seconds": mask_s,
+        "scores_seconds": scores_s,
+        "ranking_seconds": ranking_s,
+        "forward_backward_seconds": fb_s,
+        "mask_over_forward_backward": mask_s / fb_s,
+    }
 
 
 def main(argv):
     del argv
-    result = run(_MODEL.value, _WIDTH.value, _FORGET.value, _BATCH.value, _SIZE.value,
-                 _CHANNELS.value, _REPEATS.value)
-    print(f"{result['model']} x{result['width']} ({result['params']:,} params), forget "
-          f"{result['forget']}, batch {result['batch_size']} on {jax.devices()[0].platform}")
+    result = run(
+        _MODEL.value,
+        _WIDTH.value,
+        _FORGET.value,
+        _BATCH.value,
+        _SIZE.value,
+        _CHANNELS.value,
+        _REPEATS.value,
+    )
+    print(
+        f"{result['model']} x{result['width']} ({result['params']:,} params), forget "
+        f"{result['forget']}, batch {result['batch_size']} on {jax.devices()[0].platform}"
+    )
     print(f"  one fwd+bwd pass over D_f : {result['forward_backward_seconds']:.3f} s")
     print(f"  saliency scores           : {result['scores_seconds']:.3f} s")
     print(f"  + global top-k ranking    : {result['ranking_seconds']:.3f} s")
-    print(f"  mask / fwd+bwd            : {result['mask_over_forward_backward']:.2f}x "
-          f"({'PASS' if result['mask_over_forward_backward'] <= 1.5 else 'FAIL'} vs 1.5x)")
+    print(
+        f"  mask / fwd+bwd            : {result['mask_over_forward_backward']:.2f}x "
+        f"({'PASS' if result['mask_over_forward_backward'] <= 1.5 else 'FAIL'} vs 1.5x)"
+    )
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(result, f, indent=2)

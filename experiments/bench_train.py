@@ -6,18 +6,17 @@ For each model (default: full-width ResNet-18 and a CPU-sized ResNet-8 at width 
 32x32x3 inputs, batch 128, SGD + momentum + weight decay, on-device crop/flip augmentation) it
 prints images/s and achieved GFLOP/s of
 
-  - bare: `jax.jit(make_train_step(augment=True))` called in a Python loop on one fixed
+  - bare: `jax.jit(make_step(classification_loss()))` called in a Python loop on one fixed
     device-resident batch, synced once at the end;
-  - loop: the epoch machinery of `salun_jax.train` (`parallel_step` + `replicate` +
-    `epoch_batches` + `run_epoch`) on synthetic data, timed after a warm-up epoch;
+  - loop: `salun_jax.loop.run` for one epoch per round on synthetic data (its run seconds,
+    which exclude its ahead-of-time compile), after a warm-up call;
 
 both timed in `--rounds` interleaved rounds (medians reported, loop/bare the median of per-round
 ratios), next to this machine's float32 matmul GFLOP/s (jnp, and numpy) as the reference limit.
-The loop passes when it keeps the device busy: throughput >= 90% of the bare step's, the inner
-step traced once (`chex.assert_max_traces(n=1)`), no XLA compilation and no device-to-host
-transfer inside any step call after the warm-up epoch. FLOPs per step come from XLA's cost
-analysis of the compiled step (fallback: 3x the forward's). `--strict` exits 1 when a model fails.
-The transfer guard only bites on accelerators (on XLA:CPU a read is no transfer).
+The loop passes when it keeps the device busy: throughput >= 90% of the bare step's, and no
+XLA compilation after the warm-up call beyond the one ahead-of-time compile of each call. FLOPs
+per step come from XLA's cost analysis of the compiled step (fallback: 3x the forward's).
+`--strict` exits 1 when a model fails.
 
 Result on the 2-core CPU machine (AMD EPYC with AVX-512, jax 0.10.2, XLA:CPU, 1 device), default
 flags, about 5 minutes, while other jobs kept the load average at 6-8 on the two cores:
@@ -50,32 +49,33 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from salun_jax import loop
+from salun_jax.losses import classification_loss
 from salun_jax.models import create_model
 from salun_jax.optim import make_sgd
-from salun_jax.train import (
-    AXIS,
-    create_train_state,
-    epoch_batches,
-    make_train_step,
-    parallel_step,
-    replicate,
-    run_epoch,
-)
+from salun_jax.step import create_train_state, make_step
+from salun_jax.train import index_batches
 
 _MODELS = flags.DEFINE_list("models", ["resnet18", "resnet8"], "Model names (create_model).")
 _WIDTHS = flags.DEFINE_list("widths", ["1.0", "0.25"], "Width multiplier per model (or one).")
 _STEPS = flags.DEFINE_list("steps", ["2", "20"], "Steps per timed round, per model (or one).")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved timed rounds (bare steps, then a loop "
-                               "epoch); medians over rounds are reported.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds",
+    3,
+    "Interleaved timed rounds (bare steps, then a loop epoch); medians over rounds are reported.",
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
-_WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed steps of the bare step (the loop's warm-up "
-                                "epoch has as many steps as its timed epoch).")
+_WARMUP = flags.DEFINE_integer(
+    "warmup",
+    1,
+    "Untimed steps of the bare step (the loop's warm-up "
+    "epoch has as many steps as its timed epoch).",
+)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Square input size.")
 _CHANNELS = flags.DEFINE_integer("channels", 3, "Input channels.")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 4096, "Reference f32 matmul: n x n @ n x n.")
@@ -84,17 +84,27 @@ _NUMPY_REFERENCE = flags.DEFINE_bool("numpy_reference", True, "Also time numpy's
 _MIN_RATIO = flags.DEFINE_float("min_ratio", 0.9, "Loop/bare throughput needed to pass.")
 _STRICT = flags.DEFINE_bool("strict", False, "Exit with status 1 if any model fails.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny configuration (seconds; for the tests). Flags "
-                           "given explicitly still win.")
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "Tiny configuration (seconds; for the tests). Flags given explicitly still win."
+)
 
 # What --quick changes; flags given on the command line override these.
-_QUICK_VALUES = {"models": ["small_cnn"], "widths": ["0.25"], "steps": ["3"], "batch_size": 16,
-                 "image_size": 8, "matmul_size": 256, "matmul_repeats": 3, "rounds": 2}
+_QUICK_VALUES = {
+    "models": ["small_cnn"],
+    "widths": ["0.25"],
+    "steps": ["3"],
+    "batch_size": 16,
+    "image_size": 8,
+    "matmul_size": 256,
+    "matmul_repeats": 3,
+    "rounds": 2,
+}
 _NUM_CLASSES = 10
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 # 1. The reference limit: float32 matmul throughput.
+
 
 def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
     times = []
@@ -114,17 +124,22 @@ def matmul_gflops(n: int, repeats: int, use_numpy: bool) -> dict[str, float]:
     matmul = jax.jit(jnp.matmul)
     a, b = jax.device_put(a_host), jax.device_put(b_host)
     matmul(a, b).block_until_ready()  # compile
-    out = {"matmul_size": n,
-           "jax_matmul_gflops": flops / _median_seconds(
-               lambda: matmul(a, b).block_until_ready(), repeats) / 1e9}
+    out = {
+        "matmul_size": n,
+        "jax_matmul_gflops": flops
+        / _median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+        / 1e9,
+    }
     if use_numpy:
         np.matmul(a_host, b_host)
-        out["numpy_matmul_gflops"] = flops / _median_seconds(
-            lambda: np.matmul(a_host, b_host), repeats) / 1e9
+        out["numpy_matmul_gflops"] = (
+            flops / _median_seconds(lambda: np.matmul(a_host, b_host), repeats) / 1e9
+        )
     return out
 
 
 # 2. Compilation and transfer checks around the pmapped step.
+
 
 class _CompileCounter:
     """Counts XLA backend compilations (any function) while registered."""
@@ -148,28 +163,8 @@ def _counting_compiles() -> Iterator[_CompileCounter]:
         jax.monitoring.unregister_event_duration_listener(counter)
 
 
-class _CheckedStep:
-    """Wraps a pmapped step: once `armed`, counts compilations inside its calls and forbids
-    device-to-host transfers (a per-step host sync) in them. Costs microseconds per call.
-
-    The transfer guard bites on accelerators only: XLA:CPU arrays already live in host memory,
-    so reading one is no transfer and the guard lets it pass (seen with jax 0.10.2)."""
-
-    def __init__(self, p_step: Callable, counter: _CompileCounter):
-        self.p_step, self.counter = p_step, counter
-        self.armed, self.compiles = False, 0
-
-    def __call__(self, *args):
-        if not self.armed:
-            return self.p_step(*args)
-        before = self.counter.count
-        with jax.transfer_guard_device_to_host("disallow"):
-            out = self.p_step(*args)
-        self.compiles += self.counter.count - before
-        return out
-
-
 # 3. FLOPs of one train step.
+
 
 def _cost_flops(compiled) -> float:
     analysis = compiled.cost_analysis()
@@ -179,28 +174,45 @@ def _cost_flops(compiled) -> float:
 
 
 def _forward_flops(state, images: jax.Array) -> float:
-    forward = jax.jit(lambda variables, x: state.apply_fn(variables, x, train=True,
-                                                          mutable=["batch_stats"]))
+    forward = jax.jit(
+        lambda variables, x: state.apply_fn(variables, x, train=True, mutable=["batch_stats"])
+    )
     return _cost_flops(forward.lower(state.variables, images.astype(jnp.float32)).compile())
 
 
 # 4. One model.
 
+
 def _synthetic_data(num_examples: int, image_shape: tuple[int, ...], seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    return {"image": rng.integers(0, 256, (num_examples, *image_shape), dtype=np.uint8),
-            "label": rng.integers(0, _NUM_CLASSES, num_examples, dtype=np.int32)}
+    return {
+        "image": rng.integers(0, 256, (num_examples, *image_shape), dtype=np.uint8),
+        "label": rng.integers(0, _NUM_CLASSES, num_examples, dtype=np.int32),
+    }
 
 
 def _rates(seconds_per_step: float, batch_size: int, flops: float, peak_gflops: float) -> dict:
     gflops = flops / seconds_per_step / 1e9
-    return {"step_s": seconds_per_step, "images_per_s": batch_size / seconds_per_step,
-            "gflops": gflops, "pct_of_matmul": 100.0 * gflops / peak_gflops}
+    return {
+        "step_s": seconds_per_step,
+        "images_per_s": batch_size / seconds_per_step,
+        "gflops": gflops,
+        "pct_of_matmul": 100.0 * gflops / peak_gflops,
+    }
 
 
-def bench_model(name: str, width: float, *, batch_size: int, steps: int, warmup: int,
-                rounds: int, image_shape: tuple[int, ...], peak_gflops: float,
-                min_ratio: float) -> dict:
+def bench_model(
+    name: str,
+    width: float,
+    *,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    image_shape: tuple[int, ...],
+    peak_gflops: float,
+    min_ratio: float,
+) -> dict:
     """Times the bare jitted step and the epoch loop of one model; returns a result record.
 
     After compiling and warming up both, runs `rounds` rounds, each `steps` bare steps and one
@@ -211,23 +223,28 @@ def bench_model(name: str, width: float, *, batch_size: int, steps: int, warmup:
     if steps < 1 or warmup < 1 or rounds < 1:
         raise ValueError(f"need steps, warmup and rounds >= 1, got {steps}, {warmup}, {rounds}")
     num_devices = jax.local_device_count()
-    model = create_model(name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1],
-                         width)
-    state = create_train_state(model, jax.random.key(0), image_shape,
-                               make_sgd(0.01, momentum=0.9, weight_decay=5e-4))
+    model = create_model(
+        name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1], width
+    )
+    state = create_train_state(
+        model, jax.random.key(0), image_shape, make_sgd(0.01, momentum=0.9, weight_decay=5e-4)
+    )
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     data = _synthetic_data(steps * batch_size, image_shape)
     key = jax.random.key(1)
-    # The loop gets its own copy first: the bare step donates (and so consumes) `state`.
-    state_r, data_r = replicate(state), replicate(data)
+    loss_fn = classification_loss()
 
     # Bare step: one compile (also the source of the FLOP count), then a Python loop on one
     # device-resident batch that syncs only at its end.
-    batch = jax.device_put({"image": data["image"][:batch_size],
-                            "label": data["label"][:batch_size]})
+    batch = jax.device_put(
+        {
+            "image": data["image"][:batch_size],
+            "label": data["label"][:batch_size],
+            "weight": np.ones(batch_size, np.float32),
+        }
+    )
     start = time.perf_counter()
-    compiled = jax.jit(make_train_step(augment=True), donate_argnums=(0,)).lower(
-        state, batch, key).compile()
+    compiled = jax.jit(make_step(loss_fn, axis_name=None)).lower(state, batch, key).compile()
     compile_s = time.perf_counter() - start
     flops, flops_source = _cost_flops(compiled), "XLA cost analysis of the compiled train step"
     if flops <= 0:
@@ -241,68 +258,79 @@ def bench_model(name: str, width: float, *, batch_size: int, steps: int, warmup:
         jax.block_until_ready((state, metrics))
         return state, (time.perf_counter() - start) / count
 
-    state, _ = bare_steps(state, warmup)
+    # Loop: `salun_jax.loop.run` for one epoch of `steps` steps per round (its ahead-of-time
+    # compile is reported apart from its run seconds). The first call warms up the loop's other
+    # pieces; after it, each call must compile exactly once (the step), never inside a step.
+    step = make_step(loss_fn)
+    batches_fn = index_batches(np.arange(steps * batch_size), batch_size)
+    loop_state = state
 
-    # Loop: the real epoch machinery, a warm-up epoch then timed ones. All have `steps` steps,
-    # as all epochs of `fit` have one length: run_epoch's end-of-epoch reduction compiles once
-    # per epoch length, a one-off cost that must not land in a timed epoch.
-    # chex keys its trace counts by call site and source, which are the same for every model.
-    chex.clear_trace_counter()
-    bare_times, loop_times = [], []
-    with _counting_compiles() as counter:
-        p_step = _CheckedStep(parallel_step(chex.assert_max_traces(
-            make_train_step(augment=True, axis_name=AXIS), n=1)), counter)
+    def loop_epoch(state, epoch):
+        with _counting_compiles() as counter:
+            out = loop.run(
+                state, step, data, batches_fn, num_epochs=1, key=key, seed=epoch, progress=False
+            )
+        return out, out.run_seconds / steps, counter.count
 
-        def loop_epoch(state_r, epoch):
-            batches = epoch_batches(np.arange(steps * batch_size), batch_size,
-                                    np.random.default_rng(epoch), num_devices)
-            start = time.perf_counter()
-            state_r, metrics = run_epoch(p_step, state_r, data_r, batches,
-                                         jax.random.fold_in(key, epoch), progress=False)
-            return state_r, metrics, (time.perf_counter() - start) / steps
-
-        state_r, _, warm_s = loop_epoch(state_r, 0)
-        p_step.armed = True
-        finite = True
-        for epoch in range(1, rounds + 1):
-            # Alternate which phase goes first, so a load that grows or fades within a round
-            # does not always favour the same one.
-            for phase in ("bare", "loop") if epoch % 2 else ("loop", "bare"):
-                if phase == "bare":
-                    state, seconds = bare_steps(state, steps)
-                    bare_times.append(seconds)
-                else:
-                    state_r, metrics, seconds = loop_epoch(state_r, epoch)
-                    loop_times.append(seconds)
-                    finite = finite and metrics["finite"]
+    out, warm_s, _ = loop_epoch(loop_state, 0)
+    loop_state = out.state
+    state, _ = bare_steps(jax.tree.map(jnp.copy, state), warmup)
+    bare_times, loop_times, extra_compiles, finite = [], [], 0, True
+    for epoch in range(1, rounds + 1):
+        # Alternate which phase goes first, so a load that grows or fades within a round
+        # does not always favour the same one.
+        for phase in ("bare", "loop") if epoch % 2 else ("loop", "bare"):
+            if phase == "bare":
+                state, seconds = bare_steps(state, steps)
+                bare_times.append(seconds)
+            else:
+                out, seconds, compiles = loop_epoch(loop_state, epoch)
+                loop_state = out.state
+                loop_times.append(seconds)
+                extra_compiles += compiles - 1
+                finite = finite and bool(np.isfinite(out.history[-1]["loss"]))
     # Each round's bare and loop phases ran side by side in time, so their ratio cancels slow
     # changes in the machine's load; the median over rounds drops a round one phase of which
     # was hit by a burst. Times per phase: the median round (the fastest is in the JSON).
     bare_s, loop_s = statistics.median(bare_times), statistics.median(loop_times)
     ratio = statistics.median(b / t for b, t in zip(bare_times, loop_times, strict=True))
-    passed = ratio >= min_ratio and p_step.compiles == 0 and finite
+    passed = ratio >= min_ratio and extra_compiles == 0 and finite
     return {
-        "model": name, "width": width, "params": num_params, "batch_size": batch_size,
-        "image_shape": list(image_shape), "devices": num_devices, "steps": steps,
-        "warmup": warmup, "rounds": rounds, "flops_per_step": flops,
-        "flops_source": flops_source, "bare_compile_s": compile_s,
+        "model": name,
+        "width": width,
+        "params": num_params,
+        "batch_size": batch_size,
+        "image_shape": list(image_shape),
+        "devices": num_devices,
+        "steps": steps,
+        "warmup": warmup,
+        "rounds": rounds,
+        "flops_per_step": flops,
+        "flops_source": flops_source,
+        "bare_compile_s": compile_s,
         "loop_warmup_epoch_s": warm_s * steps,
         "bare": _rates(bare_s, batch_size, flops, peak_gflops),
         "loop": _rates(loop_s, batch_size, flops, peak_gflops),
-        "bare_step_s_per_round": bare_times, "loop_step_s_per_round": loop_times,
+        "bare_step_s_per_round": bare_times,
+        "loop_step_s_per_round": loop_times,
         "bare_fastest": _rates(min(bare_times), batch_size, flops, peak_gflops),
         "loop_fastest": _rates(min(loop_times), batch_size, flops, peak_gflops),
         "loop_over_bare": ratio,
-        "loop_compiles_after_warmup": p_step.compiles, "loop_loss": metrics["loss"],
-        "finite": bool(finite), "passed": bool(passed),
+        "loop_compiles_after_warmup": extra_compiles,
+        "loop_loss": out.history[-1]["loss"],
+        "finite": bool(finite),
+        "passed": bool(passed),
     }
 
 
 # 5. Output.
 
+
 def format_table(results: list[dict]) -> str:
-    header = (f"{'model':<16}{'params':>10} {'phase':<6}{'step s':>9}{'img/s':>9}"
-              f"{'GFLOP/s':>9}{'% mm':>7}{'loop/bare':>10}  check")
+    header = (
+        f"{'model':<16}{'params':>10} {'phase':<6}{'step s':>9}{'img/s':>9}"
+        f"{'GFLOP/s':>9}{'% mm':>7}{'loop/bare':>10}  check"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         label = f"{r['model']} x{r['width']:g}"
@@ -310,12 +338,16 @@ def format_table(results: list[dict]) -> str:
             p = r[phase]
             tail = ""
             if phase == "loop":
-                tail = (f"{r['loop_over_bare']:>10.3f}  {'PASS' if r['passed'] else 'FAIL'}"
-                        f" (compiles {r['loop_compiles_after_warmup']})")
-            lines.append(f"{label if phase == 'bare' else '':<16}"
-                         f"{r['params'] if phase == 'bare' else '':>10} {phase:<6}"
-                         f"{p['step_s']:>9.4g}{p['images_per_s']:>9.1f}{p['gflops']:>9.2f}"
-                         f"{p['pct_of_matmul']:>7.1f}{tail}")
+                tail = (
+                    f"{r['loop_over_bare']:>10.3f}  {'PASS' if r['passed'] else 'FAIL'}"
+                    f" (compiles {r['loop_compiles_after_warmup']})"
+                )
+            lines.append(
+                f"{label if phase == 'bare' else '':<16}"
+                f"{r['params'] if phase == 'bare' else '':>10} {phase:<6}"
+                f"{p['step_s']:>9.4g}{p['images_per_s']:>9.1f}{p['gflops']:>9.2f}"
+                f"{p['pct_of_matmul']:>7.1f}{tail}"
+            )
     return "\n".join(lines)
 
 
@@ -340,31 +372,55 @@ def run_benchmark() -> dict:
 
     reference = matmul_gflops(_MATMUL_SIZE.value, _MATMUL_REPEATS.value, _NUMPY_REFERENCE.value)
     peak = reference["jax_matmul_gflops"]
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-          f"{jax.local_device_count()} device(s): {jax.devices()[0].device_kind}")
-    print(f"reference f32 matmul {reference['matmul_size']}^2: jnp {peak:.1f} GFLOP/s"
-          + (f", numpy {reference['numpy_matmul_gflops']:.1f} GFLOP/s"
-             if "numpy_matmul_gflops" in reference else ""))
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{jax.local_device_count()} device(s): {jax.devices()[0].device_kind}"
+    )
+    print(
+        f"reference f32 matmul {reference['matmul_size']}^2: jnp {peak:.1f} GFLOP/s"
+        + (
+            f", numpy {reference['numpy_matmul_gflops']:.1f} GFLOP/s"
+            if "numpy_matmul_gflops" in reference
+            else ""
+        )
+    )
     sys.stdout.flush()
     results = []
     for name, width, num_steps in zip(models, widths, steps, strict=True):
-        record = bench_model(name, width, batch_size=_BATCH_SIZE.value, steps=num_steps,
-                             warmup=_WARMUP.value, rounds=_ROUNDS.value,
-                             image_shape=image_shape, peak_gflops=peak,
-                             min_ratio=_MIN_RATIO.value)
+        record = bench_model(
+            name,
+            width,
+            batch_size=_BATCH_SIZE.value,
+            steps=num_steps,
+            warmup=_WARMUP.value,
+            rounds=_ROUNDS.value,
+            image_shape=image_shape,
+            peak_gflops=peak,
+            min_ratio=_MIN_RATIO.value,
+        )
         results.append(record)
-        print(f"{name} x{width:g}: {record['flops_per_step'] / 1e9:.3g} GFLOP/step "
-              f"({record['flops_source']}); bare compile {record['bare_compile_s']:.1f} s, "
-              f"loop warm-up epoch {record['loop_warmup_epoch_s']:.1f} s", flush=True)
+        print(
+            f"{name} x{width:g}: {record['flops_per_step'] / 1e9:.3g} GFLOP/step "
+            f"({record['flops_source']}); bare compile {record['bare_compile_s']:.1f} s, "
+            f"loop warm-up epoch {record['loop_warmup_epoch_s']:.1f} s",
+            flush=True,
+        )
     print()
-    print(f"batch {_BATCH_SIZE.value}, images {'x'.join(map(str, image_shape))}; "
-          f"% mm = achieved GFLOP/s as % of the jnp matmul; loop passes at loop/bare >= "
-          f"{_MIN_RATIO.value:g} with no compilation after the warm-up epoch")
+    print(
+        f"batch {_BATCH_SIZE.value}, images {'x'.join(map(str, image_shape))}; "
+        f"% mm = achieved GFLOP/s as % of the jnp matmul; loop passes at loop/bare >= "
+        f"{_MIN_RATIO.value:g} with no compilation after the warm-up epoch"
+    )
     print(format_table(results))
-    output = {"jax_version": jax.__version__, "backend": jax.default_backend(),
-              "devices": jax.local_device_count(), "reference": reference,
-              "min_ratio": _MIN_RATIO.value, "results": results,
-              "passed": all(r["passed"] for r in results)}
+    output = {
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": jax.local_device_count(),
+        "reference": reference,
+        "min_ratio": _MIN_RATIO.value,
+        "results": results,
+        "passed": all(r["passed"] for r in results),
+    }
     if _JSON_OUT.value:
         directory = os.path.dirname(os.path.abspath(_JSON_OUT.value))
         os.makedirs(directory, exist_ok=True)

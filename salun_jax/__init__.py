@@ -1,11 +1,22 @@
 """salun_jax: SalUn (gradient-based weight saliency for machine unlearning) in JAX/Flax.
 
-Stable API: data loading and splits, models, the training step and loop, saliency masks, the
-mask-aware optimizers, the unlearning methods and their evaluation. See README.md.
+The paper's pipeline, one call a step (see README.md):
+
+    data = load_dataset("digits")
+    split = make_split(data.train_labels, data.test_labels, forget_fraction=0.1)
+    model = create_model("small_cnn", data.num_classes, data.mean, data.std)
+    original = train_classifier(data.train_images, data.train_labels, split.train, model,
+                                TrainConfig(model="small_cnn", epochs=20, batch_size=64)).state
+    task = UnlearnTask(model, data.train_images, data.train_labels, split, data.num_classes)
+    mask = salun_mask(original, task, fraction=0.5)
+    unlearned = unlearn("SalUn", original, task, UnlearnConfig(epochs=5), mask=mask).state
+    metrics = evaluate(unlearned, task, data.test_images, data.test_labels)
 """
 
 from salun_jax.data import load_dataset
 from salun_jax.data.splits import Split, load_split, make_split, save_split
+from salun_jax.evaluation.classification import evaluate
+from salun_jax.loop import RunOutput, TrainingDivergedError, run
 from salun_jax.models import create_model
 from salun_jax.optim import make_adam, make_sgd, multistep_schedule, saliency_masked
 from salun_jax.saliency import (
@@ -14,16 +25,38 @@ from salun_jax.saliency import (
     mask_from_scores,
     mask_stats,
     mask_sweep,
+    salun_mask,
     save_mask,
 )
-from salun_jax.train import TrainConfig, TrainState, fit, make_train_step, train_classifier
+from salun_jax.step import TrainState, create_train_state, make_step
+from salun_jax.train import TrainConfig, train_classifier
+from salun_jax.unlearn import (
+    DiffusionTask,
+    DiffusionUnlearnConfig,
+    UnlearnConfig,
+    UnlearnOutput,
+    UnlearnTask,
+    get_method,
+    unlearn,
+)
+from salun_jax.version import __version__
 
 __all__ = [
+    "__version__",
+    "DiffusionTask",
+    "DiffusionUnlearnConfig",
+    "RunOutput",
     "Split",
     "TrainConfig",
     "TrainState",
+    "TrainingDivergedError",
+    "UnlearnConfig",
+    "UnlearnOutput",
+    "UnlearnTask",
     "create_model",
-    "fit",
+    "create_train_state",
+    "evaluate",
+    "get_method",
     "gradient_saliency",
     "load_dataset",
     "load_mask",
@@ -31,14 +64,16 @@ __all__ = [
     "make_adam",
     "make_sgd",
     "make_split",
-    "make_train_step",
+    "make_step",
     "mask_from_scores",
     "mask_stats",
     "mask_sweep",
     "multistep_schedule",
+    "run",
     "saliency_masked",
+    "salun_mask",
     "save_mask",
     "save_split",
     "train_classifier",
+    "unlearn",
 ]
-__version__ = "0.1.0"

@@ -1,20 +1,47 @@
 """Every orbax call lives here: save a train state each epoch, restore the newest good one.
 
+Each saved step gets a `checksums.json` of its files' SHA-256, verified before a restore: orbax
+restores overwritten bytes silently. A step that fails to verify or to restore is moved aside to
+`<directory>.corrupt/` (kept for inspection, out of the manager's way) and the previous one is
+tried, so a rerun never trips over a bad step again.
+
 Restoring always goes against `jax.eval_shape` of a template state: without an abstract target,
-orbax turns NamedTuple optimizer states into lists (environment.md).
+orbax turns NamedTuple optimizer states into lists (seen with orbax-checkpoint 0.12.8).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+import time
 import warnings
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-PyTree = Any
+from salun_jax.types import PyTree
+
+CHECKSUMS = "checksums.json"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's files do not match the checksums written when it was saved."""
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+    digests = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, step_dir)
+            if relative.startswith(CHECKSUMS):
+                continue
+            with open(path, "rb") as f:
+                digests[relative] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
 
 
 class Checkpointer:
@@ -22,24 +49,65 @@ class Checkpointer:
 
     def __init__(self, directory: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "meta"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def _step_dir(self, epoch: int) -> str:
+        return os.path.join(self.directory, str(epoch))
 
     def save(self, epoch: int, state: PyTree, meta: dict | None = None) -> None:
-        """Writes `state` (and JSON-able `meta`) as checkpoint `epoch`, synchronously."""
+        """Writes `state` (and JSON-able `meta`) as checkpoint `epoch`, synchronously, then its
+        checksums (a step without them is one a kill interrupted: it is not trusted)."""
         state = jax.device_get(state)
-        self._manager.save(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})), force=True)
+        self._manager.save(
+            epoch,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})
+            ),
+            force=True,
+        )
         self._manager.wait_until_finished()
+        step_dir = self._step_dir(epoch)
+        digests = _file_digests(step_dir)
+        tmp = os.path.join(step_dir, f"{CHECKSUMS}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(digests, f, sort_keys=True)
+        os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
 
     def all_epochs(self) -> list[int]:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
+    def verify(self, epoch: int) -> None:
+        """Raises CorruptCheckpointError unless the step's files match its checksums."""
+        step_dir = self._step_dir(epoch)
+        path = os.path.join(step_dir, CHECKSUMS)
+        if not os.path.exists(path):
+            raise CorruptCheckpointError(f"{step_dir} has no {CHECKSUMS} (an interrupted save)")
+        with open(path) as f:
+            expected = json.load(f)
+        actual = _file_digests(step_dir)
+        bad = sorted(
+            name for name in set(expected) | set(actual) if expected.get(name) != actual.get(name)
+        )
+        if bad:
+            raise CorruptCheckpointError(f"{step_dir}: {bad[0]} does not match its checksum")
+
+    def _move_aside(self, epoch: int) -> str:
+        target_dir = f"{self.directory}.corrupt"
+        os.makedirs(target_dir, exist_ok=True)
+        target = os.path.join(target_dir, f"{epoch}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(self._step_dir(epoch), target)
+        self._manager.reload()
+        return target
+
     def restore_latest(self, template: PyTree) -> tuple[PyTree, dict, int] | None:
-        """Restores the newest checkpoint that reads back; falls back to older ones with a warning.
+        """Restores the newest checkpoint that verifies and reads back; a bad one is moved aside
+        (with a warning naming where) and the previous one is tried.
 
         Args:
           template: a state with the right structure (values unused; only its shapes/dtypes).
@@ -50,12 +118,20 @@ class Checkpointer:
         abstract = jax.eval_shape(lambda: template)
         for epoch in reversed(self.all_epochs()):
             try:
-                restored = self._manager.restore(epoch, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                self.verify(epoch)
+                restored = self._manager.restore(
+                    epoch,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
             except Exception as error:  # noqa: BLE001 - any read failure means "try the previous"
-                message = (f"checkpoint {epoch} in {self.directory} could not be restored "
-                           f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                           "falling back to the previous one")
+                target = self._move_aside(epoch)
+                message = (
+                    f"checkpoint {epoch} in {self.directory} could not be restored "
+                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); moved to "
+                    f"{target}; falling back to the previous one"
+                )
                 warnings.warn(message, stacklevel=2)
                 logging.warning(message)
                 continue

@@ -1,20 +1,23 @@
 """Optimizers: SGD as in PyTorch (coupled weight decay), multi-step LR by epoch, and the
 element-wise saliency-mask optax transform.
 
-References: reference-salun.md §2.3 (unlearning optimizer; mask application; PR #33), §9.1.
+References: upstream `Classification/unlearn/impl.py` (optimizer), `generate_mask.py` and PR #33
+(mask application), issue #32.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from salun_jax.saliency import check_mask
+from salun_jax.types import PyTree
+
 MASK_MODES = ("hard", "paper")
 
 
@@ -26,8 +29,9 @@ def _is_whole_leaf(leaf) -> bool:
     return isinstance(leaf, bool | jnp.bool_) or (hasattr(leaf, "shape") and leaf.shape == ())
 
 
-def saliency_masked(inner: optax.GradientTransformation, mask: PyTree,
-                    mode: str = "hard") -> optax.GradientTransformation:
+def saliency_masked(
+    inner: optax.GradientTransformation, mask: PyTree, mode: str = "hard"
+) -> optax.GradientTransformation:
     """Restricts `inner` to the coordinates where an element-wise 0/1 `mask` is 1.
 
     Same shape of API as `optax.masked(inner, mask)`, but the mask acts per element and masked-out
@@ -39,7 +43,7 @@ def saliency_masked(inner: optax.GradientTransformation, mask: PyTree,
         inside `inner` (the upstream fix, PR #33).
       - "paper": the mask multiplies only the incoming gradient, before `inner`; weight decay and
         momentum inside `inner` still move the non-salient weights, as in the code behind the
-        paper's tables (reference-salun.md §9.1).
+        paper's tables (upstream issue #32).
 
     A mask leaf may also be a Python bool (whole leaf: True trains, False freezes); such leaves are
     handled with `optax.freeze`, so frozen leaves cost no element-wise multiply.
@@ -77,6 +81,9 @@ def saliency_masked(inner: optax.GradientTransformation, mask: PyTree,
         return jax.tree.map(leaf, mask, tree)
 
     def init_fn(params):
+        # The first use checks the mask against the params: structure, shapes and a 0/1 dtype
+        # (a leaf of shape (C,) would broadcast over a kernel, a score tree would move all).
+        check_mask(mask, params)
         return SaliencyMaskState(inner.init(params))
 
     def update_fn(updates, state, params=None):
@@ -88,8 +95,9 @@ def saliency_masked(inner: optax.GradientTransformation, mask: PyTree,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def multistep_schedule(learning_rate: float, milestones: Sequence[int], gamma: float,
-                       steps_per_epoch: int) -> optax.Schedule:
+def multistep_schedule(
+    learning_rate: float, milestones: Sequence[int], gamma: float, steps_per_epoch: int
+) -> optax.Schedule:
     """PyTorch MultiStepLR stepped once per epoch: lr * gamma^(number of milestones <= epoch)."""
     # Repeated milestones decay repeatedly (PyTorch counts them); milestone 0 decays from the start.
     counts = collections.Counter(int(m) for m in milestones)
@@ -97,25 +105,37 @@ def multistep_schedule(learning_rate: float, milestones: Sequence[int], gamma: f
     return optax.piecewise_constant_schedule(learning_rate, boundaries)
 
 
-def make_sgd(learning_rate: float | optax.Schedule, momentum: float = 0.9,
-             weight_decay: float = 5e-4, mask: PyTree | None = None,
-             mask_mode: str = "hard") -> optax.GradientTransformation:
+def make_sgd(
+    learning_rate: float | optax.Schedule,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    mask: PyTree | None = None,
+    mask_mode: str = "hard",
+) -> optax.GradientTransformation:
     """PyTorch-equivalent SGD: d = g + wd * p; buf = m * buf + d; p -= lr * buf.
 
     The order in the chain is the semantics: weight decay is added to the gradient before momentum
     (coupled, as torch.optim.SGD), and the mask (if any) wraps the whole chain (see
     `saliency_masked` for where it multiplies).
     """
-    tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(learning_rate, momentum=momentum or None))
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum or None)
+    )
     return tx if mask is None else saliency_masked(tx, mask, mask_mode)
 
 
-def make_adam(learning_rate: float, clip_norm: float | None = 1.0, mask: PyTree | None = None,
-              mask_mode: str = "hard", b1: float = 0.9, b2: float = 0.999,
-              eps: float = 1e-8) -> optax.GradientTransformation:
+def make_adam(
+    learning_rate: float,
+    clip_norm: float | None = 1.0,
+    mask: PyTree | None = None,
+    mask_mode: str = "hard",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
     """Adam with global-norm clipping first, then (optional) the mask: "clip, then mask" upstream
-    (reference-salun.md §6.4), so the clipping norm includes masked-out coordinates."""
+    (upstream `DDPM/runners/diffusion.py::saliency_unlearn`), so the clipping norm includes
+    masked-out coordinates."""
     adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
     if mask is not None:
         adam = saliency_masked(adam, mask, mask_mode)

@@ -10,7 +10,7 @@ All metrics in percent, as in the paper; `run_time_s` is the unlearning wall-clo
 
 References:
   SalUn (Fan et al., ICLR 2024), Table 1 (format: mean ± std (gap to Retrain), Avg. Gap, RTE);
-  reference-salun.md Sec. 4.3 and Sec. 8.1.
+  SalUn Table 1.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def read_results(path: str | os.PathLike) -> Any:
 
 def summarize(
     runs: Sequence[Mapping[str, Any]],
-    reference_method: str | None = "retrain",
+    reference_method: str | None = "Retrain",
     keys: Sequence[str] = TABLE_KEYS,
 ) -> dict[str, dict[str, Any]]:
     """Mean and std over seeds per method, plus gaps to the reference method's means.
@@ -190,17 +190,43 @@ def summarize(
     return summary
 
 
-def _fmt(x: float, precision: int) -> str:
+def code_versions_note(runs: Sequence[Mapping[str, Any]]) -> str:
+    """ "" when every run (and the model it started from) was made by one code version; else a
+    line naming the versions, so a table that mixes code says so."""
+    versions = set()
+    for run in runs:
+        versions.add(run.get("code", "unknown (older salun_jax)"))
+        if run.get("model_code"):
+            versions.update(str(run["model_code"]).split(" then "))
+    if len(versions) <= 1:
+        return ""
+    return (
+        f"Note: these rows come from {len(versions)} code versions "
+        f"({', '.join(sorted(versions))}); rerun in a new work directory for one.\n\n"
+    )
+
+
+def format_number(x: float | None, precision: int = 2) -> str:
+    """`x` with `precision` decimals; "n/a" for None, NaN or inf; never "-0.00"."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
     text = f"{x:.{precision}f}"
-    if float(text) == 0.0:  # no "-0.00"
+    if float(text) == 0.0:
         text = f"{0.0:.{precision}f}"
     return text
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of string cells, one line per row, ending in a newline."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(
     summary: Mapping[str, Mapping[str, Any]],
     keys: Sequence[str] = TABLE_KEYS,
-    reference_method: str | None = "retrain",
+    reference_method: str | None = "Retrain",
     *,
     precision: int = 2,
     time_unit: str = "s",
@@ -252,8 +278,7 @@ def markdown_table(
     if reference_method is not None:
         header.append("Avg. Gap")
     header.append(f"RTE ({time_unit})")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
+    rows = []
     for method in order:
         entry = summary[method]
         mean, std = entry["mean"], entry["std"]
@@ -262,19 +287,17 @@ def markdown_table(
         if reference_method is not None:
             per_key = gaps(mean, reference_mean, keys)
         for k in keys:
-            cell = f"{_fmt(mean[k], precision)}±{_fmt(std[k], precision)}"
+            cell = f"{format_number(mean[k], precision)}±{format_number(std[k], precision)}"
             if per_key is not None and method != reference_method:
-                cell += f" ({_fmt(per_key[k], precision)})"
+                cell += f" ({format_number(per_key[k], precision)})"
             cells.append(cell)
         if per_key is not None:
-            cells.append(_fmt(float(np.mean(list(per_key.values()))), precision))
+            cells.append(format_number(float(np.mean(list(per_key.values()))), precision))
         run_time = mean.get(RUN_TIME_KEY)
-        if run_time is None or not math.isfinite(run_time):
-            cells.append("n/a")
-        else:
-            cells.append(_fmt(run_time / (60.0 if time_unit == "min" else 1.0), precision))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        scale = 60.0 if time_unit == "min" else 1.0
+        cells.append(format_number(None if run_time is None else run_time / scale, precision))
+        rows.append(cells)
+    return markdown(header, rows)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,14 +4,16 @@ A mask is a pytree with exactly the params' structure; each leaf is a 0/1 (bool)
 param's shape. One implementation serves classification and diffusion.
 
 References: Fan et al. 2024 (SalUn), Eq. 3: m_S = 1(|grad l_f(theta; D_f)| at theta_o >= gamma);
-reference-salun.md §3 (classification, HEAD semantics) and §6.3 (DDPM: per-batch clipping).
+upstream `Classification/generate_mask.py` (HEAD) and `DDPM/runners/diffusion.py::generate_mask`
+(per-batch clipping).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -19,11 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from salun_jax.data.augment import random_crop_flip, to_float
-from salun_jax.train import weighted_mean
-
-PyTree = Any
-BatchLossFn = Callable[[PyTree, dict, jax.Array], jax.Array]
+from salun_jax.data.batches import gather_batches
+from salun_jax.losses import BatchLossFn, classification_forget_loss
+from salun_jax.types import PyTree
 
 
 class MaskMismatchError(ValueError):
@@ -33,29 +33,63 @@ class MaskMismatchError(ValueError):
 def leaf_names(tree: PyTree) -> list[str]:
     """'/'-joined key paths of the leaves, in `jax.tree.leaves` order."""
     paths, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-            for path, _ in paths]
+    return [
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in paths
+    ]
 
 
-def check_same_structure(tree: PyTree, params: PyTree, what: str = "mask") -> None:
-    """Raises MaskMismatchError naming the first leaf path where `tree` and `params` differ."""
+def check_same_structure(
+    tree: PyTree, params: PyTree, what: str = "mask", whole_leaf_ok: bool = False
+) -> None:
+    """Raises MaskMismatchError naming the first leaf path where `tree` and `params` differ
+    (with `whole_leaf_ok`, a Python bool leaf stands for a whole param of any shape)."""
     tree_names, params_names = leaf_names(tree), leaf_names(params)
     tree_leaves, params_leaves = jax.tree.leaves(tree), jax.tree.leaves(params)
     tree_shapes = dict(zip(tree_names, (np.shape(x) for x in tree_leaves), strict=True))
+    whole = {n for n, x in zip(tree_names, tree_leaves, strict=True) if isinstance(x, bool)}
     for name, leaf in zip(params_names, params_leaves, strict=True):
         if name not in tree_shapes:
             raise MaskMismatchError(f"{what} has no leaf {name!r} that the params have")
+        if whole_leaf_ok and name in whole:
+            continue
         if tree_shapes[name] != np.shape(leaf):
-            raise MaskMismatchError(f"{what} leaf {name!r} has shape {tree_shapes[name]}, the "
-                                    f"params' has {np.shape(leaf)}")
+            raise MaskMismatchError(
+                f"{what} leaf {name!r} has shape {tree_shapes[name]}, the "
+                f"params' has {np.shape(leaf)}"
+            )
     known = set(params_names)
     extra = next((name for name in tree_names if name not in known), None)
     if extra is not None:
         raise MaskMismatchError(f"{what} has leaf {extra!r} that the params do not have")
 
 
-def accumulate_gradients(batch_loss_fn: BatchLossFn, params: PyTree, batches: dict,
-                         rng: jax.Array, clip_norm: float | None = None) -> PyTree:
+def check_mask(mask: PyTree, params: PyTree, what: str = "mask") -> None:
+    """Raises MaskMismatchError unless `mask` fits `params` as a 0/1 mask: the same structure,
+    each leaf of its param's shape (or a Python bool for a whole leaf), of a bool or integer
+    dtype, with only 0 and 1 where its values are known (a score tree is not a mask)."""
+    check_same_structure(mask, params, what, whole_leaf_ok=True)
+    for name, leaf in zip(leaf_names(mask), jax.tree.leaves(mask), strict=True):
+        if isinstance(leaf, bool):
+            continue
+        dtype = np.asarray(leaf).dtype if not isinstance(leaf, jax.core.Tracer) else leaf.dtype
+        if not (np.issubdtype(dtype, np.bool_) or np.issubdtype(dtype, np.integer)):
+            raise MaskMismatchError(
+                f"{what} leaf {name!r} is {dtype}, not a 0/1 mask (bool or int); make one "
+                "with mask_from_scores(scores, fraction)"
+            )
+        if np.issubdtype(dtype, np.integer) and not isinstance(leaf, jax.core.Tracer):
+            values = np.unique(np.asarray(leaf))
+            if not set(values.tolist()) <= {0, 1}:
+                raise MaskMismatchError(f"{what} leaf {name!r} holds values other than 0 and 1")
+
+
+def accumulate_gradients(
+    batch_loss_fn: BatchLossFn,
+    params: PyTree,
+    batches: dict,
+    rng: jax.Array,
+    clip_norm: float | None = None,
+) -> PyTree:
     """Sum over batches of grad(batch loss) (signed); see `gradient_saliency` for the arguments.
 
     One jitted step per batch adds into a donated accumulator; the Python loop only dispatches
@@ -68,13 +102,19 @@ def accumulate_gradients(batch_loss_fn: BatchLossFn, params: PyTree, batches: di
     num_batches = jax.tree.leaves(batches)[0].shape[0]
     for index in range(num_batches):
         batch = jax.tree.map(lambda x, i=index: x[i], batches)
-        total = _accumulate_step(batch_loss_fn, clip_norm, total, params, batch,
-                                 jax.random.fold_in(rng, index))
+        total = _accumulate_step(
+            batch_loss_fn, clip_norm, total, params, batch, jax.random.fold_in(rng, index)
+        )
     return total
 
 
-def gradient_saliency(batch_loss_fn: BatchLossFn, params: PyTree, batches: dict, rng: jax.Array,
-                      clip_norm: float | None = None) -> PyTree:
+def gradient_saliency(
+    batch_loss_fn: BatchLossFn,
+    params: PyTree,
+    batches: dict,
+    rng: jax.Array,
+    clip_norm: float | None = None,
+) -> PyTree:
     """|sum over batches of grad(batch loss)| per weight.
 
     Args:
@@ -85,13 +125,14 @@ def gradient_saliency(batch_loss_fn: BatchLossFn, params: PyTree, batches: dict,
       batches: a dict of arrays with a leading [num_batches, ...] axis.
       rng: key; batch i uses fold_in(rng, i).
       clip_norm: clip each batch's gradient to this global norm before accumulating (the DDPM
-        mask does this upstream, reference-salun.md §6.3); None for classification.
+        mask does this upstream, `generate_mask` of the DDPM runner); None for classification.
 
     Returns:
       A scores pytree with the params' structure (float32, >= 0).
     """
-    return jax.tree.map(jnp.abs, accumulate_gradients(batch_loss_fn, params, batches, rng,
-                                                      clip_norm))
+    return jax.tree.map(
+        jnp.abs, accumulate_gradients(batch_loss_fn, params, batches, rng, clip_norm)
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
@@ -103,23 +144,28 @@ def _accumulate_step(batch_loss_fn, clip_norm, total, params, batch, rng):
     return jax.tree.map(jnp.add, total, grads)
 
 
-def classification_forget_loss(apply_fn: Callable, batch_stats: PyTree, augment: bool = True,
-                               crop_padding: int = 4, flip: bool = True) -> BatchLossFn:
-    """The upstream mask loss: -CE (batch mean over valid examples), BN in inference mode, forget
-    images with the train augmentation on (reference-salun.md §3).
+def classification_scores(
+    state,
+    images: np.ndarray,
+    labels: np.ndarray,
+    forget_indices: np.ndarray,
+    *,
+    batch_size: int = 256,
+    crop_padding: int = 4,
+    flip: bool = True,
+    seed: int = 0,
+) -> PyTree:
+    """Saliency scores of a classifier: |sum over shuffled D_f batches of grad(-CE)| at `state`
+    (BatchNorm in inference mode, train augmentation on; upstream `generate_mask.py`).
 
-    The batch holds `image` uint8, `label` int32 and `weight` (0 for padding), so a final partial
-    batch weighs each of its samples by 1/n_valid, as upstream's sum of per-batch means.
+    Batches: `images[forget_indices]` shuffled by `np.random.default_rng(seed)`, the last one
+    padded; batch i's augmentation uses fold_in(key(seed), i).
     """
-
-    def loss_fn(params, batch, rng):
-        images = (random_crop_flip(rng, batch["image"], crop_padding, flip) if augment
-                  else to_float(batch["image"]))
-        logits = apply_fn({"params": params, "batch_stats": batch_stats}, images, train=False)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return -weighted_mean(ce, batch["weight"])
-
-    return loss_fn
+    loss_fn = classification_forget_loss(state.apply_fn, state.batch_stats, crop_padding, flip)
+    batches = gather_batches(
+        {"image": images, "label": labels}, forget_indices, batch_size, np.random.default_rng(seed)
+    )
+    return gradient_saliency(loss_fn, state.params, batches, jax.random.key(seed))
 
 
 def _check_fraction(fraction: float) -> None:
@@ -145,7 +191,7 @@ def _mask_from_ranks(ranks, leaves, treedef, fraction):
     out, offset = [], 0
     for leaf in leaves:
         size = int(np.size(leaf))
-        out.append(keep[offset:offset + size].reshape(np.shape(leaf)))
+        out.append(keep[offset : offset + size].reshape(np.shape(leaf)))
         offset += size
     return jax.tree.unflatten(treedef, out)
 
@@ -171,8 +217,9 @@ def mask_from_scores(scores: PyTree, fraction: float) -> PyTree:
     return _mask_from_ranks(*_ranks(scores), fraction)
 
 
-def mask_sweep(scores: PyTree, fractions: Sequence[float] = tuple(np.arange(1, 11) / 10)
-               ) -> dict[float, PyTree]:
+def mask_sweep(
+    scores: PyTree, fractions: Sequence[float] = tuple(np.arange(1, 11) / 10)
+) -> dict[float, PyTree]:
     """Masks for several fractions from one ranking of the scores (upstream: 0.1 ... 1.0)."""
     for fraction in fractions:
         _check_fraction(fraction)
@@ -185,14 +232,20 @@ def mask_stats(mask: PyTree) -> dict[str, Any]:
     names, leaves = leaf_names(mask), jax.tree.leaves(mask)
     ones = [int(np.count_nonzero(x)) for x in leaves]
     sizes = [int(np.size(x)) for x in leaves]
-    return {"ones": sum(ones), "size": sum(sizes), "fraction": sum(ones) / max(sum(sizes), 1),
-            "per_leaf": {n: o / s for n, o, s in zip(names, ones, sizes, strict=True)}}
+    return {
+        "ones": sum(ones),
+        "size": sum(sizes),
+        "fraction": sum(ones) / max(sum(sizes), 1),
+        "per_leaf": {n: o / s for n, o, s in zip(names, ones, sizes, strict=True)},
+    }
 
 
 def save_mask(path: str, mask: PyTree) -> None:
     """Writes a mask as .npz keyed by leaf path (atomically)."""
-    arrays = {name: np.asarray(x, bool) for name, x in zip(leaf_names(mask), jax.tree.leaves(mask),
-                                                             strict=True)}
+    arrays = {
+        name: np.asarray(x, bool)
+        for name, x in zip(leaf_names(mask), jax.tree.leaves(mask), strict=True)
+    }
     tmp = f"{path}.tmp.npz"
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
@@ -203,20 +256,46 @@ def load_mask(path: str, params: PyTree) -> PyTree:
 
     Raises:
       FileNotFoundError: no file.
-      MaskMismatchError: a leaf is missing, extra or of another shape (the message names it).
+      MaskMismatchError: an unreadable file, or a leaf missing, extra, of another shape or not
+        0/1 (the message names it).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no mask file at {path}")
-    with np.load(path) as f:
-        stored = {name: f[name] for name in f.files}
-    names, treedef = leaf_names(params), jax.tree.structure(params)
-    for name, leaf in zip(names, jax.tree.leaves(params), strict=True):
-        if name not in stored:
-            raise MaskMismatchError(f"mask {path} has no leaf {name!r} that the params have")
-        if stored[name].shape != np.shape(leaf):
-            raise MaskMismatchError(f"mask {path} leaf {name!r} has shape {stored[name].shape}, "
-                                    f"the params' has {np.shape(leaf)}")
-    extra = sorted(set(stored) - set(names))
-    if extra:
-        raise MaskMismatchError(f"mask {path} has leaf {extra[0]!r} that the params do not have")
-    return jax.tree.unflatten(treedef, [stored[name] for name in names])
+    try:
+        with open(path, "rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ValueError("not an .npz archive of named leaves")
+            with loaded:
+                stored = {name: loaded[name] for name in loaded.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise MaskMismatchError(f"mask {path} is not a readable mask file ({error})") from error
+    names = leaf_names(params)
+    # A flat {path: array} dict has the leaf names of `params` (its keys) if it fits them.
+    check_mask(stored, params, what=f"mask {path}")
+    return jax.tree.unflatten(jax.tree.structure(params), [stored[name] for name in names])
+
+
+def salun_mask(
+    state,
+    task,
+    fraction: float = 0.5,
+    *,
+    batch_size: int = 256,
+    crop_padding: int = 4,
+    flip: bool = True,
+    seed: int = 0,
+) -> PyTree:
+    """SalUn's 0/1 mask of a classifier: the top `fraction` of `classification_scores` at the
+    original `state` over the task's forget set (`task`: images, labels, forget)."""
+    scores = classification_scores(
+        state,
+        task.images,
+        task.labels,
+        task.forget,
+        batch_size=batch_size,
+        crop_padding=crop_padding,
+        flip=flip,
+        seed=seed,
+    )
+    return mask_from_scores(scores, fraction)

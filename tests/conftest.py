@@ -21,3 +21,42 @@ def digits():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def experiment(tmp_path_factory):
+    """run(script, config, workdir, *overrides, wait=True) -> CompletedProcess (or the Popen when
+    wait=False): an experiment script in a subprocess on CPU. The subprocesses share one JAX
+    persistent compilation cache, so later runs of the same programs skip compilation."""
+    import subprocess
+    import sys
+
+    cache = tmp_path_factory.mktemp("jax_cache")
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": REPO,
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    env.pop("XLA_FLAGS", None)  # one device: forced host devices can deadlock all-reduces
+
+    def run(script, config, workdir, *overrides, wait=True, timeout=600):
+        cmd = [
+            sys.executable,
+            os.path.join(REPO, "experiments", script),
+            "--config",
+            os.path.join(REPO, "experiments", "configs", config),
+            "--workdir",
+            str(workdir),
+            *overrides,
+        ]
+        if not wait:
+            return subprocess.Popen(
+                cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        return subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
+
+    return run

@@ -15,15 +15,20 @@ class AugmentTest(chex.TestCase):
         chex.assert_shape(out, images.shape)
         padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
         for b in range(2):
-            matches = [(i, j) for i in range(5) for j in range(5)
-                       if np.array_equal(padded[b, i:i + 6, j:j + 6], np.asarray(out[b]))]
+            matches = [
+                (i, j)
+                for i in range(5)
+                for j in range(5)
+                if np.array_equal(padded[b, i : i + 6, j : j + 6], np.asarray(out[b]))
+            ]
             assert matches, "output is not a crop of the padded image"
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_flip_only(self):
         images = jax.random.uniform(jax.random.key(1), (64, 4, 4, 3))
         out = self.variant(lambda r, x: random_crop_flip(r, x, padding=0, flip=True))(
-            jax.random.key(2), images)
+            jax.random.key(2), images
+        )
         flipped = np.all(np.isclose(out, images[:, :, ::-1]), axis=(1, 2, 3))
         same = np.all(np.isclose(out, images), axis=(1, 2, 3))
         assert np.all(flipped | same)

@@ -1,6 +1,8 @@
-"""Tests for salun_jax.diffusion: schedule, loss, CFG and the DDIM/DDPM samplers."""
+"""Tests for salun_jax.diffusion: the schedule, CFG and the DDIM/DDPM samplers (against NumPy
+ports of upstream), and the tiny UNet trained through the production loss and step.
 
-import functools
+The losses themselves are tested in test_losses_diffusion.py.
+"""
 
 import chex
 import jax
@@ -10,19 +12,17 @@ import optax
 import pytest
 
 from salun_jax.diffusion import (
-    antithetic_timesteps,
     ddim_sample,
     ddpm_sample,
-    diffusion_loss,
     guided_eps,
     linear_schedule,
-    make_denoising_loss_fn,
     q_sample,
-    sample_null_mask,
     timestep_sequence,
     to_uint8,
 )
-from salun_jax.models.unet import tiny_digits_unet
+from salun_jax.losses import denoising_loss
+from salun_jax.models.unet import UNet
+from salun_jax.step import TrainState, make_step
 
 NULL_VALUE = 0.7
 
@@ -87,59 +87,6 @@ def test_q_sample_closed_form():
     out = q_sample(s, x0, jnp.array([0, 2]), noise)
     expected = [np.sqrt(0.9) + 2 * np.sqrt(0.1), np.sqrt(0.504) + 2 * np.sqrt(0.496)]
     np.testing.assert_allclose(out.ravel(), expected, rtol=1e-6)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss pieces
-
-
-@pytest.mark.parametrize("n", [1, 2, 7, 8])
-def test_antithetic_timesteps(n):
-    t = np.asarray(antithetic_timesteps(jax.random.key(n), n, 10))
-    assert t.shape == (n,) and t.dtype == np.int32
-    assert ((0 <= t) & (t < 10)).all()
-    half = n // 2 + 1
-    np.testing.assert_array_equal(t[half:], 9 - t[: n - half])
-
-
-def test_sample_null_mask():
-    key = jax.random.key(0)
-    assert not sample_null_mask(key, 100, 0.0).any()
-    assert sample_null_mask(key, 100, 1.0).all()
-    frac = float(sample_null_mask(key, 20000, 0.1).mean())
-    assert 0.09 < frac < 0.11
-
-
-class DiffusionLossTest(chex.TestCase):
-    @chex.variants(with_jit=True, without_jit=True)
-    def test_reductions(self):
-        eps_true = jnp.zeros((2, 1, 2, 1))
-        eps_pred = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(2, 1, 2, 1)
-        # squares [1, 4] and [9, 16]: per-example sums 5 and 25.
-        for reduction, expected in [("upstream", 15.0), ("mean", 7.5), ("per_example", [5, 25])]:
-            fn = self.variant(functools.partial(diffusion_loss, reduction=reduction))
-            chex.assert_trees_all_close(fn(eps_true, eps_pred), jnp.asarray(expected, jnp.float32))
-
-
-def test_denoising_loss_fn_draws_and_calls():
-    schedule = linear_schedule(10)
-    calls = {}
-
-    def zero_apply(variables, x_t, t, y, *, train, null_mask, rngs):
-        calls.update(train=train, null_mask=null_mask, rngs=rngs, t=t)
-        return jnp.zeros_like(x_t)
-
-    loss_fn = make_denoising_loss_fn(zero_apply, schedule, cond_drop_prob=1.0)
-    x0 = jnp.zeros((64, 4, 4, 2))
-    loss, metrics = loss_fn({}, x0, jnp.zeros(64, jnp.int32), jax.random.key(3))
-    assert calls["train"] is True and "dropout" in calls["rngs"]
-    assert bool(calls["null_mask"].all()) and float(metrics["null_fraction"]) == 1.0
-    # eps_pred = 0, so the loss is mean_b sum(noise^2) ~ 4*4*2 = 32.
-    assert 28.0 < float(loss) < 36.0 and metrics["loss"] == loss
-    mean_loss, _ = make_denoising_loss_fn(zero_apply, schedule, reduction="mean")(
-        {}, x0, jnp.zeros(64, jnp.int32), jax.random.key(3)
-    )
-    np.testing.assert_allclose(mean_loss, loss / 32, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,15 +326,7 @@ def test_no_null_class_ok_without_guidance():
         )
 
 
-def test_loss_bad_inputs():
-    with pytest.raises(ValueError, match="reduction"):
-        make_denoising_loss_fn(fake_apply, linear_schedule(10), reduction="sum")
-    with pytest.raises(ValueError, match="cond_drop_prob"):
-        make_denoising_loss_fn(fake_apply, linear_schedule(10), cond_drop_prob=1.5)
-    with pytest.raises(ValueError, match="unknown reduction"):
-        diffusion_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), reduction="max")
-    with pytest.raises(ValueError, match="shape mismatch"):
-        diffusion_loss(jnp.zeros((1, 2)), jnp.zeros((1, 3)))
+def test_schedule_bad_inputs():
     with pytest.raises(ValueError, match="betas"):
         linear_schedule(10, 0.0, 0.02)
 
@@ -396,39 +335,61 @@ def test_loss_bad_inputs():
 # The real tiny UNet end to end
 
 
+def compile_fast(fn, *args):
+    """fn jitted for `args`, compiled at XLA's backend optimisation level 0: compiling, not
+    running, is what these tiny programs cost, and level 0 halves it (the numerics are XLA's
+    either way)."""
+    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    model = tiny_digits_unet()
-    x = jnp.zeros((1, 8, 8, 1))
-    t = jnp.zeros((1,), jnp.int32)
-    # rbg keys: XLA:CPU here compiles ~100 threefry initialisers slowly (~2x the init time).
-    params = jax.jit(lambda k: model.init(k, x, t, t, train=False))(jax.random.key(0, impl="rbg"))[
-        "params"
-    ]
-    return model, params
+    # The smallest UNet: one level, no blocks on the way down, the middle attention, dropout.
+    model = UNet(
+        ch=8,
+        ch_mult=(1,),
+        num_res_blocks=0,
+        attn_resolutions=(),
+        dropout=0.1,
+        num_classes=10,
+        image_size=8,
+        out_channels=1,
+        num_groups=4,
+    )
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+    key = jax.random.key(0, impl="rbg")  # XLA:CPU compiles threefry initialisers slowly
+    init = compile_fast(lambda k: model.init(k, x, t, t, train=False)["params"], key)
+    return model, init(key)
 
 
 def test_tiny_unet_fits_constant_data(tiny):
+    # The production loss and step (as `train_diffusion` builds them) on one repeated image: the
+    # loss of the same draws (keys fold in state.step, reset to 0) must fall by half.
     model, params = tiny
-    schedule = linear_schedule()
-    loss_fn = make_denoising_loss_fn(model.apply, schedule)
-    optimizer = optax.adam(1e-3)
-    x0 = jnp.tile(jnp.linspace(-1, 1, 64).reshape(1, 8, 8, 1), (16, 1, 1, 1))
-    y = jnp.arange(16) % 10
-
-    @jax.jit
-    def train_step(params, opt_state, rng):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x0, y, rng)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state = optimizer.init(params)
-    losses = []
-    for step in range(30):
-        params, opt_state, loss = train_step(params, opt_state, jax.random.key(step % 4))
-        losses.append(float(loss))
-    assert np.isfinite(losses).all()
-    assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8]), losses
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+    image = np.round(np.linspace(0, 255, 64)).astype(np.uint8).reshape(1, 8, 8, 1)
+    batch = {
+        "image": np.tile(image, (16, 1, 1, 1)),
+        "label": np.arange(16, dtype=np.int32) % 10,
+        "weight": np.ones(16, np.float32),
+    }
+    key = jax.random.key(0)
+    step = compile_fast(
+        make_step(
+            denoising_loss(model.apply, linear_schedule(), cond_drop_prob=0.1), axis_name=None
+        ),
+        state,
+        batch,
+        key,
+    )
+    _, first = step(state, batch, key)
+    for _ in range(30):
+        state, metrics = step(state, batch, key)
+    chex.assert_tree_all_finite(state.params)
+    assert int(state.step) == 30
+    assert set(metrics) >= {"loss", "null_fraction", "grad_norm", "num_examples"}
+    _, again = step(state.replace(step=jnp.zeros((), jnp.int32)), batch, key)
+    assert float(again["loss"]) < 0.5 * float(first["loss"]), (first["loss"], again["loss"])
 
 
 def test_tiny_unet_samplers(tiny):

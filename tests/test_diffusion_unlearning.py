@@ -1,5 +1,8 @@
-"""Tests for DDPM training, diffusion SalUn (mask, pseudo classes, masked unlearning) and the
-generation metrics (salun_jax.diffusion.training / unlearning / evaluation)."""
+"""Tests for DDPM training (salun_jax.diffusion.training), DDPM unlearning (the saliency mask and
+SalUn / RL / GA / Retrain of salun_jax.unlearn.diffusion) and the generation metrics
+(salun_jax.evaluation.generation)."""
+
+import dataclasses
 
 import chex
 import jax
@@ -9,8 +12,17 @@ import pytest
 from PIL import Image
 
 from salun_jax import saliency
+from salun_jax.data.batches import epoch_batches, gather_batches
+from salun_jax.data.splits import make_split
 from salun_jax.diffusion import linear_schedule
-from salun_jax.diffusion.evaluation import (
+from salun_jax.diffusion.training import (
+    DiffusionTrainConfig,
+    create_diffusion_state,
+    epochs_for_iterations,
+    init_unet_params,
+    train_diffusion,
+)
+from salun_jax.evaluation.generation import (
     class_accuracies,
     classifier_frechet_distance,
     evaluate_samples,
@@ -21,33 +33,47 @@ from salun_jax.diffusion.evaluation import (
     save_sample_grid,
     unlearning_accuracy,
 )
-from salun_jax.diffusion.training import (
-    DiffusionTrainConfig,
-    create_diffusion_state,
-    epochs_for_iterations,
-    init_unet_params,
-    make_diffusion_train_step,
-)
-from salun_jax.diffusion.unlearning import (
+from salun_jax.losses import denoising_loss, guided_forget_loss
+from salun_jax.models.unet import NULL_CLASS_PARAM, UNet
+from salun_jax.unlearn import METHODS, get_method, unlearn
+from salun_jax.unlearn.common import UnlearnOutput
+from salun_jax.unlearn.diffusion import (
+    DiffusionTask,
     DiffusionUnlearnConfig,
     check_class,
-    diffusion_forget_retain,
+    ddpm_gradient_ascent,
+    ddpm_random_label,
+    ddpm_retrain,
+    ddpm_salun,
     diffusion_saliency_scores,
     effective_alpha,
-    pseudo_labels,
-    unlearn_diffusion,
 )
-from salun_jax.models.unet import NULL_CLASS_PARAM, UNet
 
 NUM_CLASSES = 4
 
 
-def _unet(null_class=True, ch=8):
+def compile_fast(fn, *args):
+    """fn jitted for `args`, compiled at XLA's backend optimisation level 0: compiling, not
+    running, is what these tiny programs cost, and level 0 halves it (the numerics are XLA's
+    either way)."""
+    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
+
+
+def _unet(null_class=True):
     # One level, no residual blocks on the way down: three blocks and the middle attention in
     # all, the smallest UNet that compiles (in seconds on CPU).
-    return UNet(ch=ch, ch_mult=(1,), num_res_blocks=0, attn_resolutions=(), dropout=0.1,
-                num_classes=NUM_CLASSES, image_size=8, out_channels=1, num_groups=4,
-                null_class=null_class)
+    return UNet(
+        ch=8,
+        ch_mult=(1,),
+        num_res_blocks=0,
+        attn_resolutions=(),
+        dropout=0.1,
+        num_classes=NUM_CLASSES,
+        image_size=8,
+        out_channels=1,
+        num_groups=4,
+        null_class=null_class,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +83,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def params(model):
+    # What train_diffusion initialises with DiffusionTrainConfig(seed=0).
     return init_unet_params(model, jax.random.key(0, impl="rbg"))
 
 
@@ -73,207 +100,357 @@ def data():
     return images, labels
 
 
+@pytest.fixture(scope="module")
+def task(model, schedule, data):
+    images, labels = data
+    split = make_split(
+        labels, np.arange(8) % NUM_CLASSES, scenario="class", forget_class=0, val_fraction=0.0
+    )
+    return DiffusionTask(model, images, labels, split, NUM_CLASSES, schedule)
+
+
+def _original_state(params):
+    return create_diffusion_state(_unet(), None, DiffusionTrainConfig(), params=params)
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_task_is_the_class_split(task, data):
+    _, labels = data
+    np.testing.assert_array_equal(task.forget, np.flatnonzero(labels == 0))
+    np.testing.assert_array_equal(task.retain, np.flatnonzero(labels != 0))
+
+
 # ------------------------------------------------------------------------------------------------
-# Training.
+# 1. Training.
 
 
-@pytest.fixture(scope="module")
-def train_step(model, schedule):
-    # One compilation serves both train-step tests (same shapes); more would fail the trace check.
-    return jax.jit(chex.assert_max_traces(
-        make_diffusion_train_step(model.apply, schedule, cond_drop_prob=0.1, flip=True), n=1))
+def test_retrain_steps_on_the_denoising_loss_of_the_retain_set(model, schedule, params, task):
+    # Retrain = train_diffusion on D_r. One epoch of one step (18 retain images, batch 24: 6
+    # padded). The loop's documented draws: batches from default_rng([seed, epoch]), key
+    # fold_in(key(seed), epoch), then the step folds in its counter and the device index. The
+    # record's loss must be the weighted mean of the production loss (`losses.denoising_loss`,
+    # tested in test_losses_diffusion.py) at the initial weights (init_unet_params, key(seed, rbg)).
+    config = DiffusionTrainConfig(
+        num_iterations=1,
+        batch_size=24,
+        learning_rate=1e-3,
+        cond_drop_prob=0.5,
+        flip=True,
+        ema_decay=0.5,
+        seed=0,
+    )
+    out = ddpm_retrain(None, task, config, None, progress=False)
+    assert isinstance(out, UnlearnOutput)
+    assert len(out.history) == 1 and int(out.state.step) == 1
+    assert out.compile_seconds > 0 and out.run_seconds > 0
+
+    (indices,), (weights,) = epoch_batches(task.retain, 24, np.random.default_rng([0, 0]))
+    np.testing.assert_array_equal(np.sort(indices[0][weights[0] > 0]), task.retain)  # all of D_r
+    batch = {"image": task.images[indices[0]], "label": task.labels[indices[0]]}
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), 0), 0)
+    loss_fn = denoising_loss(model.apply, schedule, cond_drop_prob=0.5, flip=True)
+    per_example, aux = compile_fast(lambda p: loss_fn(p, batch, key, None), params)(params)
+    n = len(task.retain)
+    np.testing.assert_allclose(
+        out.history[0]["loss"], np.sum(np.asarray(per_example) * weights[0]) / n, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        out.history[0]["null_fraction"],
+        np.sum(aux["metrics"]["null_fraction"] * weights[0]) / n,
+        rtol=1e-6,
+    )
+    assert out.history[0]["num_examples"] == n
+    # One Adam step moved every weight but the forgotten class's embedding (no D_r example has
+    # its gradient); the EMA (decay 0.5) went half way.
+    new = jax.device_get(out.state.params)
+    forgotten = np.zeros((NUM_CLASSES, 8), bool)
+    forgotten[0] = True
+    np.testing.assert_array_equal(
+        new["class_embedding"]["embedding"] == params["class_embedding"]["embedding"], forgotten
+    )
+    for p0, p, ema in zip(
+        _leaves(params), _leaves(new), _leaves(out.state.ema_params), strict=True
+    ):
+        assert np.mean(p != p0) > 0.5
+        np.testing.assert_allclose(ema, 0.5 * p0 + 0.5 * p, rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def train_state(model, params):
-    # Shared: the optimizer is a static field of the state, so a new one would retrace the step.
-    config = DiffusionTrainConfig(learning_rate=3e-3, ema_decay=0.9, flip=False)
-    return create_diffusion_state(model, None, config, params=params)
-
-
-def _batch(seed, weight=None):
-    rng = np.random.default_rng(seed)
-    return {"image": jnp.asarray(rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)),
-            "label": jnp.arange(8, dtype=jnp.int32) % NUM_CLASSES,
-            "weight": jnp.ones(8, jnp.float32) if weight is None else jnp.asarray(weight)}
-
-
-def test_train_step_does_not_retrace_and_loss_decreases(train_step, train_state):
-    state = train_state
-    batch = _batch(1)
-    key = jax.random.key(2)
-    state, first = train_step(state, batch, key)
-    for _ in range(11):
-        state, metrics = train_step(state, batch, key)
-    chex.assert_tree_all_finite(state.params)
-    assert int(state.step) == 12
-    assert set(metrics) >= {"loss", "num_examples", "grad_norm", "null_fraction"}
-    assert float(metrics["num_examples"]) == 8.0
-    # The same draws as the first step (its keys fold in state.step = 0), trained weights.
-    _, again = train_step(state.replace(step=jnp.zeros((), jnp.int32)), batch, key)
-    assert float(again["loss"]) < 0.8 * float(first["loss"])
-    # The EMA trails the params.
-    assert not np.allclose(jax.tree.leaves(state.ema_params)[0], jax.tree.leaves(state.params)[0])
-
-
-def test_train_step_ignores_padded_examples(train_step, train_state):
-    state = train_state
-    weight = np.array([1.0] * 5 + [0.0] * 3, np.float32)
-    batch = _batch(2, weight)
-    other = dict(batch, image=batch["image"].at[5:].set(255 - batch["image"][5:]))
-    _, m1 = train_step(state, batch, jax.random.key(3))
-    _, m2 = train_step(state, other, jax.random.key(3))  # differs only where the weight is 0
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
-    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
-    assert float(m1["num_examples"]) == 5.0
+def test_train_diffusion_rejects_bad_data(model, schedule, data):
+    images, labels = data
+    config = DiffusionTrainConfig(num_iterations=1, batch_size=8)
+    train = np.arange(24)
+    with pytest.raises(ValueError, match="uint8"):
+        train_diffusion(images.astype(np.float32), labels, train, model, schedule, config)
+    with pytest.raises(ValueError, match="uint8"):
+        train_diffusion(images[:, :4], labels, train, model, schedule, config)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        train_diffusion(images, labels + 1, train, model, schedule, config)
 
 
 def test_epochs_for_iterations():
     assert epochs_for_iterations(800_000, 50_000, 128) == 2047  # 391 steps per epoch
     assert epochs_for_iterations(1, 10, 64) == 1
-    with pytest.raises(ValueError):
+    assert epochs_for_iterations(7, 10, 4) == 3  # 3 steps per epoch: 3 epochs give 9 >= 7
+    with pytest.raises(ValueError, match="num_iterations"):
         epochs_for_iterations(0, 10, 4)
+    with pytest.raises(ValueError, match="no training examples"):
+        epochs_for_iterations(1, 0, 4)
 
 
 # ------------------------------------------------------------------------------------------------
-# Pseudo classes, class checks, alpha.
+# 2. Class checks, alpha, configs.
 
 
-def test_pseudo_labels_next_and_random():
-    labels = jnp.arange(10, dtype=jnp.int32)
-    np.testing.assert_array_equal(pseudo_labels(labels, 10, "next"), (np.arange(10) + 1) % 10)
-    many = jnp.tile(labels, 500)
-    drawn = np.asarray(pseudo_labels(many, 10, "random", jax.random.key(0)))
-    assert np.all(drawn != np.asarray(many))
-    assert drawn.min() >= 0 and drawn.max() < 10
-    for c in range(10):  # every other class occurs
-        assert set(drawn[np.asarray(many) == c].tolist()) == set(range(10)) - {c}
-    with pytest.raises(ValueError, match="rng"):
-        pseudo_labels(labels, 10, "random")
-    with pytest.raises(ValueError, match="unknown pseudo_class"):
-        pseudo_labels(labels, 10, "previous")
-
-
-@pytest.mark.parametrize("bad", [12, -1, 10, 2.0, True])
+@pytest.mark.parametrize("bad", [12, -1, 4, 2.0, True])
 def test_unknown_forget_class_is_rejected(bad):
     with pytest.raises(ValueError, match="forget_class"):
-        check_class(bad, 10)
-    with pytest.raises(ValueError, match="forget_class"):
-        diffusion_forget_retain(np.arange(20) % 10, bad, 10)
+        check_class(bad, NUM_CLASSES)
 
 
-def test_forget_retain_split_and_effective_alpha():
-    labels = np.array([0, 1, 2, 0, 1])
-    forget, retain = diffusion_forget_retain(labels, 0, 3)
-    np.testing.assert_array_equal(forget, [0, 3])
-    np.testing.assert_array_equal(retain, [1, 2, 4])
+def test_check_class_and_effective_alpha():
+    assert check_class(np.int64(3), NUM_CLASSES) == 3
     assert effective_alpha(1e-3, (32, 32, 3)) == pytest.approx(3.072)
     assert effective_alpha(1e-3, (8, 8, 1)) == pytest.approx(0.064)
-    with pytest.raises(ValueError, match="pseudo_class"):
-        DiffusionUnlearnConfig(pseudo_class="nope")
-    with pytest.raises(ValueError, match="objective"):
-        DiffusionUnlearnConfig(objective="sgd")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pseudo_class": "nope"}, "pseudo_class"),
+        ({"num_iterations": 0}, ">= 1"),
+        ({"batch_size": 0}, ">= 1"),
+        ({"log_every": 0}, ">= 1"),
+        ({"cond_drop_prob": 1.5}, "cond_drop_prob"),
+    ],
+)
+def test_bad_unlearn_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionUnlearnConfig(**kwargs)
+
+
+def test_unknown_mask_mode_is_rejected_by_the_config():
+    with pytest.raises(ValueError, match="mask_mode"):
+        DiffusionUnlearnConfig(mask_mode="typo")
+
+
+def test_bad_train_configs_and_removed_fields():
+    with pytest.raises(ValueError, match=">= 1"):
+        DiffusionTrainConfig(num_iterations=0)
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        DiffusionTrainConfig(cond_drop_prob=-0.1)
+    with pytest.raises(TypeError, match="objective"):  # the method decides the objective now
+        DiffusionUnlearnConfig(objective="rl")
 
 
 # ------------------------------------------------------------------------------------------------
-# The saliency mask.
+# 3. The saliency mask.
 
 
-def test_mask_has_exact_count_structure_and_per_batch_clipping(model, params, schedule, data):
-    images, labels = data
-    forget = labels == 1  # 6 images: one batch of 8 (2 padded)
-    kwargs = dict(batch_size=8, guidance_scale=2.0)
-    clipped = diffusion_saliency_scores(model.apply, params, schedule, images[forget],
-                                        labels[forget], jax.random.key(5), clip_norm=1e-3,
-                                        **kwargs)
-    saliency.check_same_structure(clipped, params, "scores")
-    # Hand check for one batch: clip(g) = g * c / (|g| + 1e-6) has norm c (as |g| >> c here).
-    norm = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(clipped))))
-    assert norm == pytest.approx(1e-3, rel=1e-3)
-    mask = saliency.mask_from_scores(jax.device_get(clipped), 0.5)
+def test_saliency_scores_are_the_clipped_gradient_sum(model, schedule, params, task):
+    # 6 forget images in batches of 4: two batches, the second padded. Reference: the documented
+    # batches (shuffled by default_rng(seed)) and keys (fold_in(key(seed), i)), each batch's
+    # gradient of the mask loss clipped to norm c on its own, then summed.
+    c, seed = 1e-3, 5
+    scores = diffusion_saliency_scores(
+        _original_state(params), task, batch_size=4, guidance_scale=2.0, clip_norm=c, seed=seed
+    )
+    saliency.check_same_structure(scores, params, "scores")
+    batches = gather_batches(
+        {"image": task.images, "label": task.labels}, task.forget, 4, np.random.default_rng(seed)
+    )
+    np.testing.assert_array_equal(batches["weight"][1], [1, 1, 0, 0])
+    grad_fn = compile_fast(
+        jax.grad(guided_forget_loss(model.apply, schedule, 2.0)),
+        params,
+        jax.tree.map(lambda x: x[0], batches),
+        jax.random.key(0),
+    )
+    total = [np.zeros(np.shape(x)) for x in jax.tree.leaves(params)]
+    for i in range(2):
+        grads = _leaves(
+            grad_fn(
+                params,
+                jax.tree.map(lambda x, i=i: x[i], batches),
+                jax.random.fold_in(jax.random.key(seed), i),
+            )
+        )
+        norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in grads))
+        assert norm > c  # so the clipping acts
+        total = [t + g * c / (norm + 1e-6) for t, g in zip(total, grads, strict=True)]
+    for got, want in zip(_leaves(scores), total, strict=True):
+        np.testing.assert_allclose(got, np.abs(want), rtol=1e-3, atol=1e-9)
+
+    mask = saliency.mask_from_scores(jax.device_get(scores), 0.5)
     saliency.check_same_structure(mask, params)
-    total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-    assert saliency.mask_stats(mask)["ones"] == int(0.5 * total)
-    assert all(np.asarray(x).dtype == bool for x in jax.tree.leaves(mask))
-    # The most salient weights are those with the largest |score|.
-    flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(clipped)])
+    size = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+    assert saliency.mask_stats(mask)["ones"] == size // 2
+    flat = np.concatenate([np.ravel(x) for x in _leaves(scores)])
     chosen = np.concatenate([np.ravel(x) for x in jax.tree.leaves(mask)])
-    assert flat[chosen].min() >= flat[~chosen].max()
+    assert flat[chosen].min() >= flat[~chosen].max()  # the largest scores are the salient ones
 
 
-def test_guidance_needs_a_null_class(params, schedule, data):
-    images, labels = data
+def test_guidance_and_class_drop_need_a_null_class(params, task):
     # The params of a UNet built with null_class=False: the same tree without the null class.
     no_null = {k: v for k, v in params.items() if k != NULL_CLASS_PARAM}
-    apply_fn = _unet(null_class=False).apply
+    model = _unet(null_class=False)
+    state = create_diffusion_state(model, None, DiffusionTrainConfig(), params=no_null)
+    no_null_task = dataclasses.replace(task, model=model)
     with pytest.raises(ValueError, match="null class"):
-        diffusion_saliency_scores(apply_fn, no_null, schedule, images, labels, jax.random.key(0),
-                                  batch_size=8, guidance_scale=2.0)
+        diffusion_saliency_scores(state, no_null_task, batch_size=8, guidance_scale=2.0)
     with pytest.raises(ValueError, match="null class"):
-        generate_samples(apply_fn, no_null, schedule, np.zeros(2, np.int32), jax.random.key(0),
-                         image_shape=(8, 8, 1), num_steps=2, guidance_scale=2.0)
-    with pytest.raises(ValueError, match="null class"):
-        unlearn_diffusion(apply_fn, no_null, schedule, forget_images=images[:4],
-                          forget_labels=labels[:4] * 0, retain_images=images, retain_labels=labels,
-                          num_classes=NUM_CLASSES, config=DiffusionUnlearnConfig(), progress=False)
+        generate_samples(
+            model.apply,
+            no_null,
+            task.schedule,
+            np.zeros(2, np.int32),
+            jax.random.key(0),
+            image_shape=(8, 8, 1),
+            num_steps=2,
+        )
+    mask = jax.tree.map(lambda x: np.ones(np.shape(x), bool), no_null)
+    config = DiffusionUnlearnConfig(num_iterations=1, batch_size=4, cond_drop_prob=0.1)
+    for method, method_mask in [
+        (ddpm_salun, mask),
+        (ddpm_random_label, None),
+        (ddpm_gradient_ascent, None),
+    ]:
+        with pytest.raises(ValueError, match="null class"):
+            method(state, no_null_task, config, jax.random.key(0), mask=method_mask, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------
-# Unlearning.
+# 4. Unlearning.
 
 
-def test_salun_changes_only_salient_weights(model, params, schedule, data):
-    images, labels = data
-    forget = labels == 0
-    leaves, treedef = jax.tree.flatten(params)
-    rng = np.random.default_rng(0)
-    mask = jax.tree.unflatten(treedef, [rng.random(np.shape(x)) < 0.5 for x in leaves])
-    config = DiffusionUnlearnConfig(num_iterations=3, batch_size=4, learning_rate=1e-2,
-                                    alpha=1e-2, pseudo_class="random")
-    out = unlearn_diffusion(model.apply, params, schedule, forget_images=images[forget],
-                            forget_labels=labels[forget], retain_images=images[~forget],
-                            retain_labels=labels[~forget], num_classes=NUM_CLASSES, config=config,
-                            mask=mask, progress=False, log_every=1)
-    changed_salient = 0
-    for old, new, m in zip(leaves, jax.tree.leaves(out.params), jax.tree.leaves(mask),
-                           strict=True):
-        old, new = np.asarray(old), np.asarray(new)
+def _random_mask(params, seed=0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: rng.random(np.shape(x)) < 0.5, jax.device_get(params))
+
+
+def test_salun_keeps_non_salient_weights_bit_identical(params, task):
+    mask = _random_mask(params)
+    config = DiffusionUnlearnConfig(
+        num_iterations=3,
+        batch_size=4,
+        learning_rate=1e-2,
+        alpha=1e-2,
+        pseudo_class="random",
+        log_every=2,
+    )
+    out = ddpm_salun(
+        _original_state(params), task, config, jax.random.key(1), mask=mask, progress=False
+    )
+    assert isinstance(out, UnlearnOutput) and out.model is None
+    changed, salient = 0, 0
+    for old, new, m in zip(
+        _leaves(params), _leaves(out.state.params), jax.tree.leaves(mask), strict=True
+    ):
         np.testing.assert_array_equal(new[~m], old[~m])  # bit-identical
-        changed_salient += int(np.sum(new[m] != old[m]))
-    assert changed_salient > 0.5 * sum(int(m.sum()) for m in jax.tree.leaves(mask))
-    assert len(out.history) == 3
-    record = out.history[-1]
-    assert record["mask_sparsity"] == pytest.approx(
-        1 - saliency.mask_stats(mask)["fraction"], abs=1e-6)
-    assert record["retain_loss"] > 0 and record["forget_loss"] > 0
-    assert out.run_seconds > 0
+        changed += int(np.sum(new[m] != old[m]))
+        salient += int(m.sum())
+    assert changed > 0.5 * salient
+    assert int(out.state.step) == 3 and out.state.ema_params is None  # no EMA when unlearning
+    # log_every 2: records after steps 2 and 3; each step sees 4 forget + 4 retain pairs.
+    assert [r["num_examples"] for r in out.history] == [8.0, 4.0]
+    for record in out.history:
+        assert record["phase"] == "SalUn"
+        assert record["forget_loss"] > 0 and record["retain_loss"] > 0
+        assert record["loss"] == pytest.approx(
+            record["forget_loss"] + 1e-2 * record["retain_loss"], rel=1e-5
+        )
+    assert out.run_seconds > 0 and out.compile_seconds > 0
 
 
-def test_bad_unlearning_inputs(params, schedule, data, tmp_path):
-    images, labels = data
-    kwargs = dict(forget_images=images[:4], forget_labels=labels[:4], num_classes=NUM_CLASSES,
-                  config=DiffusionUnlearnConfig(), progress=False)
-    apply_fn = _unet().apply
-    with pytest.raises(ValueError, match="retain data"):
-        unlearn_diffusion(apply_fn, params, schedule, retain_images=None, retain_labels=None,
-                          **kwargs)
-    with pytest.raises(ValueError, match="forget labels"):
-        unlearn_diffusion(apply_fn, params, schedule, retain_images=images, retain_labels=labels,
-                          **dict(kwargs, forget_labels=labels[:4] + 10))
+def test_rl_changes_all_weights(params, task):
+    # Batches of 6: 12 retain draws of the 18 retain images, so every retained class occurs.
+    config = DiffusionUnlearnConfig(num_iterations=2, batch_size=6, learning_rate=1e-2)
+    out = ddpm_random_label(
+        _original_state(params), task, config, jax.random.key(1), progress=False
+    )
+    old, new = _leaves(params), _leaves(out.state.params)
+    changed = sum(int(np.sum(a != b)) for a, b in zip(old, new, strict=True))
+    assert changed > 0.9 * sum(a.size for a in old)
+    assert len(out.history) == 1 and out.history[0]["phase"] == "RL"
+    # Every class embedding row moved: row 0 through the forget pass, rows 1-3 only through the
+    # retain batches (the pseudo-class target takes no gradient), so those come from D_r.
+    embedding = "class_embedding", "embedding"
+    before = params[embedding[0]][embedding[1]]
+    after = jax.device_get(out.state.params)[embedding[0]][embedding[1]]
+    assert np.all(np.any(after != before, axis=1))
+
+
+def test_ga_ascends_the_forget_loss_without_retain_data(params, task):
+    # GA reads no retain data, so a split without any runs.
+    split = dataclasses.replace(task.split, retain=np.zeros(0, np.int64))
+    config = DiffusionUnlearnConfig(num_iterations=2, batch_size=4, learning_rate=1e-2, log_every=1)
+    out = ddpm_gradient_ascent(
+        _original_state(params),
+        dataclasses.replace(task, split=split),
+        config,
+        jax.random.key(2),
+        progress=False,
+    )
+    assert len(out.history) == 2
+    for record in out.history:
+        assert record["forget_loss"] < 0 and record["loss"] == pytest.approx(record["forget_loss"])
+    assert any(
+        np.any(a != b) for a, b in zip(_leaves(params), _leaves(out.state.params), strict=True)
+    )
+
+
+def test_bad_unlearning_inputs(params, task, tmp_path):
+    state = _original_state(params)
+    config = DiffusionUnlearnConfig(num_iterations=1, batch_size=4)
+    mask = jax.tree.map(lambda x: np.ones(np.shape(x), bool), jax.device_get(params))
+    with pytest.raises(ValueError, match="needs a saliency mask"):
+        ddpm_salun(state, task, config, jax.random.key(0))
+    no_retain = dataclasses.replace(
+        task, split=dataclasses.replace(task.split, retain=np.zeros(0, np.int64))
+    )
+    with pytest.raises(ValueError, match="needs retain data"):
+        ddpm_random_label(state, no_retain, config, jax.random.key(0), progress=False)
+    no_forget = dataclasses.replace(
+        task, split=dataclasses.replace(task.split, forget=np.zeros(0, np.int64))
+    )
+    for method in (ddpm_random_label, ddpm_gradient_ascent):
+        with pytest.raises(ValueError, match="forget set is empty"):
+            method(state, no_forget, config, jax.random.key(0), progress=False)
+    with pytest.raises(ValueError, match="forget set is empty"):
+        diffusion_saliency_scores(state, no_forget, batch_size=4)
     # A mask made for another model (one layer wider) is refused with the layer's name.
-    mask = jax.tree.map(lambda x: np.ones(np.shape(x), bool), params)
-    mask["conv_in"]["kernel"] = np.ones((3, 3, 1, 12), bool)
+    wide = dict(mask, conv_in=dict(mask["conv_in"], kernel=np.ones((3, 3, 1, 12), bool)))
     with pytest.raises(saliency.MaskMismatchError, match="conv_in/kernel"):
-        unlearn_diffusion(apply_fn, params, schedule, retain_images=images, retain_labels=labels,
-                          mask=mask, **kwargs)
+        ddpm_salun(state, task, config, jax.random.key(0), mask=wide, progress=False)
     path = str(tmp_path / "mask.npz")
-    saliency.save_mask(path, mask)
+    saliency.save_mask(path, wide)
     with pytest.raises(saliency.MaskMismatchError, match="conv_in/kernel"):
         saliency.load_mask(path, params)
+    with pytest.raises(ValueError, match="does not take a mask"):
+        ddpm_retrain(None, task, DiffusionTrainConfig(num_iterations=1), None, mask=mask)
+
+
+def test_diffusion_methods_are_registered(task, params):
+    assert METHODS["diffusion"] == {
+        "Retrain": ddpm_retrain,
+        "SalUn": ddpm_salun,
+        "RL": ddpm_random_label,
+        "GA": ddpm_gradient_ascent,
+    }
+    assert get_method("SalUn", "diffusion") is ddpm_salun
+    with pytest.raises(ValueError, match="unknown diffusion unlearning method 'FT'"):
+        get_method("FT", "diffusion")
+    # `unlearn` picks the diffusion registry from the task's type.
+    with pytest.raises(ValueError, match="needs a saliency mask"):
+        unlearn("SalUn", _original_state(params), task)
+    with pytest.raises(ValueError, match="Retrain needs its training config"):
+        unlearn("Retrain", None, task)
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluation.
+# 5. Evaluation.
 
 
 def test_unlearning_and_class_accuracies():
@@ -290,20 +467,30 @@ def test_unlearning_and_class_accuracies():
 def test_evaluate_samples_on_constructed_classifier_outputs():
     num_classes = 3
     sample_labels = samples_per_class_labels(num_classes, 4)  # 0000 1111 2222
+    np.testing.assert_array_equal(sample_labels, np.repeat(np.arange(3), 4))
     predicted = np.array([0, 1, 2, 2, 1, 1, 1, 0, 2, 2, 2, 2])
     features = np.random.default_rng(0).normal(size=(12, 2)).astype(np.float32)
 
     def predict_fn(variables, images):  # "classifies" by looking up the image's index
         del variables
         index = images[:, 0, 0, 0].astype(jnp.int32)
-        return jax.nn.one_hot(jnp.asarray(predicted)[index], num_classes), jnp.asarray(
-            features)[index]
+        return jax.nn.one_hot(jnp.asarray(predicted)[index], num_classes), jnp.asarray(features)[
+            index
+        ]
 
     samples = np.zeros((12, 2, 2, 1), np.uint8)
     samples[:, 0, 0, 0] = np.arange(12)
     real = np.random.default_rng(1).normal(size=(50, 2))
-    result = evaluate_samples(predict_fn, None, samples, sample_labels, forget_class=0,
-                              num_classes=num_classes, real_features=real, batch_size=5)
+    result = evaluate_samples(
+        predict_fn,
+        None,
+        samples,
+        sample_labels,
+        forget_class=0,
+        num_classes=num_classes,
+        real_features=real,
+        batch_size=5,
+    )
     assert result["UA"] == 75.0
     assert result["forget_class_accuracy"] == 25.0
     assert result["per_class_accuracy"] == {"0": 25.0, "1": 75.0, "2": 100.0}
@@ -320,12 +507,12 @@ def test_frechet_distance_identical_and_closed_forms():
     sigma = a @ a.T + np.eye(5)
     mu = rng.normal(size=5)
     delta = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
-    assert frechet_distance(mu, sigma, mu + delta, sigma) == pytest.approx(delta @ delta,
-                                                                           rel=1e-9)
+    assert frechet_distance(mu, sigma, mu + delta, sigma) == pytest.approx(delta @ delta, rel=1e-9)
     # Diagonal covariances: sum (sqrt(a) - sqrt(b))^2.
     va, vb = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
     assert frechet_distance(np.zeros(3), np.diag(va), np.zeros(3), np.diag(vb)) == pytest.approx(
-        np.sum((np.sqrt(va) - np.sqrt(vb)) ** 2))
+        np.sum((np.sqrt(va) - np.sqrt(vb)) ** 2)
+    )
     # General PSD pair against scipy's matrix square root (the pytorch-fid formula).
     from scipy import linalg
 
@@ -337,7 +524,8 @@ def test_frechet_distance_identical_and_closed_forms():
     x = rng.normal(size=(20000, 3))
     d = np.array([2.0, 0.0, -1.0])
     assert classifier_frechet_distance(x, rng.normal(size=(20000, 3)) + d) == pytest.approx(
-        5.0, abs=0.1)
+        5.0, abs=0.1
+    )
     mean, cov = feature_statistics(x)
     chex.assert_shape([mean, cov], [(3,), (3, 3)])
     with pytest.raises(ValueError):
@@ -347,8 +535,9 @@ def test_frechet_distance_identical_and_closed_forms():
 def test_sample_grid_png(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
     labels = np.array([0, 0, 1, 1, 2, 2])
-    path = save_sample_grid(images, labels, tmp_path / "grids" / "x.png", num_classes=3,
-                            per_class=2, scale=2, padding=1)
+    path = save_sample_grid(
+        images, labels, tmp_path / "grids" / "x.png", num_classes=3, per_class=2, scale=2, padding=1
+    )
     with Image.open(path) as grid:
         assert grid.size == (2 * 17 + 1, 3 * 17 + 1)
         assert grid.mode == "L"
@@ -359,10 +548,22 @@ def test_sample_grid_png(tmp_path):
 
 
 def test_generate_samples_chunks_and_dtype(model, params, schedule):
+    # 5 labels in chunks of 2: the last chunk padded; chunk i draws with fold_in(rng, i), so the
+    # first chunk equals a call on its two labels alone.
     labels = np.array([0, 1, 2, 3, 0], np.int32)
-    out = generate_samples(model.apply, params, schedule, labels, jax.random.key(0),
-                           image_shape=(8, 8, 1), num_steps=2, batch_size=2)
+    kwargs = dict(image_shape=(8, 8, 1), num_steps=2, batch_size=2)
+    out = generate_samples(model.apply, params, schedule, labels, jax.random.key(0), **kwargs)
     assert out.shape == (5, 8, 8, 1) and out.dtype == np.uint8
+    first = generate_samples(model.apply, params, schedule, labels[:2], jax.random.key(0), **kwargs)
+    np.testing.assert_array_equal(out[:2], first)
+    assert not np.array_equal(out[:2], out[2:4])
     with pytest.raises(ValueError, match="out-of-range"):
-        generate_samples(model.apply, params, schedule, np.array([12], np.int32),
-                         jax.random.key(0), image_shape=(8, 8, 1), num_steps=2)
+        generate_samples(
+            model.apply,
+            params,
+            schedule,
+            np.array([12], np.int32),
+            jax.random.key(0),
+            image_shape=(8, 8, 1),
+            num_steps=2,
+        )

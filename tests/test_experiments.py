@@ -2,51 +2,54 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture
+def run(experiment):
+    return experiment
 
 
-def _run(script, config, workdir, *overrides, timeout=600):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-    cmd = [sys.executable, os.path.join(REPO, "experiments", script), "--config",
-           os.path.join(REPO, "experiments", "configs", config), "--workdir", str(workdir),
-           *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def _tiny(run, script, workdir, *overrides):
+    return run(script, "digits_unlearn.py:tiny", workdir, *overrides)
 
 
-TINY_UNLEARN = ("--config.seeds=(1,)", "--config.train.epochs=3", "--config.unlearn.epochs=1",
-                "--config.methods.GA.epochs=1", "--config.methods.IU.woodfisher_samples=20",
-                "--config.sweep_fractions=(0.2,0.5)", "--config.mia_kinds=('confidence',)")
-
-
-def test_train_script_end_to_end_and_resume(tmp_path):
-    result = _run("train.py", "digits.py", tmp_path, "--config.train.epochs=2")
+def test_train_script_end_to_end_and_resume(run, tmp_path):
+    result = run("train.py", "digits.py", tmp_path, "--config.train.epochs=2")
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("config.json", "split.npz", "metrics.jsonl", "results.json", "checkpoints"):
         assert os.path.exists(tmp_path / name), name
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["epochs"] == 2 and results["test_accuracy"] > 20.0
-    again = _run("train.py", "digits.py", tmp_path, "--config.train.epochs=2")
+    again = run("train.py", "digits.py", tmp_path, "--config.train.epochs=2")
     assert again.returncode == 0
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # nothing retrained
 
 
-def test_unlearn_pipeline_end_to_end(tmp_path):
-    result = _run("unlearn.py", "digits_unlearn.py", tmp_path, *TINY_UNLEARN)
+def test_unlearn_pipeline_end_to_end(run, tmp_path):
+    result = _tiny(run, "unlearn.py", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     methods = {r["method"] for r in results["runs"]}
-    assert methods == {"Original", "Retrain", "FT", "GA", "RL", "IU", "l1-sparse", "BS", "BE",
-                       "SalUn", "SalUn-soft"}
-    for run in results["runs"]:
+    assert methods == {
+        "Original",
+        "Retrain",
+        "FT",
+        "GA",
+        "RL",
+        "IU",
+        "l1-sparse",
+        "BS",
+        "BE",
+        "SalUn",
+        "SalUn-soft",
+    }
+    for row in results["runs"]:
         for key in ("UA", "RA", "TA", "MIA"):
-            assert 0.0 <= run["metrics"][key] <= 100.0
-        assert run["split_hash"] and run["config_hash"]
+            assert 0.0 <= row["metrics"][key] <= 100.0
+        assert row["split_hash"] and row["config_hash"] and row["code"]
     assert results["summary"]["Retrain"]["avg_gap"] == 0.0
     assert results["masks"]["1"]["ones"] == int(0.5 * results["masks"]["1"]["size"])
     assert results["sweep"]["1"]["fractions"] == [0.2, 0.5]
@@ -57,48 +60,60 @@ def test_unlearn_pipeline_end_to_end(tmp_path):
     assert os.path.exists(tmp_path / "seed_1" / "masks" / "with_0.50.npz")
 
     # Re-running resumes: no training, no method run again, same results.
-    again = _run("unlearn.py", "digits_unlearn.py", tmp_path, *TINY_UNLEARN)
+    again = _tiny(run, "unlearn.py", tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     rerun = json.loads((tmp_path / "results.json").read_text())
-    assert [r["metrics"]["UA"] for r in rerun["runs"]] == [r["metrics"]["UA"]
-                                                           for r in results["runs"]]
+    assert [r["metrics"]["UA"] for r in rerun["runs"]] == [
+        r["metrics"]["UA"] for r in results["runs"]
+    ]
     assert "FT 1/1" not in again.stderr
 
     # Changing one method's config reruns that method only.
-    changed = _run("unlearn.py", "digits_unlearn.py", tmp_path, *TINY_UNLEARN,
-                   "--config.methods.FT.learning_rate=0.001")
+    changed = _tiny(run, "unlearn.py", tmp_path, "--config.methods.FT.learning_rate=0.001")
     assert changed.returncode == 0
     assert "FT 1/1" in changed.stderr and "GA 1/1" not in changed.stderr
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.run_methods=('FT','Forget-Me-Not')", "unknown unlearning method 'Forget-Me-Not'"),
-    ("--config.methods.SalUn.mask_fraction=1.5", "mask fraction must be in (0, 1]"),
-    ("--config.unlearn.mask_mode=soft", "unknown mask_mode 'soft'"),
-    ("--config.dataset=cifar11", "unknown data set 'cifar11'"),
-    ("--config.train.epochz=2", "Did you mean \"epochs\""),
-])
-def test_bad_inputs_give_one_clear_line(tmp_path, override, message):
-    result = _run("unlearn.py", "digits_unlearn.py", tmp_path, *TINY_UNLEARN, override)
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "--config.run_methods=('FT','Forget-Me-Not')",
+            "unknown classification unlearning method 'Forget-Me-Not'",
+        ),
+        ("--config.mask.fraction=1.5", "mask fraction must be in (0, 1]"),
+        ("--config.mask.fractoin=0.5", 'Did you mean "fraction"'),
+        ("--config.unlearn.mask_mode=soft", "unknown mask_mode 'soft'"),
+        ("--config.dataset=cifar11", "unknown data set 'cifar11'"),
+        ("--config.train.epochz=2", 'Did you mean "epochs"'),
+    ],
+)
+def test_bad_inputs_give_one_clear_line(run, tmp_path, override, message):
+    result = _tiny(run, "unlearn.py", tmp_path, override)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, result.stderr[-2000:]
 
 
-def test_split_from_another_data_set_refused(tmp_path):
+def test_split_from_another_data_set_refused(run, tmp_path):
     from salun_jax.data.splits import make_split, save_split
 
     rng = np.random.default_rng(0)
-    other = make_split(rng.integers(0, 10, 500), rng.integers(0, 10, 100), scenario="random",
-                       num_forget=10, dataset="other")
+    other = make_split(
+        rng.integers(0, 10, 500),
+        rng.integers(0, 10, 100),
+        scenario="random",
+        num_forget=10,
+        dataset="other",
+    )
     os.makedirs(tmp_path / "seed_1")
     save_split(str(tmp_path / "seed_1" / "split.npz"), other)
-    result = _run("unlearn.py", "digits_unlearn.py", tmp_path, *TINY_UNLEARN)
+    result = _tiny(run, "unlearn.py", tmp_path)
     assert result.returncode == 2
     assert "does not match this data set: train size 500 in split vs" in result.stderr
 
 
-def test_changed_training_config_refused_in_same_workdir(tmp_path):
-    assert _run("train.py", "digits.py", tmp_path, "--config.train.epochs=1").returncode == 0
-    result = _run("train.py", "digits.py", tmp_path, "--config.train.width=0.25")
+def test_changed_training_config_refused_in_same_workdir(run, tmp_path):
+    assert run("train.py", "digits.py", tmp_path, "--config.train.epochs=1").returncode == 0
+    result = run("train.py", "digits.py", tmp_path, "--config.train.width=0.25")
     assert result.returncode == 2 and "different train config" in result.stderr

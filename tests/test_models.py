@@ -12,12 +12,20 @@ def _count(model, shape):
     return sum(x.size for x in jax.tree.leaves(variables["params"]))
 
 
-@pytest.mark.parametrize("name, width, classes, expected", [
-    ("resnet18", 1.0, 10, 11_173_962),   # the upstream CIFAR ResNet-18 (reference §3, §5.2)
-    ("resnet18", 1.0, 100, 11_220_132),  # fc grows by 512 * 90 + 90
-    ("resnet50", 1.0, 10, 23_520_842),
-    ("vgg16_bn", 1.0, 10, 15_311_818),   # 14,710,464 conv + 8,448 BN + 592,906 classifier
-])
+@pytest.mark.parametrize(
+    "name, width, classes, expected",
+    [
+        (
+            "resnet18",
+            1.0,
+            10,
+            11_173_962,
+        ),  # the upstream CIFAR ResNet-18 (upstream `Classification/models/ResNet.py`)
+        ("resnet18", 1.0, 100, 11_220_132),  # fc grows by 512 * 90 + 90
+        ("resnet50", 1.0, 10, 23_520_842),
+        ("vgg16_bn", 1.0, 10, 15_311_818),  # 14,710,464 conv + 8,448 BN + 592,906 classifier
+    ],
+)
 def test_parameter_counts(name, width, classes, expected):
     model = create_model(name, classes, (0.5,) * 3, (0.25,) * 3, width)
     assert _count(model, (1, 32, 32, 3)) == expected
@@ -41,8 +49,9 @@ def test_forward_shapes_and_batch_stats(name, shape):
     logits_train, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     chex.assert_shape(logits_train, (shape[0], 7))
     # Train mode updates the running statistics; eval mode does not use batch statistics.
-    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
-                           updates["batch_stats"])
+    changed = jax.tree.map(
+        lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"]
+    )
     assert any(jax.tree.leaves(changed))
 
 
@@ -51,8 +60,9 @@ def test_normalisation_inside_model():
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
     # A constant image equal to the mean becomes zeros after normalisation; the conv stack has no
     # bias and BN in eval mode maps 0 -> beta - mean * gamma / sqrt(var + eps) = 0 at init.
-    _, feats = model.apply(variables, jnp.full((1, 8, 8, 1), 0.5), train=False,
-                           return_features=True)
+    _, feats = model.apply(
+        variables, jnp.full((1, 8, 8, 1), 0.5), train=False, return_features=True
+    )
     np.testing.assert_allclose(feats, 0.0, atol=1e-6)
 
 

@@ -1,5 +1,5 @@
 """Optimizers: PyTorch-style SGD, the multi-step schedule and the saliency-mask transform
-(reference-salun.md §2.3, §9.1)."""
+(upstream `unlearn/impl.py`, PR #33, issue #32)."""
 
 import doctest
 
@@ -22,12 +22,17 @@ def test_docstring_examples_run():
 
 def _params_mask_grads(seed=0):
     rng = np.random.default_rng(seed)
-    params = {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2)), jnp.float32)},
-              "fc": {"bias": jnp.asarray(rng.normal(size=4), jnp.float32),
-                     "kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)}}
+    params = {
+        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2)), jnp.float32)},
+        "fc": {
+            "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
+            "kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+        },
+    }
     mask = jax.tree.map(lambda p: rng.random(p.shape) < 0.5, params)
     grads = jax.tree.map(
-        lambda p: jnp.asarray(rng.normal(size=(NUM_STEPS, *p.shape)), jnp.float32), params)
+        lambda p: jnp.asarray(rng.normal(size=(NUM_STEPS, *p.shape)), jnp.float32), params
+    )
     return params, mask, grads
 
 
@@ -50,8 +55,9 @@ def _select(tree, mask, keep):
 
 
 OPTIMIZERS = {
-    "sgd": lambda mask, mode: optim.make_sgd(0.05, momentum=0.9, weight_decay=0.05, mask=mask,
-                                             mask_mode=mode),
+    "sgd": lambda mask, mode: optim.make_sgd(
+        0.05, momentum=0.9, weight_decay=0.05, mask=mask, mask_mode=mode
+    ),
     "adam": lambda mask, mode: optim.make_adam(0.05, clip_norm=1.0, mask=mask, mask_mode=mode),
 }
 
@@ -61,14 +67,17 @@ def test_hard_mode_keeps_masked_coordinates_bit_identical(name):
     params, mask, grads = _params_mask_grads()
     trajectory = _run(OPTIMIZERS[name](mask, "hard"), params, grads)
     frozen_before = _select(params, mask, False)
-    for leaf_before, leaf_after in zip(jax.tree.leaves(frozen_before),
-                                       jax.tree.leaves(_select(trajectory, mask, False)),
-                                       strict=True):
+    for leaf_before, leaf_after in zip(
+        jax.tree.leaves(frozen_before),
+        jax.tree.leaves(_select(trajectory, mask, False)),
+        strict=True,
+    ):
         for t in range(NUM_STEPS):
             np.testing.assert_array_equal(leaf_after[t], leaf_before)  # bit-identical
     moved = _select(trajectory, mask, True)
-    for leaf_before, leaf_after in zip(jax.tree.leaves(_select(params, mask, True)),
-                                       jax.tree.leaves(moved), strict=True):
+    for leaf_before, leaf_after in zip(
+        jax.tree.leaves(_select(params, mask, True)), jax.tree.leaves(moved), strict=True
+    ):
         assert np.all(leaf_after[-1] != leaf_before)
     chex.assert_tree_all_finite(trajectory)
 
@@ -76,8 +85,7 @@ def test_hard_mode_keeps_masked_coordinates_bit_identical(name):
 def test_paper_mode_equals_sgd_with_decay_on_a_masked_gradient():
     params, mask, grads = _params_mask_grads(1)
     lr, momentum, wd = 0.05, 0.9, 0.05
-    trajectory = _run(optim.make_sgd(lr, momentum, wd, mask=mask, mask_mode="paper"), params,
-                      grads)
+    trajectory = _run(optim.make_sgd(lr, momentum, wd, mask=mask, mask_mode="paper"), params, grads)
     # Upstream at paper time: grad *= mask, then torch SGD with coupled weight decay.
     reference_tx = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=momentum))
     masked_grads = jax.tree.map(lambda g, m: g * m, grads, mask)
@@ -95,24 +103,31 @@ def test_paper_mode_with_adam_and_no_decay_is_exact():
     # Adam has no weight decay: a zero gradient leaves zero moments, hence zero updates.
     params, mask, grads = _params_mask_grads(2)
     trajectory = _run(OPTIMIZERS["adam"](mask, "paper"), params, grads)
-    for b, a in zip(jax.tree.leaves(_select(params, mask, False)),
-                    jax.tree.leaves(_select(trajectory, mask, False)), strict=True):
+    for b, a in zip(
+        jax.tree.leaves(_select(params, mask, False)),
+        jax.tree.leaves(_select(trajectory, mask, False)),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a[-1], b)
 
 
 def test_adam_clips_before_masking():
-    # The clipping norm includes the masked-out coordinates (reference-salun.md §6.4).
+    # The clipping norm includes the masked-out coordinates (upstream `saliency_unlearn`).
     params, mask, grads = _params_mask_grads(3)
-    grads = jax.tree.map(lambda g: g * jnp.linspace(0.2, 5.0, NUM_STEPS).reshape(
-        (-1,) + (1,) * (g.ndim - 1)), grads)
+    grads = jax.tree.map(
+        lambda g: g * jnp.linspace(0.2, 5.0, NUM_STEPS).reshape((-1,) + (1,) * (g.ndim - 1)), grads
+    )
     trajectory = _run(optim.make_adam(0.05, clip_norm=1.0, mask=mask), params, grads)
-    clipped = jax.jit(jax.vmap(lambda g: optax.clip_by_global_norm(1.0).update(g, None)[0]))(
-        grads)
+    clipped = jax.jit(jax.vmap(lambda g: optax.clip_by_global_norm(1.0).update(g, None)[0]))(grads)
     reference = _run(optax.adam(0.05), params, jax.tree.map(lambda g, m: g * m, clipped, mask))
-    mask_then_clip = _run(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05)), params,
-                          jax.tree.map(lambda g, m: g * m, grads, mask))
-    chex.assert_trees_all_close(_select(trajectory, mask, True), _select(reference, mask, True),
-                                rtol=1e-5, atol=1e-6)
+    mask_then_clip = _run(
+        optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05)),
+        params,
+        jax.tree.map(lambda g, m: g * m, grads, mask),
+    )
+    chex.assert_trees_all_close(
+        _select(trajectory, mask, True), _select(reference, mask, True), rtol=1e-5, atol=1e-6
+    )
     assert not np.allclose(trajectory["fc"]["kernel"], mask_then_clip["fc"]["kernel"])
 
 
@@ -125,11 +140,13 @@ def test_whole_leaf_bool_mask_freezes_whole_leaves(mode):
         np.testing.assert_array_equal(trajectory["conv"]["kernel"][t], params["conv"]["kernel"])
     assert np.all(trajectory["fc"]["bias"][-1] != params["fc"]["bias"])  # trains whole
     kernel_mask = element_mask["fc"]["kernel"]
-    assert np.all(trajectory["fc"]["kernel"][-1][kernel_mask]
-                  != params["fc"]["kernel"][kernel_mask])
+    assert np.all(
+        trajectory["fc"]["kernel"][-1][kernel_mask] != params["fc"]["kernel"][kernel_mask]
+    )
     if mode == "hard":
-        np.testing.assert_array_equal(trajectory["fc"]["kernel"][-1][~kernel_mask],
-                                      params["fc"]["kernel"][~kernel_mask])
+        np.testing.assert_array_equal(
+            trajectory["fc"]["kernel"][-1][~kernel_mask], params["fc"]["kernel"][~kernel_mask]
+        )
 
 
 def test_unknown_mode_refused():
@@ -190,7 +207,8 @@ def test_multistep_schedule_at_epoch_boundaries():
         assert float(schedule(step)) == pytest.approx(lr, rel=1e-6), step
     constant = optim.multistep_schedule(0.01, (91, 136), 0.1, steps_per_epoch=10)
     assert float(constant(909)) == pytest.approx(0.01) and float(constant(910)) == pytest.approx(
-        0.001)
+        0.001
+    )
     assert float(optim.multistep_schedule(0.3, (), 0.1, 5)(10**6)) == pytest.approx(0.3)
 
 

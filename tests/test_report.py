@@ -21,9 +21,9 @@ def _run(method, seed, ua, mia, ra, ta, run_time=None):
 # FT listed first on purpose: the table must still put the reference first.
 RUNS = [
     _run("FT", 1, 1.0, 2.0, 99.0, 93.0, 2.0),
-    _run("retrain", 1, 5.0, 12.0, 100.0, 94.0, 40.0),
+    _run("Retrain", 1, 5.0, 12.0, 100.0, 94.0, 40.0),
     _run("FT", 2, 2.0, 4.0, 99.5, 94.0, 3.0),
-    _run("retrain", 2, 6.0, 14.0, 100.0, 95.0, 44.0),
+    _run("Retrain", 2, 6.0, 14.0, 100.0, 95.0, 44.0),
 ]
 
 
@@ -33,8 +33,8 @@ RUNS = [
 
 def test_summarize_hand_computed():
     summary = report.summarize(RUNS)
-    assert list(summary) == ["FT", "retrain"]  # first appearance
-    retrain, ft = summary["retrain"], summary["FT"]
+    assert list(summary) == ["FT", "Retrain"]  # first appearance
+    retrain, ft = summary["Retrain"], summary["FT"]
     assert retrain["n_runs"] == 2 and retrain["seeds"] == [1, 2]
     assert retrain["mean"] == pytest.approx(
         {"UA": 5.5, "MIA": 13.0, "RA": 100.0, "TA": 94.5, "run_time_s": 42.0}
@@ -58,7 +58,7 @@ def test_summarize_hand_computed():
 EXPECTED_TABLE = """\
 | Method | UA | MIA | RA | TA | Avg. Gap | RTE (s) |
 |---|---|---|---|---|---|---|
-| retrain | 5.50±0.50 | 13.00±1.00 | 100.00±0.00 | 94.50±0.50 | 0.00 | 42.00 |
+| Retrain | 5.50±0.50 | 13.00±1.00 | 100.00±0.00 | 94.50±0.50 | 0.00 | 42.00 |
 | FT | 1.50±0.50 (4.00) | 3.00±1.00 (10.00) | 99.25±0.25 (0.75) | 93.50±0.50 (1.00) | 3.94 | 2.50 |
 """
 
@@ -77,7 +77,7 @@ def test_markdown_table_options():
         "| Method | UA | RTE (s) |",
         "|---|---|---|",
         "| FT | 1.50±0.50 | 2.50 |",
-        "| retrain | 5.50±0.50 | 42.00 |",
+        "| Retrain | 5.50±0.50 | 42.00 |",
     ]
 
 
@@ -95,7 +95,7 @@ def test_paper_ft_row_format():
 def test_summarize_rejects_bad_runs():
     with pytest.raises(ValueError, match="runs is empty"):
         report.summarize([])
-    with pytest.raises(ValueError, match=r"Reference method 'retrain' has no runs; .*\['FT'\]"):
+    with pytest.raises(ValueError, match=r"Reference method 'Retrain' has no runs; .*\['FT'\]"):
         report.summarize(RUNS[:1])
     with pytest.raises(ValueError, match=r"lacks metric keys \['TA'\]"):
         report.summarize([{"method": "FT", "seed": 0, "metrics": {"UA": 1, "MIA": 1, "RA": 1}}])

@@ -33,9 +33,16 @@ def test_val_split_per_class_and_matches_upstream_recipe(labels):
     assert np.all(np.diff(train) > 0)  # ascending, as set difference in CPython gives upstream
     # Upstream: RandomState(seed).choice(class_idx, n, replace=False) per class in class order.
     rng = np.random.RandomState(1)
-    expected = np.concatenate([rng.choice(np.flatnonzero(train_labels == k),
-                                          round(0.1 * np.sum(train_labels == k)), replace=False)
-                               for k in range(5)])
+    expected = np.concatenate(
+        [
+            rng.choice(
+                np.flatnonzero(train_labels == k),
+                round(0.1 * np.sum(train_labels == k)),
+                replace=False,
+            )
+            for k in range(5)
+        ]
+    )
     np.testing.assert_array_equal(val, expected)
 
 
@@ -59,8 +66,9 @@ def test_class_wise_forgetting(labels):
     assert not np.any(test_labels[split.test] == 3)
     some = make_split(*labels, scenario="class", forget_class=3, num_forget=10)
     assert some.forget.size == 10 and np.all(train_labels[some.forget] == 3)
-    keep_test = make_split(*labels, scenario="class", forget_class=3,
-                           drop_forget_class_from_test=False)
+    keep_test = make_split(
+        *labels, scenario="class", forget_class=3, drop_forget_class_from_test=False
+    )
     assert keep_test.test.size == 100
 
 
@@ -92,22 +100,33 @@ def test_mismatch_refused(labels, tmp_path):
 def test_corrupt_split_refused(labels, tmp_path):
     path = str(tmp_path / "split.npz")
     split = make_split(*labels, scenario="random", num_forget=30)
-    np.savez(path, train=split.train, val=split.val, forget=split.forget[:-1],
-             retain=split.retain, test=split.test, description="{}", hash=split.hash)
+    np.savez(
+        path,
+        train=split.train,
+        val=split.val,
+        forget=split.forget[:-1],
+        retain=split.retain,
+        test=split.test,
+        description="{}",
+        hash=split.hash,
+    )
     with pytest.raises(SplitMismatchError, match="corrupt"):
         load_split(path)
     with pytest.raises(FileNotFoundError):
         load_split(str(tmp_path / "missing.npz"))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(scenario="random"), "exactly one of"),
-    (dict(scenario="random", num_forget=10_000), "num_forget must be"),
-    (dict(scenario="random", forget_fraction=1.5), "forget_fraction must be"),
-    (dict(scenario="class", forget_class=9), "forget_class in"),
-    (dict(scenario="sideways"), "unknown scenario"),
-    (dict(scenario="none", val_fraction=1.0), "val_fraction"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(scenario="random"), "exactly one of"),
+        (dict(scenario="random", num_forget=10_000), "num_forget must be"),
+        (dict(scenario="random", forget_fraction=1.5), "forget_fraction must be"),
+        (dict(scenario="class", forget_class=9), "forget_class in"),
+        (dict(scenario="sideways"), "unknown scenario"),
+        (dict(scenario="none", val_fraction=1.0), "val_fraction"),
+    ],
+)
 def test_bad_split_arguments(labels, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_split(*labels, **kwargs)

@@ -13,13 +13,14 @@ import os
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_paper.py")
     spec = importlib.util.spec_from_file_location("cifar10_paper", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
-    config.split = dict(scenario="class", forget_class=0, val_fraction=0.1,
-                        drop_forget_class_from_test=True)
+    config = module.get_config(variant)
+    config.split = dict(
+        scenario="class", forget_class=0, val_fraction=0.1, drop_forget_class_from_test=True
+    )
     config.sweep_fractions = ()
     return config

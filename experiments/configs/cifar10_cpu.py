@@ -13,8 +13,11 @@ SalUn-soft 9.63, BS 17.1, BE 19.6, l1-sparse 20.3, FT 20.5, IU 21.4, GA 22.2 (un
 
 import ml_collections
 
+from salun_jax.pipeline.classification import tiny_variant
+from salun_jax.pipeline.common import unset_like
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.dataset = "../shared/data/cifar10_jpeg.zip"
     config.data_dir = ""
@@ -25,26 +28,62 @@ def get_config() -> ml_collections.ConfigDict:
     config.split = dict(scenario="random", forget_fraction=0.1, val_fraction=0.1)
     # No augmentation: on a 9k-image subset the small model then fits its training set (RA near
     # 100%, as the paper's original), which is what makes membership inference meaningful.
-    config.train = dict(model="resnet18", width=0.25, epochs=15, batch_size=128, learning_rate=0.05,
-                        momentum=0.9, weight_decay=5e-4, milestones=(8, 12), gamma=0.1,
-                        crop_padding=0, flip=False, seed=0)
-    config.retrain = dict()
-    config.unlearn = dict(epochs=5, learning_rate=0.01, batch_size=128, momentum=0.9,
-                          weight_decay=5e-4, crop_padding=0, flip=False, mask_mode="hard",
-                          batch_stats="update", rl_variant="sequential")
+    config.train = dict(
+        model="resnet18",
+        width=0.25,
+        epochs=15,
+        batch_size=128,
+        learning_rate=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        milestones=(8, 12),
+        gamma=0.1,
+        crop_padding=0,
+        flip=False,
+        seed=0,
+    )
+    # Retrain: the train recipe; a non-None value here overrides it (e.g. --config.retrain.epochs=2).
+    config.retrain = unset_like(config.train)
+    config.unlearn = dict(
+        epochs=5,
+        learning_rate=0.01,
+        batch_size=128,
+        momentum=0.9,
+        weight_decay=5e-4,
+        crop_padding=0,
+        flip=False,
+        mask_mode="hard",
+        update_batch_stats=True,
+        rl_variant="sequential",
+    )
     config.methods = dict(
         FT=dict(learning_rate=0.02),
         GA=dict(learning_rate=5e-3, epochs=3),
         RL=dict(learning_rate=0.01),
-        IU=dict(alpha=1.0),
-        **{"l1-sparse": dict(learning_rate=0.02, alpha=1e-4)},
+        IU=dict(iu_step_size=1.0),
+        **{"l1-sparse": dict(learning_rate=0.02, l1_coefficient=1e-4)},
         BS=dict(learning_rate=1e-3),
         BE=dict(learning_rate=1e-3),
-        SalUn=dict(learning_rate=0.01, mask_fraction=0.5),
+        SalUn=dict(learning_rate=0.01),
         **{"SalUn-soft": dict(learning_rate=0.01)},
     )
-    config.run_methods = ("Retrain", "FT", "GA", "RL", "IU", "l1-sparse", "BS", "BE", "SalUn",
-                          "SalUn-soft")
+    config.run_methods = (
+        "Retrain",
+        "FT",
+        "GA",
+        "RL",
+        "IU",
+        "l1-sparse",
+        "BS",
+        "BE",
+        "SalUn",
+        "SalUn-soft",
+    )
+    config.mask = dict(fraction=0.5)  # SalUn's saliency mask: top share of weights
     config.sweep_fractions = ()
     config.mia_kinds = ("confidence",)
+    if variant == "tiny":
+        return tiny_variant(config)
+    if variant:
+        raise ValueError(f"unknown variant {variant!r}; known: tiny")
     return config

@@ -9,37 +9,76 @@ among the smallest Avg. Gaps.
 
 import ml_collections
 
+from salun_jax.pipeline.classification import tiny_variant
+from salun_jax.pipeline.common import unset_like
 
-def get_config() -> ml_collections.ConfigDict:
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.dataset = "digits"
     config.data_dir = ""
     config.cache_dir = ""
     config.seeds = (1, 2, 3)
     config.split = dict(scenario="random", forget_fraction=0.1, val_fraction=0.1)
-    config.train = dict(model="small_cnn", width=0.5, epochs=20, batch_size=64, learning_rate=0.05,
-                        momentum=0.9, weight_decay=5e-4, milestones=(15,), gamma=0.1,
-                        crop_padding=1, flip=False, seed=0)
-    config.retrain = dict()  # overrides of `train` for Retrain (same recipe by default)
+    config.train = dict(
+        model="small_cnn",
+        width=0.5,
+        epochs=20,
+        batch_size=64,
+        learning_rate=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        milestones=(15,),
+        gamma=0.1,
+        crop_padding=1,
+        flip=False,
+        seed=0,
+    )
+    # Retrain: the train recipe; a non-None value here overrides it (e.g. --config.retrain.epochs=2).
+    config.retrain = unset_like(config.train)
     # Shared by every method; per-method overrides below.
     # Small forget sets (129 images, 3 batches) suit the mixed-batch RL variant: the sequential one
     # ends each forget phase on a 1-example batch of random labels, which hurt RA/TA here.
-    config.unlearn = dict(epochs=5, learning_rate=0.01, batch_size=64, momentum=0.9,
-                          weight_decay=5e-4, crop_padding=1, flip=False, mask_mode="hard",
-                          batch_stats="update", rl_variant="concat")
+    config.unlearn = dict(
+        epochs=5,
+        learning_rate=0.01,
+        batch_size=64,
+        momentum=0.9,
+        weight_decay=5e-4,
+        crop_padding=1,
+        flip=False,
+        mask_mode="hard",
+        update_batch_stats=True,
+        rl_variant="concat",
+    )
     config.methods = dict(
         FT=dict(learning_rate=0.02),
         GA=dict(learning_rate=0.01, epochs=3),
         RL=dict(learning_rate=0.005),
-        IU=dict(alpha=0.3, woodfisher_samples=200),
-        **{"l1-sparse": dict(learning_rate=0.02, alpha=5e-4)},
+        IU=dict(iu_step_size=0.3, woodfisher_samples=200),
+        **{"l1-sparse": dict(learning_rate=0.02, l1_coefficient=5e-4)},
         BS=dict(learning_rate=5e-4),
         BE=dict(learning_rate=1e-3),
-        SalUn=dict(learning_rate=0.005, mask_fraction=0.5),
+        SalUn=dict(learning_rate=0.005),
         **{"SalUn-soft": dict(learning_rate=0.01)},
     )
-    config.run_methods = ("Retrain", "FT", "GA", "RL", "IU", "l1-sparse", "BS", "BE", "SalUn",
-                          "SalUn-soft")
+    config.run_methods = (
+        "Retrain",
+        "FT",
+        "GA",
+        "RL",
+        "IU",
+        "l1-sparse",
+        "BS",
+        "BE",
+        "SalUn",
+        "SalUn-soft",
+    )
+    config.mask = dict(fraction=0.5)  # SalUn's saliency mask: top share of weights
     config.sweep_fractions = (0.1, 0.3, 0.5, 0.7, 0.9)
     config.mia_kinds = ("confidence", "correctness", "entropy", "m_entropy", "prob")
+    if variant == "tiny":
+        return tiny_variant(config)
+    if variant:
+        raise ValueError(f"unknown variant {variant!r}; known: tiny")
     return config

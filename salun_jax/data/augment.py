@@ -11,8 +11,9 @@ def to_float(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 255.0
 
 
-def random_crop_flip(rng: jax.Array, images: jax.Array, padding: int = 4,
-                     flip: bool = True) -> jax.Array:
+def random_crop_flip(
+    rng: jax.Array, images: jax.Array, padding: int = 4, flip: bool = True
+) -> jax.Array:
     """RandomCrop(H, padding) + RandomHorizontalFlip, independently per example.
 
     Args:
@@ -33,11 +34,17 @@ def random_crop_flip(rng: jax.Array, images: jax.Array, padding: int = 4,
         offsets = jax.random.randint(crop_rng, (batch, 2), 0, 2 * padding + 1)
 
         def crop(image, offset):
-            return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0),
-                                         (height, width, image.shape[-1]))
+            return jax.lax.dynamic_slice(
+                image, (offset[0], offset[1], 0), (height, width, image.shape[-1])
+            )
 
         images = jax.vmap(crop)(padded, offsets)
     if flip:
-        do_flip = jax.random.bernoulli(flip_rng, 0.5, (batch,))
-        images = jnp.where(do_flip[:, None, None, None], images[:, :, ::-1, :], images)
+        images = random_flip(flip_rng, images)
     return images
+
+
+def random_flip(rng: jax.Array, images: jax.Array) -> jax.Array:
+    """Flips each image of [B, H, W, C] left-right with probability 1/2."""
+    do_flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
+    return jnp.where(do_flip[:, None, None, None], images[:, :, ::-1, :], images)

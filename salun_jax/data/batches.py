@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 
 
-def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator | None,
-                  num_devices: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def epoch_batches(
+    indices: np.ndarray, batch_size: int, rng: np.random.Generator | None, num_devices: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Shuffled batches over `indices`, the last partial batch padded (weight 0) to full size.
 
     Returns:
@@ -30,8 +32,25 @@ def epoch_batches(indices: np.ndarray, batch_size: int, rng: np.random.Generator
     return padded.reshape(shape).astype(np.int32), weights.reshape(shape)
 
 
-def gather_batches(arrays: dict[str, np.ndarray], indices: np.ndarray, batch_size: int,
-                   rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+def warn_if_padded(num_examples: int, batch_size: int) -> None:
+    """Logs a warning when one batch is larger than the whole set: every step then computes
+    mostly padding (batch_size / num_examples times the work)."""
+    if 0 < num_examples < batch_size:
+        logging.warning(
+            "batch size %d is larger than the %d examples: each step pads them %.0fx; use a "
+            "smaller batch size",
+            batch_size,
+            num_examples,
+            batch_size / num_examples,
+        )
+
+
+def gather_batches(
+    arrays: dict[str, np.ndarray],
+    indices: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
     """Stacks `arrays[name][batch]` for padded batches over `indices`: each value [S, B, ...],
     plus `weight` [S, B] (0 on padding). For jitted scans over a whole (small) set."""
     batch_indices, weights = epoch_batches(indices, batch_size, rng, num_devices=1)
@@ -39,3 +58,17 @@ def gather_batches(arrays: dict[str, np.ndarray], indices: np.ndarray, batch_siz
     out = {name: np.asarray(values)[batch_indices] for name, values in arrays.items()}
     out["weight"] = weights
     return out
+
+
+def cyclic_batches(
+    indices: np.ndarray, batch_size: int, num_batches: int, rng: np.random.Generator
+) -> np.ndarray:
+    """[num_batches, batch_size] of `indices`: consecutive reshuffled passes over the set,
+    concatenated (an infinite shuffled loader, as upstream's `cycle(loader)`; every batch full)."""
+    indices = np.asarray(indices)
+    if indices.size == 0:
+        raise ValueError("cannot make batches from an empty index set")
+    needed = num_batches * batch_size
+    passes = [rng.permutation(indices.size) for _ in range(-(-needed // indices.size))]
+    order = np.concatenate(passes)[:needed]
+    return indices[order].reshape(num_batches, batch_size).astype(np.int32)

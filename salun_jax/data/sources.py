@@ -329,20 +329,8 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Dataset:
         class_names = tuple(train_source.dataset_info.features["label"].names)
     except Exception as error:  # tfds raises many types (KeyError, ImportError, OSError, ...).
         raise DataSourceError(_tfds_error(name, data_dir, download, error)) from error
-    if name in DATASET_STATS:
-        mean, std = DATASET_STATS[name]
-    else:
-        mean, std = _channel_stats(train_images)
-    return Dataset(
-        name=name,
-        train_images=train_images,
-        train_labels=train_labels,
-        test_images=test_images,
-        test_labels=test_labels,
-        class_names=class_names,
-        mean=mean,
-        std=std,
-    )
+    decoded = {"train": (train_images, train_labels), "test": (test_images, test_labels)}
+    return _make_image_dataset(name, class_names, decoded, stats_name=name)
 
 
 def _read_tfds_split(source: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -386,7 +374,8 @@ class _ImageFile(NamedTuple):
     member: str  # Path relative to the folder, or the zip member name.
 
 
-def _resolve_cache_dir(cache_dir: str | None) -> str:
+def resolve_cache_dir(cache_dir: str | None = None) -> str:
+    """The cache directory: `cache_dir`, else $SALUN_JAX_CACHE, else ~/.cache/salun_jax."""
     if cache_dir is None:
         cache_dir = os.environ.get(_CACHE_ENV_VAR) or os.path.join("~", ".cache", "salun_jax")
     return os.path.abspath(os.path.expanduser(cache_dir))
@@ -411,7 +400,7 @@ def _cache_key(path: str) -> str:
 
 def _cache_path(path: str, cache_dir: str | None) -> str:
     stem = os.path.splitext(os.path.basename(path.rstrip(os.sep)))[0] or "data"
-    return os.path.join(_resolve_cache_dir(cache_dir), f"{stem}-{_cache_key(path)}.npz")
+    return os.path.join(resolve_cache_dir(cache_dir), f"{stem}-{_cache_key(path)}.npz")
 
 
 def _dataset_name(path: str) -> str:
@@ -617,11 +606,18 @@ def _decode_entries(
 
 
 def _make_image_dataset(
-    name: str, class_names: tuple[str, ...], decoded: dict[str, tuple[np.ndarray, np.ndarray]]
+    name: str,
+    class_names: tuple[str, ...],
+    decoded: dict[str, tuple[np.ndarray, np.ndarray]],
+    stats_name: str | None = None,
 ) -> Dataset:
+    """A Dataset with the known per-channel statistics of `stats_name` (or of CIFAR-10 for its
+    class names), else those computed from the train images."""
     train_images, train_labels = decoded["train"]
     test_images, test_labels = decoded["test"]
-    if class_names == CIFAR10_CLASS_NAMES and train_images.shape[-1] == 3:
+    if stats_name in DATASET_STATS:
+        mean, std = DATASET_STATS[stats_name]
+    elif class_names == CIFAR10_CLASS_NAMES and train_images.shape[-1] == 3:
         mean, std = DATASET_STATS["cifar10"]
     else:
         mean, std = _channel_stats(train_images)
@@ -670,12 +666,14 @@ def _decode_zip(path: str, name: str) -> Dataset:
 
 
 def _first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
-    return np.sort(np.concatenate([np.flatnonzero(labels == k)[:per_class]
-                                   for k in np.unique(labels)]))
+    return np.sort(
+        np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in np.unique(labels)])
+    )
 
 
-def subset_per_class(dataset: Dataset, train_per_class: int = 0, test_per_class: int = 0
-                     ) -> Dataset:
+def subset_per_class(
+    dataset: Dataset, train_per_class: int = 0, test_per_class: int = 0
+) -> Dataset:
     """The first `n` images of every class (in data set order) of the train and/or test arrays;
     0 keeps a split whole. For CPU-sized experiments on large data sets. The name records the
     subset, so splits made on it are refused for the full data set and vice versa."""
@@ -683,12 +681,22 @@ def subset_per_class(dataset: Dataset, train_per_class: int = 0, test_per_class:
         raise ValueError("per-class subset sizes must be >= 0")
     if not train_per_class and not test_per_class:
         return dataset
-    train = (_first_per_class(dataset.train_labels, train_per_class) if train_per_class
-             else np.arange(len(dataset.train_labels)))
-    test = (_first_per_class(dataset.test_labels, test_per_class) if test_per_class
-            else np.arange(len(dataset.test_labels)))
+    train = (
+        _first_per_class(dataset.train_labels, train_per_class)
+        if train_per_class
+        else np.arange(len(dataset.train_labels))
+    )
+    test = (
+        _first_per_class(dataset.test_labels, test_per_class)
+        if test_per_class
+        else np.arange(len(dataset.test_labels))
+    )
     return dataclasses.replace(
-        dataset, name=f"{dataset.name}[train {train_per_class or 'all'}/class, test "
-                      f"{test_per_class or 'all'}/class]",
-        train_images=dataset.train_images[train], train_labels=dataset.train_labels[train],
-        test_images=dataset.test_images[test], test_labels=dataset.test_labels[test])
+        dataset,
+        name=f"{dataset.name}[train {train_per_class or 'all'}/class, test "
+        f"{test_per_class or 'all'}/class]",
+        train_images=dataset.train_images[train],
+        train_labels=dataset.train_labels[train],
+        test_images=dataset.test_images[test],
+        test_labels=dataset.test_labels[test],
+    )

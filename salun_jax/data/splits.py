@@ -1,6 +1,6 @@
 """Train/validation split and forget/retain selection, saved as .npz with a content hash.
 
-Semantics follow the original code (reference-salun.md §5.1):
+Semantics follow the original code (upstream `Classification/dataset.py`):
 - validation: per class, `RandomState(seed).choice(class_idx, n_val, replace=False)`, stacked in
   class order; train = the rest in ascending index order;
 - random forgetting: `RandomState(seed - 1).choice(len(train), n, replace=False)` positions of the
@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,11 @@ def make_split(
             if not 0.0 < forget_fraction < 1.0:
                 raise ValueError(f"forget_fraction must be in (0, 1), got {forget_fraction}")
             num_forget = int(round(forget_fraction * train.size))
+            if not 0 < num_forget < train.size:
+                raise ValueError(
+                    f"forget_fraction {forget_fraction} of {train.size} train images gives "
+                    f"{num_forget} images to forget; it must give between 1 and {train.size - 1}"
+                )
         if not 0 < num_forget < train.size:
             raise ValueError(f"num_forget must be in (0, {train.size}), got {num_forget}")
         positions = forget_rng.choice(np.arange(train.size), size=num_forget, replace=False)
@@ -125,8 +131,10 @@ def make_split(
     elif scenario == "class":
         num_classes = int(train_labels.max()) + 1
         if forget_class is None or not 0 <= forget_class < num_classes:
-            raise ValueError(f"class-wise forgetting needs forget_class in [0, {num_classes}), "
-                             f"got {forget_class}")
+            raise ValueError(
+                f"class-wise forgetting needs forget_class in [0, {num_classes}), "
+                f"got {forget_class}"
+            )
         candidates = train[train_labels[train] == forget_class]
         if num_forget is None and forget_fraction is not None:
             num_forget = int(round(forget_fraction * candidates.size))
@@ -167,13 +175,18 @@ def _labels_digest(train_labels: np.ndarray, test_labels: np.ndarray) -> str:
 def save_split(path: str, split: Split) -> None:
     """Writes the split to `path` (.npz) atomically, with its description and hash."""
     tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **{name: getattr(split, name) for name in _ARRAYS},
-             description=json.dumps(split.description, sort_keys=True), hash=split.hash)
+    np.savez(
+        tmp,
+        **{name: getattr(split, name) for name in _ARRAYS},
+        description=json.dumps(split.description, sort_keys=True),
+        hash=split.hash,
+    )
     os.replace(tmp, path)
 
 
-def load_split(path: str, train_labels: np.ndarray | None = None,
-               test_labels: np.ndarray | None = None) -> Split:
+def load_split(
+    path: str, train_labels: np.ndarray | None = None, test_labels: np.ndarray | None = None
+) -> Split:
     """Loads a split and, given the data set's labels, checks that it belongs to it.
 
     Raises:
@@ -183,14 +196,20 @@ def load_split(path: str, train_labels: np.ndarray | None = None,
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no split file at {path}")
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {name: f[name].astype(np.int64) for name in _ARRAYS}
-        description = json.loads(str(f["description"]))
-        stored_hash = str(f["hash"])
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {name: f[name].astype(np.int64) for name in _ARRAYS}
+            description = json.loads(str(f["description"]))
+            stored_hash = str(f["hash"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise SplitMismatchError(
+            f"split {path} is unreadable ({type(error).__name__}: {error})"
+        ) from error
     split = Split(**arrays, description=description)
     if split.hash != stored_hash:
-        raise SplitMismatchError(f"split {path} is corrupt: content hash {split.hash} != stored "
-                                 f"{stored_hash}")
+        raise SplitMismatchError(
+            f"split {path} is corrupt: content hash {split.hash} != stored {stored_hash}"
+        )
     if train_labels is not None and test_labels is not None:
         check_split(split, train_labels, test_labels)
     return split
@@ -209,4 +228,5 @@ def check_split(split: Split, train_labels: np.ndarray, test_labels: np.ndarray)
     if problems:
         raise SplitMismatchError(
             f"split (dataset {d.get('dataset')!r}, hash {split.hash}) does not match this data "
-            f"set: {'; '.join(problems)}")
+            f"set: {'; '.join(problems)}"
+        )

@@ -7,7 +7,8 @@ does not retrace.
 
 References:
   Song et al. 2021 (DDIM) Eq. 12; Ho et al. 2020 (DDPM) Alg. 2; Ho & Salimans 2022 (CFG);
-  reference-salun.md §6.1 (CFG), §6.5 (`generalized_steps_conditional`), upstream
+  upstream `DDPM/models/diffusion.py` (CFG), `functions/denoising.py`
+  (`generalized_steps_conditional`),
   `functions/denoising.py::ddpm_steps` (fixedlarge variance, clipped x0).
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,8 @@ import numpy as np
 
 from salun_jax.diffusion.schedule import NoiseSchedule
 from salun_jax.models.unet import CLASS_EMBEDDING_MODULE, NULL_CLASS_PARAM
+from salun_jax.types import PyTree
 
-PyTree = Any
 ApplyFn = Callable[..., jax.Array]
 
 
@@ -33,6 +33,16 @@ def _concrete(x) -> np.ndarray | None:
     if isinstance(x, jax.core.Tracer):
         return None
     return np.asarray(x)
+
+
+def check_null_class(params: PyTree, what: str) -> None:
+    """Raises ValueError when params have no learned null class (needed for CFG / class-drop)."""
+    if not (isinstance(params, Mapping) and NULL_CLASS_PARAM in params):
+        raise ValueError(
+            f"{what} needs a model trained with a learned null class (a "
+            f"'{NULL_CLASS_PARAM}' parameter); this model has none (a UNet built "
+            "with null_class=False). Use guidance_scale=0 or null_class=True."
+        )
 
 
 def _is_static_zero(w) -> bool:
@@ -103,10 +113,33 @@ def _padded_alphas_cumprod(schedule: NoiseSchedule) -> jax.Array:
     return jnp.concatenate([jnp.ones((1,), schedule.alphas_cumprod.dtype), schedule.alphas_cumprod])
 
 
+def _ddim_update(x, eps, t, a_t, a_next, noise, eta):
+    x0 = (x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)  # no clipping, as upstream
+    c1 = eta * jnp.sqrt((1.0 - a_t / a_next) * (1.0 - a_next) / (1.0 - a_t))
+    # max(., 0) guards a round-off negative under the sqrt (upstream would give NaN).
+    c2 = jnp.sqrt(jnp.maximum(1.0 - a_next - c1**2, 0.0))
+    return jnp.sqrt(a_next) * x0 + c1 * noise + c2 * eps
+
+
+def _ddpm_update(x, eps, t, a_t, a_prev, noise, eta):
+    del eta
+    beta_t = 1.0 - a_t / a_prev  # = beta_t when every step is taken
+    x0 = jnp.sqrt(1.0 / a_t) * x - jnp.sqrt(1.0 / a_t - 1.0) * eps
+    x0 = jnp.clip(x0, -1.0, 1.0)  # upstream `ddpm_steps` clips x0 here
+    mean = (jnp.sqrt(a_prev) * beta_t * x0 + jnp.sqrt(1.0 - beta_t) * (1.0 - a_prev) * x) / (
+        1.0 - a_t
+    )
+    # fixedlarge: sigma_t^2 = beta_t; no noise on the last step (t = 0).
+    return mean + jnp.where(t > 0, jnp.sqrt(beta_t), 0.0) * noise
+
+
+_UPDATES = {"ddim": _ddim_update, "ddpm": _ddpm_update}
+
+
 @functools.partial(
-    jax.jit, static_argnames=("apply_fn", "num_steps", "image_shape", "use_guidance")
+    jax.jit, static_argnames=("apply_fn", "kind", "num_steps", "image_shape", "use_guidance")
 )
-def _ddim_loop(
+def _sample_loop(
     apply_fn,
     params,
     schedule,
@@ -115,69 +148,25 @@ def _ddim_loop(
     eta,
     guidance_scale,
     *,
+    kind,
     num_steps,
     image_shape,
     use_guidance,
 ):
+    """x_T ~ N(0, I) from `init_rng`, then one `kind` update per timestep under `lax.scan`."""
     ts, ts_next = timestep_sequence(schedule.num_timesteps, num_steps)
     abar = _padded_alphas_cumprod(schedule)
     batch = labels.shape[0]
     init_rng, loop_rng = jax.random.split(rng)
     x_init = jax.random.normal(init_rng, (batch, *image_shape), jnp.float32)
     w = guidance_scale if use_guidance else 0.0
-    eta = jnp.asarray(eta, jnp.float32)
+    update = _UPDATES[kind]
 
     def step(x, inputs):
         t, t_next, key = inputs
-        a_t, a_next = abar[t + 1], abar[t_next + 1]
         eps = guided_eps(apply_fn, params, x, jnp.full((batch,), t), labels, w)
-        x0 = (x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)  # no clipping, as upstream
-        c1 = eta * jnp.sqrt((1.0 - a_t / a_next) * (1.0 - a_next) / (1.0 - a_t))
-        # max(., 0) guards a round-off negative under the sqrt (upstream would give NaN).
-        c2 = jnp.sqrt(jnp.maximum(1.0 - a_next - c1**2, 0.0))
         noise = jax.random.normal(key, x.shape, x.dtype)
-        return jnp.sqrt(a_next) * x0 + c1 * noise + c2 * eps, None
-
-    keys = jax.random.split(loop_rng, len(ts))
-    x, _ = jax.lax.scan(step, x_init, (jnp.asarray(ts), jnp.asarray(ts_next), keys))
-    return jnp.clip(x, -1.0, 1.0)
-
-
-@functools.partial(
-    jax.jit, static_argnames=("apply_fn", "num_steps", "image_shape", "use_guidance")
-)
-def _ddpm_loop(
-    apply_fn,
-    params,
-    schedule,
-    rng,
-    labels,
-    guidance_scale,
-    *,
-    num_steps,
-    image_shape,
-    use_guidance,
-):
-    ts, ts_next = timestep_sequence(schedule.num_timesteps, num_steps)
-    abar = _padded_alphas_cumprod(schedule)
-    batch = labels.shape[0]
-    init_rng, loop_rng = jax.random.split(rng)
-    x_init = jax.random.normal(init_rng, (batch, *image_shape), jnp.float32)
-    w = guidance_scale if use_guidance else 0.0
-
-    def step(x, inputs):
-        t, t_next, key = inputs
-        a_t, a_prev = abar[t + 1], abar[t_next + 1]
-        beta_t = 1.0 - a_t / a_prev  # = beta_t when every step is taken
-        eps = guided_eps(apply_fn, params, x, jnp.full((batch,), t), labels, w)
-        x0 = jnp.sqrt(1.0 / a_t) * x - jnp.sqrt(1.0 / a_t - 1.0) * eps
-        x0 = jnp.clip(x0, -1.0, 1.0)  # upstream `ddpm_steps` clips x0 here
-        mean = (jnp.sqrt(a_prev) * beta_t * x0 + jnp.sqrt(1.0 - beta_t) * (1.0 - a_prev) * x) / (
-            1.0 - a_t
-        )
-        # fixedlarge: sigma_t^2 = beta_t; no noise on the last step (t = 0).
-        sigma = jnp.where(t > 0, jnp.sqrt(beta_t), 0.0)
-        return mean + sigma * jax.random.normal(key, x.shape, x.dtype), None
+        return update(x, eps, t, abar[t + 1], abar[t_next + 1], noise, eta), None
 
     keys = jax.random.split(loop_rng, len(ts))
     x, _ = jax.lax.scan(step, x_init, (jnp.asarray(ts), jnp.asarray(ts_next), keys))
@@ -229,12 +218,8 @@ def _check_sampler_args(
     if w_host is not None and w_host.ndim != 0:
         raise ValueError(f"guidance_scale must be a scalar, got shape {w_host.shape}.")
     use_guidance = w_host is None or float(w_host) != 0.0
-    if use_guidance and not (isinstance(params, Mapping) and NULL_CLASS_PARAM in params):
-        raise ValueError(
-            f"guidance_scale={guidance_scale} needs a model with a learned null class "
-            f"(a '{NULL_CLASS_PARAM}' parameter at the top level of params); this model has "
-            "none. Use guidance_scale=0 or a UNet built with null_class=True."
-        )
+    if use_guidance:
+        check_null_class(params, f"guidance_scale={guidance_scale}")
     return labels, num_steps, image_shape, use_guidance
 
 
@@ -285,7 +270,7 @@ def ddim_sample(
     labels, num_steps, image_shape, use_guidance = _check_sampler_args(
         params, schedule, labels, guidance_scale, num_steps, image_shape, num_classes, eta
     )
-    return _ddim_loop(
+    return _sample_loop(
         apply_fn,
         params,
         schedule,
@@ -293,6 +278,7 @@ def ddim_sample(
         labels,
         jnp.asarray(eta, jnp.float32),
         jnp.asarray(guidance_scale, jnp.float32),
+        kind="ddim",
         num_steps=num_steps,
         image_shape=image_shape,
         use_guidance=use_guidance,
@@ -330,13 +316,15 @@ def ddpm_sample(
     labels, num_steps, image_shape, use_guidance = _check_sampler_args(
         params, schedule, labels, guidance_scale, num_steps, image_shape, num_classes
     )
-    return _ddpm_loop(
+    return _sample_loop(
         apply_fn,
         params,
         schedule,
         rng,
         labels,
+        jnp.zeros((), jnp.float32),
         jnp.asarray(guidance_scale, jnp.float32),
+        kind="ddpm",
         num_steps=num_steps,
         image_shape=image_shape,
         use_guidance=use_guidance,
@@ -349,7 +337,7 @@ def to_uint8(x: jax.Array, *, per_image_minmax: bool = False) -> jax.Array:
     Args:
       x: [..., H, W, C] images in [-1, 1] (clipped first).
       per_image_minmax: stretch each image to its own [min, max] first, as upstream
-        `save_image(normalize=True)` does for every written sample (reference §6.5).
+        `save_image(normalize=True)` does for every written sample (upstream `sample_fid`).
 
     Returns:
       uint8 array shaped like x.

@@ -1,8 +1,8 @@
 """Noise schedule and the forward (noising) process q(x_t | x_0).
 
 References:
-  Ho et al. 2020 (DDPM) Eq. 4; reference-salun.md §6.2 (`beta_schedule linear`, 1e-4 .. 0.02,
-  T = 1000).
+  Ho et al. 2020 (DDPM) Eq. 4; upstream `DDPM/configs/cifar10_train.yml` (`beta_schedule
+  linear`, 1e-4 .. 0.02, T = 1000).
 """
 
 from __future__ import annotations

@@ -1,20 +1,17 @@
-"""Evaluation of unlearning: accuracies (UA/RA/TA), MIA-Efficacy (SVC attack), Avg. Gap, timing."""
+"""Evaluation of unlearning: predictions and UA/RA/TA, MIA-Efficacy (SVC attack), Avg. Gap, and
+the generation metrics of the DDPM (`generation`)."""
 
-from salun_jax.evaluation.metrics import (
-    METRIC_KEYS,
-    Stopwatch,
-    Timer,
-    accuracy,
-    avg_gap,
-    gaps,
-    timed,
-    unlearning_metrics,
+from salun_jax.evaluation.classification import (
+    evaluate_unlearning,
+    make_predict_fn,
+    model_accuracy,
+    predict,
 )
+from salun_jax.evaluation.metrics import METRIC_KEYS, accuracy, avg_gap, gaps
 from salun_jax.evaluation.mia import (
     FEATURE_KINDS,
     from_logits,
     m_entropy_upstream,
-    mia_efficacy,
     mia_features,
     svc_mia,
 )
@@ -22,16 +19,15 @@ from salun_jax.evaluation.mia import (
 __all__ = [
     "FEATURE_KINDS",
     "METRIC_KEYS",
-    "Stopwatch",
-    "Timer",
     "accuracy",
     "avg_gap",
+    "evaluate_unlearning",
     "from_logits",
     "gaps",
     "m_entropy_upstream",
-    "mia_efficacy",
+    "make_predict_fn",
     "mia_features",
+    "model_accuracy",
+    "predict",
     "svc_mia",
-    "timed",
-    "unlearning_metrics",
 ]

@@ -1,23 +1,75 @@
-"""UA / RA / TA / MIA-Efficacy of a classifier after unlearning (reference-salun.md §4)."""
+"""A classifier's predictions and the paper's metrics after unlearning: UA / RA / TA /
+MIA-Efficacy (SalUn Sec. 5; upstream `Classification/main_forget.py` evaluation).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from salun_jax.data.augment import to_float
 from salun_jax.data.splits import Split
 from salun_jax.evaluation.metrics import accuracy
 from salun_jax.evaluation.mia import from_logits, svc_mia
-from salun_jax.train import predict
 
 
-def evaluate_unlearning(predict_fn: Callable, variables: Any, train_images: np.ndarray,
-                        train_labels: np.ndarray, test_images: np.ndarray,
-                        test_labels: np.ndarray, split: Split,
-                        mia_kinds: Sequence[str] = ("confidence",),
-                        m_entropy: str = "fixed") -> dict[str, Any]:
+def make_predict_fn(apply_fn: Callable, return_features: bool = False) -> Callable:
+    """Jitted eval-mode forward on uint8 images: (variables, images) -> logits [, features]."""
+
+    @jax.jit
+    def predict_fn(variables, images):
+        return apply_fn(
+            variables,
+            to_float(images),
+            train=False,
+            **({"return_features": True} if return_features else {}),
+        )
+
+    return predict_fn
+
+
+def predict(
+    predict_fn: Callable, variables: Any, images: np.ndarray, batch_size: int = 1000
+) -> Any:
+    """Runs `predict_fn` over `images` in fixed-size batches (last one padded: one compile)."""
+    n = len(images)
+    if n == 0:
+        raise ValueError("predict got no images")
+    outputs = []
+    for start in range(0, n, batch_size):
+        chunk = np.asarray(images[start : start + batch_size])
+        valid = len(chunk)
+        if valid < batch_size and n > batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - valid, 0)])
+        outputs.append(jax.tree.map(lambda x, v=valid: x[:v], predict_fn(variables, chunk)))
+    return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outputs)
+
+
+def model_accuracy(
+    predict_fn: Callable,
+    variables: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int = 1000,
+) -> float:
+    """Top-1 accuracy in percent of a model (through `predict_fn`) on images."""
+    return accuracy(predict(predict_fn, variables, images, batch_size), labels)
+
+
+def evaluate_unlearning(
+    predict_fn: Callable,
+    variables: Any,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    split: Split,
+    mia_kinds: Sequence[str] = ("confidence",),
+    m_entropy: str = "fixed",
+) -> dict[str, Any]:
     """The paper's metrics, in percent.
 
     UA = 100 - accuracy on D_f; RA on D_r; TA on the split's test indices (class-wise runs drop the
@@ -38,10 +90,16 @@ def evaluate_unlearning(predict_fn: Callable, variables: Any, train_images: np.n
     # larger there). When retain is the smaller set, both sides take the first n = |retain|, so
     # the SVC's classes stay balanced (an imbalanced SVC predicts the majority class everywhere).
     n = min(len(split.test), len(split.retain))
-    mia = svc_mia(from_logits(retain_logits[:n]), train_labels[split.retain][:n],
-                  from_logits(test_logits[:n]), test_y[:n],
-                  from_logits(forget_logits), train_labels[split.forget],
-                  kinds=tuple(mia_kinds), m_entropy=m_entropy)
+    mia = svc_mia(
+        from_logits(retain_logits[:n]),
+        train_labels[split.retain][:n],
+        from_logits(test_logits[:n]),
+        test_y[:n],
+        from_logits(forget_logits),
+        train_labels[split.forget],
+        kinds=tuple(mia_kinds),
+        m_entropy=m_entropy,
+    )
     return {
         "UA": 100.0 - accuracy(forget_logits, train_labels[split.forget]),
         "RA": accuracy(retain_logits, train_labels[split.retain]),
@@ -49,3 +107,20 @@ def evaluate_unlearning(predict_fn: Callable, variables: Any, train_images: np.n
         "MIA": 100.0 * mia["confidence"],
         "MIA_all": {kind: 100.0 * value for kind, value in mia.items()},
     }
+
+
+def evaluate(
+    state, task, test_images: np.ndarray, test_labels: np.ndarray, **options
+) -> dict[str, Any]:
+    """`evaluate_unlearning` of a train state on a task (`task`: images, labels, split), the
+    test arrays indexed by the split's test indices. `options` go to `evaluate_unlearning`."""
+    return evaluate_unlearning(
+        make_predict_fn(state.apply_fn),
+        state.variables,
+        task.images,
+        task.labels,
+        test_images,
+        test_labels,
+        task.split,
+        **options,
+    )

@@ -11,7 +11,7 @@ Everything here is numpy on host arrays: features are tiny and the SVC is scikit
 References:
     SalUn (Fan et al., ICLR 2024), Sec. 5 "MIA-Efficacy"; Sparse-Unlearn (Jia et al., NeurIPS 2023),
     App. C.3; Song & Mittal, "Systematic Evaluation of Privacy Risks of ML Models" (USENIX Sec.
-    2021), Eq. 3 (modified entropy). See reference-salun.md Sec. 4.2 and Sec. 9.2.
+    2021), Eq. 3 (modified entropy).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def m_entropy_upstream(probs: ArrayLike, labels: ArrayLike) -> np.ndarray:
             modified_log_probs = log_p.clone(); modified_log_probs[:, labels] = log_p[:, labels]
             return -sum(modified_probs * modified_log_probs, dim=-1)
 
-    Two bugs (reference-salun.md Sec. 9.2):
+    Two bugs of upstream `SVC_MIA.py`:
     1. `[:, labels]` with a length-N label vector selects whole *columns*: every column whose class
           occurs anywhere in `labels` gets `1 - p` in every row, not just the true-label entry.
     2. The "reverse" log uses `log p` instead of `log(1 - p)`, so the second assignment is a no-op
@@ -169,7 +169,7 @@ def mia_features(probs: ArrayLike, labels: ArrayLike, kind: str) -> np.ndarray:
             that are not probability distributions.
 
     References:
-        Song & Mittal (2021), Eq. 3; reference-salun.md Sec. 4.2.
+        Song & Mittal (2021), Eq. 3.
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"Unknown MIA feature kind {kind!r}; expected one of {FEATURE_KINDS}.")
@@ -236,7 +236,7 @@ def svc_mia(
             mismatched class counts between the sets.
 
     References:
-        reference-salun.md Sec. 4.2; upstream `Classification/evaluation/SVC_MIA.py`.
+        upstream `Classification/evaluation/SVC_MIA.py`.
     """
     from sklearn.svm import SVC  # local: scikit-learn is only needed for evaluation
 
@@ -272,30 +272,3 @@ def svc_mia(
         clf.fit(x_shadow, y_shadow)
         results[kind] = float(1.0 - np.mean(clf.predict(x_target)))
     return results
-
-
-def mia_efficacy(
-    shadow_train_probs: ArrayLike,
-    shadow_train_labels: ArrayLike,
-    shadow_test_probs: ArrayLike,
-    shadow_test_labels: ArrayLike,
-    target_probs: ArrayLike,
-    target_labels: ArrayLike,
-) -> float:
-    """The paper's MIA-Efficacy in percent: `100 * svc_mia(...)["confidence"]`.
-
-    Only the confidence SVC is fit. Arguments as in `svc_mia`.
-
-    References:
-        SalUn Table 1 "MIA-Efficacy"; reference-salun.md Sec. 4.2.
-    """
-    fraction = svc_mia(
-        shadow_train_probs,
-        shadow_train_labels,
-        shadow_test_probs,
-        shadow_test_labels,
-        target_probs,
-        target_labels,
-        kinds=("confidence",),
-    )["confidence"]
-    return 100.0 * fraction

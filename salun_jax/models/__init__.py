@@ -19,8 +19,9 @@ MODELS = {
 }
 
 
-def create_model(name: str, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                 width: float = 1.0) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, mean: Sequence[float], std: Sequence[float], width: float = 1.0
+) -> nn.Module:
     """Builds a classifier by name. Input to the model: float [0, 1] images [B, H, W, C].
 
     Raises:
@@ -33,5 +34,15 @@ def create_model(name: str, num_classes: int, mean: Sequence[float], std: Sequen
     return MODELS[name](num_classes=num_classes, mean=tuple(mean), std=tuple(std), width=width)
 
 
-__all__ = ["MODELS", "ResNet", "ResNet8", "ResNet18", "ResNet34", "ResNet50", "SmallCNN", "VGG",
-           "VGG16BN", "create_model"]
+__all__ = [
+    "MODELS",
+    "ResNet",
+    "ResNet8",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "SmallCNN",
+    "VGG",
+    "VGG16BN",
+    "create_model",
+]

@@ -1,9 +1,10 @@
 """CIFAR ResNets (3x3 stem, no max-pool) with input normalisation inside the model.
 
-References: He et al. 2016; the CIFAR variant used by SalUn (reference-salun.md §5.2): conv1 3x3/s1
-(no bias) + BN + ReLU, no max-pool, BasicBlock x[2,2,2,2] at widths 64/128/256/512, average pool,
-fc with bias. PyTorch-equivalent initialisation: kaiming-normal(fan_out) convs, BN gamma=1 beta=0,
-fc uniform(+-1/sqrt(fan_in)) for weight and bias. BN: eps 1e-5, momentum 0.9 (flax convention).
+References: He et al. 2016; the CIFAR variant used by SalUn (upstream `Classification/models/`):
+conv1 3x3/s1 (no bias) + BN + ReLU, no max-pool, BasicBlock x[2,2,2,2] at widths 64/128/256/512,
+average pool, fc with bias. PyTorch-equivalent initialisation: kaiming-normal(fan_out) convs, BN
+gamma=1 beta=0, fc uniform(+-1/sqrt(fan_in)) for weight and bias. BN: eps 1e-5, momentum 0.9 (flax
+convention).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def torch_uniform_init(fan_in: int):
-    """PyTorch nn.Linear default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kernel and bias)."""
+    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the bias, and the
+    kernel: kaiming_uniform(a=sqrt(5)) gives the same bound). Shared by every model here."""
 
     def init(key, shape, dtype=jnp.float32):
         bound = 1.0 / jnp.sqrt(fan_in)
@@ -58,9 +60,7 @@ class Normalize(nn.Module):
 
 
 def _batch_norm(train: bool, name: str | None = None):
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name
-    )
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -117,8 +117,9 @@ class ResNet(nn.Module):
         """Penultimate (pooled) features [B, D]."""
         x = Normalize(self.mean, self.std)(x)
         base = max(1, int(round(self.base_features * self.width)))
-        x = nn.Conv(base, (3, 3), 1, padding=1, use_bias=False, kernel_init=conv_kernel_init,
-                    name="conv1")(x)
+        x = nn.Conv(
+            base, (3, 3), 1, padding=1, use_bias=False, kernel_init=conv_kernel_init, name="conv1"
+        )(x)
         x = nn.relu(_batch_norm(train, "bn1")(x))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):

@@ -16,7 +16,8 @@ Differences from the PyTorch module, all deliberate:
     U(+-1/sqrt(fan_in)), embeddings N(0, 1), GroupNorm 1/0), which the upstream model relies on.
 
 References:
-  reference-salun.md §6.1; Ho et al. 2020 (DDPM) App. B; Ho & Salimans 2022 (CFG).
+  upstream `DDPM/models/diffusion.py::Conditional_Model`; Ho et al. 2020 (DDPM) App. B;
+  Ho & Salimans 2022 (CFG).
 """
 
 from __future__ import annotations
@@ -29,19 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from salun_jax.models.resnet import torch_uniform_init
+
 # Name of the learned null-class parameter; samplers look for it before using guidance.
 NULL_CLASS_PARAM = "null_class_embedding"
 CLASS_EMBEDDING_MODULE = "class_embedding"
-
-
-def _torch_bias_init(fan_in: int):
-    """PyTorch's default bias init for Linear/Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 # kaiming_uniform(a=sqrt(5)) == U(+-sqrt(6 / ((1 + 5) fan_in))) == U(+-1/sqrt(fan_in)).
@@ -50,7 +43,7 @@ _torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unif
 
 def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
     return nn.Dense(
-        features, kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(fan_in), name=name
+        features, kernel_init=_torch_kernel_init, bias_init=torch_uniform_init(fan_in), name=name
     )
 
 
@@ -70,7 +63,7 @@ def _conv(
         strides=(strides, strides),
         padding=padding,
         kernel_init=_torch_kernel_init,
-        bias_init=_torch_bias_init(in_channels * kernel * kernel),
+        bias_init=torch_uniform_init(in_channels * kernel * kernel),
         name=name,
     )
 

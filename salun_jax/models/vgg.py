@@ -1,4 +1,5 @@
-"""VGG16-BN as in the SalUn code (reference-salun.md §5.2): bias-free 3x3 convs + BN + ReLU,
+"""VGG16-BN as in the SalUn code (upstream `Classification/models/`): bias-free 3x3 convs + BN +
+ReLU,
 max-pools, adaptive average pool to 2x2, classifier 2048 -> 256 -> 256 -> K with N(0, 0.01)
 Linear init, normalisation inside the model. Also a small plain CNN for 8x8 digits.
 """
@@ -9,12 +10,31 @@ import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from salun_jax.models.resnet import Normalize, TorchDense, conv_kernel_init
 
-VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-                512, 512, 512, "M")
+VGG16_LAYOUT = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
 
 
 def _adaptive_avg_pool(x, size: int):
@@ -25,6 +45,15 @@ def _adaptive_avg_pool(x, size: int):
     if h % size or w % size:
         raise ValueError(f"adaptive pool to {size}x{size} needs H, W divisible by it; got {h}x{w}")
     return x.reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
+
+
+def _conv_bn_relu(x: jax.Array, features: int, stride: int, train: bool) -> jax.Array:
+    """3x3 conv (no bias, PyTorch's kaiming-normal fan-out init) + BatchNorm + ReLU, inside a
+    compact module."""
+    x = nn.Conv(features, (3, 3), stride, padding=1, use_bias=False, kernel_init=conv_kernel_init)(
+        x
+    )
+    return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x))
 
 
 class VGG(nn.Module):
@@ -44,13 +73,11 @@ class VGG(nn.Module):
             if item == "M":
                 x = nn.max_pool(x, (2, 2), (2, 2))
                 continue
-            x = nn.Conv(max(1, int(round(item * self.width))), (3, 3), padding=1, use_bias=False,
-                        kernel_init=conv_kernel_init)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
-            x = nn.relu(x)
+            x = _conv_bn_relu(x, max(1, int(round(item * self.width))), 1, train)
         x = _adaptive_avg_pool(x, 2).reshape(x.shape[0], -1)  # [B, 4 * C]
-        dense = functools.partial(nn.Dense, kernel_init=nn.initializers.normal(0.01),
-                                  bias_init=nn.initializers.zeros)
+        dense = functools.partial(
+            nn.Dense, kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros
+        )
         hidden = max(1, int(round(self.hidden * self.width)))
         x = nn.relu(dense(hidden)(x))
         feats = nn.relu(dense(hidden)(x))
@@ -73,10 +100,7 @@ class SmallCNN(nn.Module):
     def __call__(self, x, train: bool = False, return_features: bool = False):
         x = Normalize(self.mean, self.std)(x)
         for features, stride in ((32, 1), (64, 2), (128, 2)):
-            x = nn.Conv(max(1, int(round(features * self.width))), (3, 3), stride, padding=1,
-                        use_bias=False, kernel_init=conv_kernel_init)(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
-            x = nn.relu(x)
+            x = _conv_bn_relu(x, max(1, int(round(features * self.width))), stride, train)
         feats = jnp.mean(x, axis=(1, 2))
         logits = TorchDense(self.num_classes, name="fc")(feats)
         return (logits, feats) if return_features else logits

@@ -1,41 +1,109 @@
-"""Unlearning methods: a registry from name to `fn(state, task, config, rng, mask=None)` returning
-an `UnlearnOutput` (the unlearned state, compile and run seconds, per-epoch metrics).
+"""Unlearning methods in one registry, one signature:
+`fn(state, task, config, rng, mask=None, **run_options) -> UnlearnOutput`.
 
-Retrain is not in the registry: it trains from scratch (`salun_jax.train.train_classifier` on the
-retain set); the pipeline runs it.
+`METHODS[kind][name]`, kind "classification" (an `UnlearnTask`, `UnlearnConfig`; Retrain takes a
+`TrainConfig`) or "diffusion" (a `DiffusionTask`, `DiffusionUnlearnConfig`; Retrain takes a
+`DiffusionTrainConfig`). `run_options` (workdir, checkpoint_every, progress) go to the loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from salun_jax.train import TrainConfig, train_classifier
 from salun_jax.unlearn.boundary import boundary_expanding, boundary_shrink
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask
+from salun_jax.unlearn.diffusion import (
+    DiffusionTask,
+    DiffusionUnlearnConfig,
+    ddpm_gradient_ascent,
+    ddpm_random_label,
+    ddpm_retrain,
+    ddpm_salun,
+)
 from salun_jax.unlearn.finetune import fine_tune, gradient_ascent, l1_sparse
 from salun_jax.unlearn.influence import influence_unlearning
 from salun_jax.unlearn.relabel import random_label, salun, salun_soft
 
-METHODS: dict[str, Callable[..., UnlearnOutput]] = {
-    "FT": fine_tune,
-    "GA": gradient_ascent,
-    "RL": random_label,
-    "IU": influence_unlearning,
-    "l1-sparse": l1_sparse,
-    "BS": boundary_shrink,
-    "BE": boundary_expanding,
-    "SalUn": salun,
-    "SalUn-soft": salun_soft,
+
+def retrain(
+    state, task: UnlearnTask, config: TrainConfig, rng=None, mask=None, **run_options
+) -> UnlearnOutput:
+    """Retrain: the original recipe from scratch on D_r (init and order from `config.seed`)."""
+    del state, rng
+    if mask is not None:
+        raise ValueError("Retrain does not take a mask")
+    out = train_classifier(
+        task.images, task.labels, task.retain, task.model, config, desc="Retrain", **run_options
+    )
+    return UnlearnOutput(
+        out.state, out.compile_seconds, out.run_seconds, out.history, code=out.code
+    )
+
+
+METHODS: dict[str, dict[str, Callable[..., UnlearnOutput]]] = {
+    "classification": {
+        "Retrain": retrain,
+        "FT": fine_tune,
+        "GA": gradient_ascent,
+        "RL": random_label,
+        "IU": influence_unlearning,
+        "l1-sparse": l1_sparse,
+        "BS": boundary_shrink,
+        "BE": boundary_expanding,
+        "SalUn": salun,
+        "SalUn-soft": salun_soft,
+    },
+    "diffusion": {
+        "Retrain": ddpm_retrain,
+        "SalUn": ddpm_salun,
+        "RL": ddpm_random_label,
+        "GA": ddpm_gradient_ascent,
+    },
 }
 MASKED_METHODS = ("SalUn",)
 
 
-def get_method(name: str) -> Callable[..., UnlearnOutput]:
-    """Raises ValueError for an unknown name, listing the known ones."""
-    if name not in METHODS:
-        raise ValueError(f"unknown unlearning method {name!r}; known: {', '.join(METHODS)}, "
-                         "Retrain")
-    return METHODS[name]
+def get_method(name: str, kind: str = "classification") -> Callable[..., UnlearnOutput]:
+    """Raises ValueError for an unknown kind or name, listing the known ones."""
+    if kind not in METHODS:
+        raise ValueError(f"unknown kind of task {kind!r}; known: {', '.join(METHODS)}")
+    if name not in METHODS[kind]:
+        raise ValueError(
+            f"unknown {kind} unlearning method {name!r}; known: {', '.join(METHODS[kind])}"
+        )
+    return METHODS[kind][name]
 
 
-__all__ = ["MASKED_METHODS", "METHODS", "UnlearnConfig", "UnlearnOutput", "UnlearnTask",
-           "get_method"]
+def unlearn(
+    name: str, state, task: UnlearnTask, config=None, rng=None, mask=None, **run_options
+) -> UnlearnOutput:
+    """Runs method `name` (its kind from the task's type) with `config` (default: the kind's
+    default unlearning config; Retrain needs its training config) and `rng` (default: key 0)."""
+    import jax
+
+    kind = "diffusion" if isinstance(task, DiffusionTask) else "classification"
+    method = get_method(name, kind)
+    if config is None:
+        if name == "Retrain":
+            raise ValueError(
+                "Retrain needs its training config (a TrainConfig or DiffusionTrainConfig)"
+            )
+        config = UnlearnConfig() if kind == "classification" else DiffusionUnlearnConfig()
+    return method(
+        state, task, config, jax.random.key(0) if rng is None else rng, mask=mask, **run_options
+    )
+
+
+__all__ = [
+    "MASKED_METHODS",
+    "METHODS",
+    "DiffusionTask",
+    "DiffusionUnlearnConfig",
+    "UnlearnConfig",
+    "UnlearnOutput",
+    "UnlearnTask",
+    "get_method",
+    "retrain",
+    "unlearn",
+]

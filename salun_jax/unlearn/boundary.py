@@ -1,7 +1,8 @@
 """Boundary unlearning (Chen et al. 2023): boundary shrink (BS) and boundary expanding (BE).
 
-References: reference-salun.md §2.4 (BS: FGSM against the frozen original; BE: a shadow class),
-§9.2 (upstream never removes BE's shadow logit; our default does).
+References: Chen et al., CVPR 2023; upstream `Classification/unlearn/boundary_ex.py` and
+`boundary_sh.py` (BS: FGSM against the frozen original; BE: a shadow class, whose logit upstream
+never removes; our default does).
 """
 
 from __future__ import annotations
@@ -10,17 +11,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from salun_jax.losses import classification_loss
 from salun_jax.models.resnet import torch_uniform_init
-from salun_jax.train import TrainState, make_train_step
-from salun_jax.unlearn.common import (
-    UnlearnConfig,
-    UnlearnOutput,
-    UnlearnTask,
-    run_sgd,
-    sgd_state,
-    step_kwargs,
-    steps_per_epoch,
-)
+from salun_jax.step import TrainState
+from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask, run_unlearning_sgd
 
 
 def fgsm_neighbour_labels(apply_fn, original_variables, images, labels, bound: float):
@@ -37,23 +31,35 @@ def fgsm_neighbour_labels(apply_fn, original_variables, images, labels, bound: f
     return jnp.argmax(apply_fn(original_variables, adversarial, train=False), axis=-1)
 
 
-def boundary_shrink(state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array,
-                    mask=None) -> UnlearnOutput:
+def boundary_shrink(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
+) -> UnlearnOutput:
     """BS: on D_f only, train the model to predict the label the frozen original gives an FGSM
     neighbour of each (augmented) forget image."""
 
-    def relabel(rng, images, labels, batch, state):
+    def neighbour_labels(rng, images, labels, batch, state):
         del rng, batch
-        new_labels = fgsm_neighbour_labels(state.apply_fn, state.extra, images, labels,
-                                           config.boundary_bound)
-        return images, jax.lax.stop_gradient(new_labels)
+        return jax.lax.stop_gradient(
+            fgsm_neighbour_labels(
+                state.apply_fn, state.extra, images, labels, config.boundary_bound
+            )
+        )
 
-    steps = steps_per_epoch([len(task.forget)], config.batch_size)
-    state = sgd_state(state, config, steps, mask).replace(extra=state.variables)
-    step = make_train_step(**step_kwargs(config), batch_transform_fn=relabel)
-    state, compile_s, run_s, history = run_sgd(state, task, step, lambda e, r: [task.forget],
-                                               config, rng, desc="BS")
-    return UnlearnOutput(state.replace(extra=None), compile_s, run_s, history)
+    loss_fn = classification_loss(
+        crop_padding=config.crop_padding, flip=config.flip, label_fn=neighbour_labels
+    )
+    output = run_unlearning_sgd(
+        state.replace(extra=state.variables),
+        task,
+        config,
+        rng,
+        loss_fn,
+        [task.forget],
+        mask=mask,
+        desc="BS",
+        **run_options,
+    )
+    return output._replace(state=output.state.replace(extra=None))
 
 
 def _extend_head(params, num_classes: int, rng: jax.Array):
@@ -76,8 +82,9 @@ def _drop_last_output(params):
     return {**params, "fc": jax.tree.map(lambda x: x[..., :-1], params["fc"])}
 
 
-def boundary_expanding(state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array,
-                       mask=None) -> UnlearnOutput:
+def boundary_expanding(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
+) -> UnlearnOutput:
     """BE: widen the head by a shadow class, train D_f towards it, then (default) drop the shadow
     output again. `remove_shadow_logit=False` keeps the K+1-way head as upstream does; the output
     then carries the widened `model`."""
@@ -87,20 +94,23 @@ def boundary_expanding(state, task: UnlearnTask, config: UnlearnConfig, rng: jax
         raise ValueError("boundary expanding does not take a mask (its head changes shape)")
     wide_model = task.model.clone(num_classes=task.num_classes + 1)
     init_rng, rng = jax.random.split(rng)
-    wide = TrainState.create(apply_fn=wide_model.apply,
-                             params=_extend_head(state.params, task.num_classes, init_rng),
-                             batch_stats=state.batch_stats, tx=optax.identity())
-    steps = steps_per_epoch([len(task.forget)], config.batch_size)
-    wide = sgd_state(wide, config, steps)
+    wide = TrainState.create(
+        apply_fn=wide_model.apply,
+        params=_extend_head(state.params, task.num_classes, init_rng),
+        batch_stats=state.batch_stats,
+        tx=optax.identity(),
+    )
     shadow = task.num_classes
-
-    def to_shadow(rng, images, labels, batch, state):
-        return images, jnp.full_like(labels, shadow)
-
-    step = make_train_step(**step_kwargs(config), batch_transform_fn=to_shadow)
-    wide, compile_s, run_s, history = run_sgd(wide, task, step, lambda e, r: [task.forget],
-                                              config, rng, desc="BE")
+    loss_fn = classification_loss(
+        crop_padding=config.crop_padding,
+        flip=config.flip,
+        label_fn=lambda rng, images, labels, batch, state: jnp.full_like(labels, shadow),
+    )
+    output = run_unlearning_sgd(
+        wide, task, config, rng, loss_fn, [task.forget], desc="BE", **run_options
+    )
     if not config.remove_shadow_logit:
-        return UnlearnOutput(wide, compile_s, run_s, history, model=wide_model)
+        return output._replace(model=wide_model)
+    wide = output.state
     narrow = state.replace(params=_drop_last_output(wide.params), batch_stats=wide.batch_stats)
-    return UnlearnOutput(narrow, compile_s, run_s, history)
+    return output._replace(state=narrow)

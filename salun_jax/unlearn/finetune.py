@@ -1,6 +1,7 @@
 """Fine-tuning family: FT (retain CE), GA (forget -CE), l1-sparse (retain CE + decaying l1).
 
-References: reference-salun.md §2.4 (update rules and data), §2.3 (optimizer and loop).
+References: upstream `Classification/unlearn/FT.py` (FT, and `FT_l1` for l1-sparse) and `GA.py`;
+Jia et al. 2023 (model sparsity, l1-sparse unlearning).
 """
 
 from __future__ import annotations
@@ -8,53 +9,64 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from salun_jax.train import make_train_step, softmax_cross_entropy
+from salun_jax.losses import classification_loss, negative_cross_entropy
 from salun_jax.unlearn.common import (
     UnlearnConfig,
     UnlearnOutput,
     UnlearnTask,
-    run_sgd,
-    sgd_state,
-    step_kwargs,
+    run_unlearning_sgd,
     steps_per_epoch,
 )
 
 
-def _run(state, task, config, rng, mask, indices, desc, **step_options):
-    steps = steps_per_epoch([len(indices)], config.batch_size)
-    state = sgd_state(state, config, steps, mask)
-    step = make_train_step(**step_kwargs(config), **step_options)
-    state, compile_s, run_s, history = run_sgd(state, task, step, lambda e, r: [indices], config,
-                                               rng, desc=desc)
-    return UnlearnOutput(state, compile_s, run_s, history)
-
-
-def fine_tune(state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array,
-              mask=None) -> UnlearnOutput:
+def fine_tune(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
+) -> UnlearnOutput:
     """FT: cross-entropy on the retain set (catastrophic forgetting of D_f)."""
-    return _run(state, task, config, rng, mask, task.retain, "FT")
+    loss_fn = classification_loss(crop_padding=config.crop_padding, flip=config.flip)
+    return run_unlearning_sgd(
+        state, task, config, rng, loss_fn, [task.retain], mask=mask, desc="FT", **run_options
+    )
 
 
-def gradient_ascent(state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array,
-                    mask=None) -> UnlearnOutput:
+def gradient_ascent(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
+) -> UnlearnOutput:
     """GA: minimise -CE on the forget set."""
-    return _run(state, task, config, rng, mask, task.forget, "GA",
-                example_loss_fn=lambda logits, labels: -softmax_cross_entropy(logits, labels))
+    loss_fn = classification_loss(
+        example_loss_fn=negative_cross_entropy, crop_padding=config.crop_padding, flip=config.flip
+    )
+    return run_unlearning_sgd(
+        state, task, config, rng, loss_fn, [task.forget], mask=mask, desc="GA", **run_options
+    )
 
 
-def l1_sparse(state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array,
-              mask=None) -> UnlearnOutput:
-    """l1-sparse: CE on D_r + alpha_t * ||theta||_1 over all params, alpha_t linearly decayed per
-    epoch: alpha * (1 - epoch / (E - no_l1_epochs)), and 0 for the last `no_l1_epochs` epochs."""
-    steps = steps_per_epoch([len(task.retain)], config.batch_size)
+def l1_schedule(config: UnlearnConfig, steps: int):
+    """step -> the l1 coefficient alpha * (1 - epoch / (E - no_l1_epochs)), and 0 for the last
+    `no_l1_epochs` epochs (upstream `FT_l1`: decayed per epoch)."""
     l1_epochs = config.epochs - config.no_l1_epochs
 
-    def regularizer(params, step):
+    def coefficient(step):
         epoch = step // steps
-        coefficient = jnp.where(epoch < l1_epochs,
-                                config.alpha * (1.0 - epoch / max(l1_epochs, 1)), 0.0)
-        l1 = sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params))
-        return coefficient * l1
+        return jnp.where(
+            epoch < l1_epochs, config.l1_coefficient * (1.0 - epoch / max(l1_epochs, 1)), 0.0
+        )
 
-    return _run(state, task, config, rng, mask, task.retain, "l1-sparse",
-                regularizer_fn=regularizer)
+    return coefficient
+
+
+def l1_sparse(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
+) -> UnlearnOutput:
+    """l1-sparse: CE on D_r + alpha_t * ||theta||_1 over all params (`l1_schedule`)."""
+    coefficient = l1_schedule(config, steps_per_epoch([task.retain], config.batch_size))
+
+    def penalty(params, step):
+        return coefficient(step) * sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params))
+
+    loss_fn = classification_loss(
+        crop_padding=config.crop_padding, flip=config.flip, penalty_fn=penalty
+    )
+    return run_unlearning_sgd(
+        state, task, config, rng, loss_fn, [task.retain], mask=mask, desc="l1-sparse", **run_options
+    )

@@ -1,6 +1,7 @@
 """IU: influence unlearning with the upstream WoodFisher approximation (`Wfisher.py`).
 
-References: reference-salun.md §2.7. Ported for behaviour, not textbook WoodFisher: v = forget
+References: upstream `Classification/unlearn/Wfisher.py` (Singh & Alistarh 2020, WoodFisher).
+Ported for behaviour, not textbook WoodFisher: v = forget
 grad - retain grad (with upstream's weights), then a rank-one recursion over N + 2 single retain
 samples (unshuffled), then theta += alpha * k.
 """
@@ -13,25 +14,20 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
-from salun_jax.data.augment import random_crop_flip, to_float
 from salun_jax.data.batches import gather_batches
+from salun_jax.losses import eval_mode_ce
 from salun_jax.saliency import accumulate_gradients
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask
 
 
-def _summed_ce_loss(apply_fn, batch_stats, augment: bool):
-    """Sum (not mean) of per-example CE in eval mode: sum_b n_b * mean-grad_b upstream."""
-
-    def loss_fn(params, batch, rng):
-        images = random_crop_flip(rng, batch["image"]) if augment else to_float(batch["image"])
-        logits = apply_fn({"params": params, "batch_stats": batch_stats}, images, train=False)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return jnp.sum(ce * batch["weight"])
-
-    return loss_fn
+def _summed_ce_loss(apply_fn, batch_stats, config: UnlearnConfig):
+    """Sum (not mean) of per-example CE in eval mode: sum_b n_b * mean-grad_b upstream. With
+    `iu_augment` the images get the run's train augmentation (crop_padding, flip)."""
+    padding, flip = (config.crop_padding, config.flip) if config.iu_augment else (0, False)
+    ce_fn = eval_mode_ce(apply_fn, batch_stats, padding, flip)
+    return lambda params, batch, rng: jnp.sum(ce_fn(params, batch, rng) * batch["weight"])
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -58,35 +54,53 @@ def _woodfisher(per_sample_loss, params, samples, rng, v, n):
     o = _flat_grad(per_sample_loss, params, take(0), jax.random.fold_in(rng, 0))
     k = v
     for index in range(1, len(samples["label"])):
-        k, o = _woodfisher_step(per_sample_loss, k, o, params, take(index),
-                                jax.random.fold_in(rng, index), n)
+        k, o = _woodfisher_step(
+            per_sample_loss, k, o, params, take(index), jax.random.fold_in(rng, index), n
+        )
     return unravel(k)
 
 
-def influence_unlearning(state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array,
-                         mask=None) -> UnlearnOutput:
+def influence_unlearning(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
+) -> UnlearnOutput:
     """IU (upstream `wfisher`): one-shot theta += alpha * H^-1 (grad L_f - grad L_r), with the
-    WoodFisher inverse-Hessian product from `woodfisher_samples` + 2 retain samples."""
+    WoodFisher inverse-Hessian product from `woodfisher_samples` + 2 retain samples. One-shot:
+    no loop, so `run_options` are unused."""
+    del run_options
     start = time.perf_counter()
     arrays = {"image": task.images, "label": task.labels}
-    loss_fn = _summed_ce_loss(state.apply_fn, state.batch_stats, config.iu_augment)
+    loss_fn = _summed_ce_loss(state.apply_fn, state.batch_stats, config)
     n_f, n_r = len(task.forget), len(task.retain)
     forget_rng, retain_rng, fisher_rng = jax.random.split(rng, 3)
     forget_sum = accumulate_gradients(
-        loss_fn, state.params, gather_batches(arrays, task.forget, config.batch_size), forget_rng)
+        loss_fn, state.params, gather_batches(arrays, task.forget, config.batch_size), forget_rng
+    )
     retain_sum = accumulate_gradients(
-        loss_fn, state.params, gather_batches(arrays, task.retain, config.batch_size), retain_rng)
-    v = jax.tree.map(lambda f, r: f / (n_f + n_r) - r * n_f / ((n_f + n_r) * n_r),
-                     forget_sum, retain_sum)
+        loss_fn, state.params, gather_batches(arrays, task.retain, config.batch_size), retain_rng
+    )
+    v = jax.tree.map(
+        lambda f, r: f / (n_f + n_r) - r * n_f / ((n_f + n_r) * n_r), forget_sum, retain_sum
+    )
     count = min(config.woodfisher_samples + 2, n_r)
     order = np.asarray(task.retain[:count])  # unshuffled, batch size 1
-    samples = jax.device_put({"image": task.images[order], "label": task.labels[order],
-                              "weight": np.ones(count, np.float32)})
-    k = _woodfisher(loss_fn, state.params, samples, fisher_rng, ravel_pytree(v)[0],
-                    float(config.woodfisher_samples))
+    samples = jax.device_put(
+        {
+            "image": task.images[order],
+            "label": task.labels[order],
+            "weight": np.ones(count, np.float32),
+        }
+    )
+    k = _woodfisher(
+        loss_fn,
+        state.params,
+        samples,
+        fisher_rng,
+        ravel_pytree(v)[0],
+        float(config.woodfisher_samples),
+    )
     if mask is not None:
         k = jax.tree.map(lambda x, m: x * m, k, mask)
-    params = jax.tree.map(lambda p, d: p + config.alpha * d, state.params, k)
+    params = jax.tree.map(lambda p, d: p + config.iu_step_size * d, state.params, k)
     params = jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     # One-shot: compilation is not separated from the run here (reported as run time).

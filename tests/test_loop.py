@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,20 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from salun_jax import optim
+from salun_jax import loop, optim
 from salun_jax.checkpoint import Checkpointer
+from salun_jax.data.batches import epoch_batches
+from salun_jax.evaluation.classification import make_predict_fn, model_accuracy
+from salun_jax.loop import TrainingDivergedError
+from salun_jax.losses import classification_loss, softmax_cross_entropy
 from salun_jax.models import create_model
-from salun_jax.train import (
-    AXIS,
-    TrainingDivergedError,
-    accuracy,
-    create_train_state,
-    epoch_batches,
-    fit,
-    make_predict_fn,
-    make_train_step,
-    softmax_cross_entropy,
-)
+from salun_jax.step import create_train_state, make_step
+from salun_jax.train import index_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,11 +30,24 @@ def _setup(digits, lr=0.1):
     return model, state, data
 
 
+def _step(**kwargs):
+    return make_step(classification_loss(crop_padding=1, flip=False), **kwargs)
+
+
 def _fit(state, data, workdir=None, epochs=2, step=None, **kwargs):
-    step = step or make_train_step(axis_name=AXIS, crop_padding=1, flip=False)
-    return fit(state, train_step=step, data=data, train_indices=np.arange(len(data["label"])),
-               batch_size=100, num_epochs=epochs, seed=3, workdir=workdir, progress=False,
-               **kwargs)
+    out = loop.run(
+        state,
+        step or _step(),
+        data,
+        index_batches(np.arange(len(data["label"])), 100),
+        num_epochs=epochs,
+        key=jax.random.key(3),
+        seed=3,
+        workdir=workdir,
+        progress=False,
+        **kwargs,
+    )
+    return out.state, out.history
 
 
 def test_epoch_batches_cover_everything_once():
@@ -56,11 +63,12 @@ def test_epoch_batches_cover_everything_once():
 
 def test_small_model_learns_digits_without_retracing(digits):
     model, state, data = _setup(digits)
-    step = chex.assert_max_traces(make_train_step(axis_name=AXIS, crop_padding=1, flip=False), n=1)
+    step = chex.assert_max_traces(_step(), n=1)
     state, history = _fit(state, data, epochs=8, step=step)
     assert history[-1]["loss"] < history[0]["loss"]
-    acc = accuracy(make_predict_fn(model.apply), state.variables, digits.test_images,
-                   digits.test_labels)
+    acc = model_accuracy(
+        make_predict_fn(model.apply), state.variables, digits.test_images, digits.test_labels
+    )
     assert acc > 80.0, acc  # chance is 10%
     assert int(state.step) == 8 * 15  # 1437 examples / 100 -> 15 steps (last one padded)
 
@@ -118,22 +126,77 @@ def test_corrupt_latest_checkpoint_falls_back(digits, tmp_path):
         for name in files:
             with open(os.path.join(root, name), "wb") as f:
                 f.write(b"garbage")
-    with pytest.warns(UserWarning, match="checkpoint 1 .* could not be restored"):
+    with pytest.warns(UserWarning, match="checkpoint 1 .* could not be restored.*moved to"):
         restored = Checkpointer(str(checkpoints)).restore_latest(state)
     assert restored is not None and restored[2] == 0
-    shutil.rmtree(latest)
+    assert not latest.exists()  # moved aside (kept for inspection), out of the manager's way
+    (moved,) = (tmp_path / "checkpoints.corrupt").iterdir()
+    assert moved.name.startswith("1-")
+    # Training on continues in the same directory: saving epoch 1 again works.
+    _fit(state, data, str(tmp_path), epochs=2)
+    assert Checkpointer(str(checkpoints)).all_epochs() == [0, 1]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
     _, state, data = _setup(digits)
     _fit(state, data, str(tmp_path), epochs=1)
-    nan_step = make_train_step(axis_name=AXIS, example_loss_fn=lambda logits, labels:
-                               softmax_cross_entropy(logits, labels) * jnp.nan)
-    with pytest.raises(TrainingDivergedError, match="non-finite loss in epoch 2.*epoch 1"):
+    nan_step = make_step(
+        classification_loss(
+            example_loss_fn=lambda logits, labels: softmax_cross_entropy(logits, labels) * jnp.nan
+        )
+    )
+    with pytest.raises(TrainingDivergedError, match="non-finite .* in epoch 2.*epoch 1"):
         _fit(state, data, str(tmp_path), epochs=2, step=nan_step)
     restored = Checkpointer(str(tmp_path / "checkpoints")).restore_latest(state)
     assert restored[2] == 0
     chex.assert_tree_all_finite(restored[0].params)
+
+
+def test_nan_weights_with_a_finite_loss_are_caught(digits, tmp_path):
+    """A step whose loss is finite but whose update leaves NaN weights (or BatchNorm statistics)
+    must not be saved as the last good checkpoint."""
+    _, state, data = _setup(digits)
+    _fit(state, data, str(tmp_path), epochs=1)
+    poison = _step(
+        post_update_fn=lambda s: s.replace(
+            batch_stats=jax.tree.map(lambda x: x * jnp.nan, s.batch_stats)
+        )
+    )
+    with pytest.raises(TrainingDivergedError, match="in epoch 2"):
+        _fit(state, data, str(tmp_path), epochs=2, step=poison)
+    restored = Checkpointer(str(tmp_path / "checkpoints")).restore_latest(state)
+    assert restored[2] == 0
+    chex.assert_tree_all_finite(restored[0].batch_stats)
+
+
+def test_run_reports_compile_and_run_time_and_keeps_them_across_resume(digits, tmp_path):
+    _, state, data = _setup(digits)
+    first = loop.run(
+        state,
+        _step(),
+        data,
+        index_batches(np.arange(300), 100),
+        num_epochs=1,
+        key=jax.random.key(0),
+        seed=0,
+        workdir=str(tmp_path),
+        progress=False,
+    )
+    assert first.compile_seconds > 0 and first.run_seconds > 0
+    again = loop.run(
+        state,
+        _step(),
+        data,
+        index_batches(np.arange(300), 100),
+        num_epochs=2,
+        key=jax.random.key(0),
+        seed=0,
+        workdir=str(tmp_path),
+        progress=False,
+    )
+    assert again.run_seconds > first.run_seconds  # the restored epoch's seconds are kept
+    assert again.compile_seconds >= first.compile_seconds
+    assert again.run_seconds == pytest.approx(sum(r["seconds"] for r in again.history))
 
 
 _TWO_DEVICE_SCRIPT = textwrap.dedent("""
@@ -141,8 +204,9 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp, numpy as np, flax.linen as nn, chex
     from salun_jax import optim
-    from salun_jax.train import (AXIS, TrainState, make_train_step, parallel_step, replicate,
-                                 unreplicate)
+    from salun_jax.losses import classification_loss
+    from salun_jax.loop import parallel_step, replicate, unreplicate
+    from salun_jax.step import TrainState, make_step
     assert jax.local_device_count() == 2, jax.devices()
 
     class MLP(nn.Module):
@@ -159,13 +223,14 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
             "label": rng.integers(0, 10, 64).astype(np.int32)}
     indices = np.arange(16, dtype=np.int32)
     key = jax.random.key(1)
-    single = jax.jit(make_train_step(augment=False))
+    loss_fn = classification_loss(crop_padding=0, flip=False)
+    single = jax.jit(make_step(loss_fn, axis_name=None))
     batch = {"image": data["image"][indices], "label": data["label"][indices],
              "weight": np.ones(16, np.float32)}
     s1 = state
     for _ in range(3):
         s1, m1 = single(s1, batch, key)
-    p_step = parallel_step(make_train_step(augment=False, axis_name=AXIS))
+    p_step = parallel_step(make_step(loss_fn))
     s2, data_r = replicate(state), replicate(data)
     for _ in range(3):
         s2, m2 = p_step(s2, data_r, indices.reshape(2, 8), np.ones((2, 8), np.float32), key)
@@ -188,13 +253,18 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_two_devices_match_one_device():
-    """Collectives across forced host devices can deadlock on 2-core machines (environment.md):
+    """Collectives across forced host devices can deadlock on 2-core machines:
     run in a subprocess with a timeout, retry once, and fail with a clear message on a hang."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
     for attempt in range(2):
         try:
-            result = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], env=env,
-                                    capture_output=True, text=True, timeout=120)
+            result = subprocess.run(
+                [sys.executable, "-c", _TWO_DEVICE_SCRIPT],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
         except subprocess.TimeoutExpired:
             if attempt == 0:
                 continue

@@ -1,7 +1,7 @@
 """Evaluating class unlearning in a conditional DDPM with a classifier trained on the same data.
 
   * UA (unlearning accuracy): the share of samples generated for the forgotten class that the
-    classifier does NOT assign to it (paper: 1 - "accuracy of forgotten class", reference §6.5).
+    classifier does NOT assign to it (paper: 1 - "accuracy of forgotten class").
   * Retained-class accuracy: per retained class, the classifier's accuracy on samples generated
     for that class (does the model still draw the other classes?).
   * FD (classifier features): the Frechet distance between Gaussians fitted to the classifier's
@@ -14,7 +14,7 @@ All percentages are in [0, 100], as in the classification half.
 
 References:
   Fan et al. 2024 (SalUn) Tab. 4 (UA and FID for class-wise forgetting in DDPM); Heusel et al.
-  2017 (Frechet distance of Gaussians); reference-salun.md §6.5.
+  2017 (Frechet distance of Gaussians); upstream `DDPM/runners/diffusion.py::sample_fid`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from salun_jax.diffusion.samplers import ddim_sample, to_uint8
+from salun_jax.diffusion.samplers import check_null_class, ddim_sample, to_uint8
 from salun_jax.diffusion.schedule import NoiseSchedule
 from salun_jax.diffusion.training import uncommitted
-from salun_jax.diffusion.unlearning import check_null_class
-
-PyTree = Any
+from salun_jax.types import PyTree
 
 
 def generate_samples(
@@ -79,13 +77,21 @@ def generate_samples(
     params = uncommitted(params)  # one compilation for params from `fit` and from elsewhere
     out = []
     for i, start in enumerate(range(0, labels.size, batch_size)):
-        chunk = labels[start:start + batch_size]
+        chunk = labels[start : start + batch_size]
         valid = chunk.size
         if valid < batch_size:
             chunk = np.concatenate([chunk, np.full(batch_size - valid, chunk[0], np.int32)])
-        images = ddim_sample(apply_fn, params, schedule, jax.random.fold_in(rng, i), chunk,
-                             image_shape=image_shape, num_steps=num_steps, eta=eta,
-                             guidance_scale=guidance_scale)
+        images = ddim_sample(
+            apply_fn,
+            params,
+            schedule,
+            jax.random.fold_in(rng, i),
+            chunk,
+            image_shape=image_shape,
+            num_steps=num_steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
+        )
         out.append(np.asarray(to_uint8(images))[:valid])
     return np.concatenate(out)
 
@@ -103,8 +109,9 @@ def unlearning_accuracy(predictions: np.ndarray, forget_class: int) -> float:
     return float(100.0 * np.mean(predictions != forget_class))
 
 
-def class_accuracies(predictions: np.ndarray, labels: np.ndarray,
-                     classes: Sequence[int] | None = None) -> dict[int, float]:
+def class_accuracies(
+    predictions: np.ndarray, labels: np.ndarray, classes: Sequence[int] | None = None
+) -> dict[int, float]:
     """Per-class accuracy in percent: {class: share of samples of `class` predicted as it}.
 
     Args:
@@ -129,7 +136,8 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"features must be [N >= 2, D], got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False).reshape(
-        features.shape[1], features.shape[1])
+        features.shape[1], features.shape[1]
+    )
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
@@ -137,8 +145,9 @@ def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.maximum(values, 0.0))) @ vectors.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2):
 
         |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
@@ -151,11 +160,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
       The distance (>= 0 up to round-off; clipped at 0).
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(
-        np.float64)
+    sigma1, sigma2 = (
+        np.atleast_2d(sigma1).astype(np.float64),
+        np.atleast_2d(sigma2).astype(np.float64),
+    )
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size,) * 2:
-        raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/"
-                         f"{sigma2.shape}")
+        raise ValueError(
+            f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}"
+        )
     root1 = _sqrt_psd(sigma1)
     inner = root1 @ sigma2 @ root1
     trace_sqrt = np.sum(np.sqrt(np.maximum(np.linalg.eigvalsh((inner + inner.T) / 2.0), 0.0)))
@@ -165,10 +177,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
 
 
 def classifier_frechet_distance(real_features: np.ndarray, generated_features: np.ndarray) -> float:
-    """"FD (classifier features)": the Frechet distance between Gaussians fitted to two feature
+    """ "FD (classifier features)": the Frechet distance between Gaussians fitted to two feature
     sets [N, D] (penultimate features of our own classifier; not FID, see the module doc)."""
-    return frechet_distance(*feature_statistics(real_features),
-                            *feature_statistics(generated_features))
+    return frechet_distance(
+        *feature_statistics(real_features), *feature_statistics(generated_features)
+    )
 
 
 def evaluate_samples(
@@ -198,7 +211,7 @@ def evaluate_samples(
       {"UA", "forget_class_accuracy", "retain_accuracy" (mean over retained classes),
        "per_class_accuracy" {class: %}, "FD" (or None)}.
     """
-    from salun_jax.train import predict
+    from salun_jax.evaluation.classification import predict
 
     sample_labels = np.asarray(sample_labels)
     logits, features = predict(predict_fn, classifier_variables, samples, batch_size)
@@ -207,7 +220,8 @@ def evaluate_samples(
     retained = [k for k in range(num_classes) if k != forget_class]
     is_forget = sample_labels == forget_class
     result = {
-        "UA": unlearning_accuracy(predictions[is_forget], forget_class) if is_forget.any()
+        "UA": unlearning_accuracy(predictions[is_forget], forget_class)
+        if is_forget.any()
         else float("nan"),
         "forget_class_accuracy": per_class[forget_class],
         "retain_accuracy": float(np.nanmean([per_class[k] for k in retained])),
@@ -219,9 +233,16 @@ def evaluate_samples(
     return result
 
 
-def save_sample_grid(images: np.ndarray, labels: np.ndarray, path: str | os.PathLike, *,
-                     num_classes: int, per_class: int = 10, scale: int = 4,
-                     padding: int = 1) -> str:
+def save_sample_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    num_classes: int,
+    per_class: int = 10,
+    scale: int = 4,
+    padding: int = 1,
+) -> str:
     """Writes a PNG grid: row k holds the first `per_class` samples generated for class k.
 
     Args:
@@ -240,17 +261,17 @@ def save_sample_grid(images: np.ndarray, labels: np.ndarray, path: str | os.Path
 
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"images must be uint8 [N, H, W, 1 or 3], got {images.dtype} "
-                         f"{images.shape}")
+        raise ValueError(
+            f"images must be uint8 [N, H, W, 1 or 3], got {images.dtype} {images.shape}"
+        )
     h, w, c = images.shape[1:]
     cell_h, cell_w = h * scale + padding, w * scale + padding
-    grid = np.full((num_classes * cell_h + padding, per_class * cell_w + padding, c), 255,
-                   np.uint8)
+    grid = np.full((num_classes * cell_h + padding, per_class * cell_w + padding, c), 255, np.uint8)
     for k in range(num_classes):
         for j, index in enumerate(np.flatnonzero(labels == k)[:per_class]):
             cell = np.repeat(np.repeat(images[index], scale, axis=0), scale, axis=1)
             top, left = padding + k * cell_h, padding + j * cell_w
-            grid[top:top + h * scale, left:left + w * scale] = cell
+            grid[top : top + h * scale, left : left + w * scale] = cell
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)

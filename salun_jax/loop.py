@@ -1,0 +1,283 @@
+"""The ONE training loop: device replication, compile timing, the NaN policy, progress bars,
+`metrics.jsonl`, checkpoints and resume. Training, Retrain and every unlearning method run here.
+
+The loop pmaps a step from `salun_jax.step.make_step` over all local devices (one CPU is the same
+code with one device). Data arrays are copied to every device once; each step gathers its batch
+by index on the device, so an epoch never ships images from the host and syncs only at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from salun_jax.provenance import code_version
+from salun_jax.step import AXIS, TrainState
+from salun_jax.types import PyTree
+
+# (indices, weights): indices [S, D, B/D] int32, or {stream: [S, D, B/D]} for paired batches
+# (stream "" gives the data's own keys, stream "retain" gives "retain_image", ...); weights
+# [S, D, B/D] float32 (0 on padding).
+EpochBatches = tuple[np.ndarray | dict[str, np.ndarray], np.ndarray]
+BatchesFn = Callable[[int, np.random.Generator], EpochBatches]
+
+
+_BAR_LAG = 2  # steps in flight while a progress bar is shown
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss, the gradients, the weights or the BatchNorm statistics became NaN or infinite."""
+
+
+class RunOutput(NamedTuple):
+    """The final (unreplicated) state, one record per epoch, seconds of compilation and of the
+    run proper (all epochs, across resumes), and the code version(s) that made it."""
+
+    state: TrainState
+    history: list[dict]
+    compile_seconds: float
+    run_seconds: float
+    code: str = ""
+
+
+def replicate(tree: PyTree) -> PyTree:
+    """Copies every leaf to all local devices, stacked on a leading device axis (for pmap)."""
+    # Via host copies: leaves that share a buffer (e.g. `extra` = params) must not alias, since
+    # the pmapped step donates the state. The axis name matches pmap outputs' sharding, so the
+    # second step does not retrace.
+    return flax.jax_utils.replicate(jax.device_get(tree), axis_name=AXIS)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+    """Device 0's copy, placed plainly on that device (no pmap mesh in its type, so jitted code
+    fed it and fresh arrays does not retrace)."""
+    device = jax.local_devices()[0]
+    return jax.tree.map(lambda x: jax.device_put(x[0], device), tree)
+
+
+def _gather(data: dict, indices, weights) -> dict:
+    streams = indices if isinstance(indices, dict) else {"": indices}
+    batch = {
+        f"{stream}_{name}" if stream else name: values[index]
+        for stream, index in streams.items()
+        for name, values in data.items()
+    }
+    batch["weight"] = weights
+    return batch
+
+
+def parallel_step(step: Callable) -> Callable:
+    """pmaps a step built with `axis_name=AXIS`: (replicated state, replicated data, indices,
+    weights, rng) -> (state, metrics), gathering each device's batch from its copy of the data."""
+    return jax.pmap(
+        lambda state, data, indices, weights, rng: step(
+            state, _gather(data, indices, weights), rng
+        ),
+        axis_name=AXIS,
+        in_axes=(0, 0, 0, 0, None),
+        donate_argnums=(0,),
+    )
+
+
+@jax.pmap
+def _all_finite(params: PyTree, batch_stats: PyTree) -> jax.Array:
+    # Takes the trees, not the state: the state's type holds its optimizer, which differs
+    # between runs and would make every run compile this anew.
+    leaves = jax.tree.leaves((params, batch_stats))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _reduce(step_metrics: list[dict]) -> dict[str, float]:
+    """Example-weighted epoch means of the steps' (psum-ed) metrics; `finite` is False if any
+    step's loss or gradient norm was not finite."""
+    stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
+    stacked = {name: np.asarray(values)[:, 0] for name, values in stacked.items()}  # device 0
+    counts = stacked.pop("num_examples")
+    out = {
+        name: float(np.sum(values * counts) / max(np.sum(counts), 1.0))
+        for name, values in stacked.items()
+    }
+    out["num_examples"] = float(np.sum(counts))
+    out["finite"] = bool(
+        np.all(np.isfinite(stacked["loss"])) and np.all(np.isfinite(stacked["grad_norm"]))
+    )
+    return out
+
+
+def _append_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
+
+
+def run(
+    state: TrainState,
+    step: Callable,
+    data: dict[str, np.ndarray],
+    batches_fn: BatchesFn,
+    *,
+    num_epochs: int,
+    key: jax.Array,
+    seed: int,
+    workdir: str | None = None,
+    checkpoint_every: int = 1,
+    eval_fn: Callable[[TrainState], dict] | None = None,
+    epoch_start_fn: Callable[[TrainState, int], TrainState] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> RunOutput:
+    """Runs `num_epochs` epochs of `step` with data parallelism over all local devices.
+
+    Epoch e draws its batches as `batches_fn(e, np.random.default_rng([seed, e]))` and its key as
+    `fold_in(key, e)`, so a resumed run (same seed) ends with the same parameters as an
+    uninterrupted one. The step is compiled ahead of time; its seconds are reported apart.
+
+    With a `workdir`, a checkpoint is saved every `checkpoint_every` epochs (and after the last)
+    under `workdir/checkpoints`, then the saved epochs' records are appended to
+    `workdir/metrics.jsonl` (so the log never holds an epoch that a resume re-runs); re-running
+    on the same workdir resumes from the newest readable checkpoint.
+
+    Args:
+      state: the initial (unreplicated) state.
+      step: from `make_step(..., axis_name=AXIS)`.
+      data: per-example arrays indexed by the batches; copied to every device once.
+      batches_fn: (epoch, numpy generator) -> (indices, weights), see `EpochBatches`.
+      num_epochs, key, seed: as above.
+      workdir, checkpoint_every: checkpoints and metrics.jsonl (None: nothing written).
+      eval_fn: state -> dict of extra metrics for the epoch's record.
+      epoch_start_fn: (replicated state, epoch) -> state, before the epoch's first step.
+      progress: a progress bar per epoch.
+      desc: the run's name in records, bars and errors (e.g. the method).
+
+    Returns:
+      A `RunOutput`.
+
+    Raises:
+      TrainingDivergedError: a non-finite loss, gradient norm, weight or BatchNorm statistic at
+        the end of an epoch; the message names `desc` and the epoch, and the last good
+        checkpoint is kept.
+      ValueError: `checkpoint_every` < 1.
+    """
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
+    checkpointer = None
+    start_epoch, history, compile_seconds, run_seconds = 0, [], 0.0, 0.0
+    code = code_version()
+    if workdir is not None:
+        from salun_jax.checkpoint import Checkpointer
+
+        os.makedirs(workdir, exist_ok=True)
+        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+        restored = checkpointer.restore_latest(state)
+        if restored is not None:
+            state, meta, last_epoch = restored
+            start_epoch, history = last_epoch + 1, list(meta.get("history", []))
+            compile_seconds = float(meta.get("compile_seconds", 0.0))
+            run_seconds = float(meta.get("run_seconds", 0.0))
+            made_by = meta.get("code", "unknown (an older salun_jax)")
+            if made_by != code and start_epoch < num_epochs:
+                logging.warning(
+                    "%s: resuming a run made by code %s with code %s", desc, made_by, code
+                )
+                made_by = f"{made_by} then {code}"
+            code = made_by
+            logging.info("%s: resuming after epoch %d in %s", desc, start_epoch, workdir)
+    try:
+        if start_epoch >= num_epochs:
+            return RunOutput(state, history, compile_seconds, run_seconds, code)
+        p_step = parallel_step(step)
+        state_r = replicate(state)
+        data_r = replicate({name: np.asarray(values) for name, values in data.items()})
+        compiled = None
+        saved, unsaved = start_epoch, []  # epochs in the newest checkpoint; records since then
+        for epoch in range(start_epoch, num_epochs):
+            indices, weights = batches_fn(epoch, np.random.default_rng([seed, epoch]))
+            epoch_key = jax.random.fold_in(key, epoch)
+            first = jax.tree.map(lambda x: x[0], indices)
+            if compiled is None:
+                start = time.perf_counter()
+                compiled = p_step.lower(state_r, data_r, first, weights[0], epoch_key).compile()
+                compile_seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            if epoch_start_fn is not None:
+                state_r = epoch_start_fn(state_r, epoch)
+            num_steps = weights.shape[0]
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(
+                    total=num_steps,
+                    desc=f"{desc} {epoch + 1}/{num_epochs}",
+                    leave=False,
+                    mininterval=2.0,
+                )
+            step_metrics = []
+            for s in range(num_steps):
+                batch_indices = jax.tree.map(lambda x, s=s: x[s], indices)
+                state_r, metrics = compiled(state_r, data_r, batch_indices, weights[s], epoch_key)
+                step_metrics.append(metrics)
+                if bar is not None and s >= _BAR_LAG:
+                    # The bar counts finished steps, not dispatched ones: wait for the step
+                    # _BAR_LAG back (the device keeps that many queued, so it never idles).
+                    jax.block_until_ready(step_metrics[s - _BAR_LAG]["loss"])
+                    bar.update(1)
+            if bar is not None:
+                jax.block_until_ready(step_metrics[-1]["loss"])
+                bar.update(num_steps - bar.n)
+                bar.close()
+            metrics = _reduce(step_metrics)  # the one host sync of the epoch
+            finite = metrics.pop("finite") and bool(
+                _all_finite(state_r.params, state_r.batch_stats)[0]
+            )
+            seconds = time.perf_counter() - start
+            run_seconds += seconds
+            if not finite:
+                kept = (
+                    f"the last good checkpoint (epoch {saved}) is kept in {workdir}"
+                    if checkpointer is not None and saved
+                    else "nothing was saved"
+                )
+                raise TrainingDivergedError(
+                    f"{desc}: non-finite loss, gradients or weights in epoch {epoch + 1}; "
+                    f"stopped ({kept}). Lower the learning rate or check the data."
+                )
+            record = {
+                "phase": desc,
+                "epoch": epoch + 1,
+                "seconds": seconds,
+                "images_per_s": metrics["num_examples"] / seconds,
+                **metrics,
+            }
+            if eval_fn is not None:
+                record.update(eval_fn(unreplicate(state_r)))
+            history.append(record)
+            unsaved.append(record)
+            logging.info("%s", json.dumps(record, sort_keys=True))
+            if checkpointer is not None and (
+                (epoch + 1) % checkpoint_every == 0 or epoch + 1 == num_epochs
+            ):
+                checkpointer.save(
+                    epoch,
+                    unreplicate(state_r),
+                    {
+                        "history": history,
+                        "compile_seconds": compile_seconds,
+                        "run_seconds": run_seconds,
+                        "code": code,
+                    },
+                )
+                _append_jsonl(os.path.join(workdir, "metrics.jsonl"), unsaved)
+                saved, unsaved = epoch + 1, []
+        return RunOutput(unreplicate(state_r), history, compile_seconds, run_seconds, code)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()

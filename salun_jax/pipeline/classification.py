@@ -1,0 +1,390 @@
+"""The SalUn classification pipeline: original model, Retrain, saliency masks, every unlearning
+method and their evaluation, over one or several seeds, resumable from a work directory.
+
+Per seed it writes `seed_<s>/` (split.npz, original/ and retrain/ checkpoints, masks/), and at the
+top of the work directory config.json, results.json (schema in the README), results.md (the
+paper-style table) and plots/. Re-running resumes: trained models come back from their
+checkpoints and methods already in results.json with the same config are not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+
+from salun_jax import report, saliency
+from salun_jax.evaluation.classification import (
+    evaluate_unlearning,
+    make_predict_fn,
+    model_accuracy,
+)
+from salun_jax.loop import TrainingDivergedError
+from salun_jax.models import create_model
+from salun_jax.pipeline.common import (
+    UserError,
+    build_split,
+    check_config,
+    config_hash,
+    load_data,
+    load_results,
+    make_dataclass,
+    overrides,
+    save_split_once,
+    write_config,
+)
+from salun_jax.pipeline.workdir import locked
+from salun_jax.provenance import code_version
+from salun_jax.train import TrainConfig, train_classifier
+from salun_jax.unlearn import MASKED_METHODS, UnlearnConfig, UnlearnTask, get_method
+
+FIXED_KEYS = ("dataset", "train_per_class", "test_per_class", "split", "train")
+
+
+def method_config(config: ml_collections.ConfigDict, method: str) -> UnlearnConfig:
+    """`config.unlearn` with the method's overrides from `config.methods`."""
+    values = {**config.unlearn.to_dict(), **config.methods.get(method, {})}
+    return make_dataclass(UnlearnConfig, values, f"unlearning ({method})")
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+    for method in config.run_methods:
+        try:
+            get_method(method)
+        except ValueError as error:
+            raise UserError(str(error)) from error
+    for fraction in (*config.sweep_fractions, config.mask.fraction):
+        if not 0.0 < fraction <= 1.0:
+            raise UserError(f"mask fraction must be in (0, 1], got {fraction}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Runs the pipeline; returns the markdown table (also in `workdir/results.md`).
+
+    Raises:
+      UserError: a bad setting, data or split file, or a diverged run (the message says which).
+    """
+    with locked(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _model(config: TrainConfig, dataset):
+    try:
+        return create_model(
+            config.model, dataset.num_classes, dataset.mean, dataset.std, config.width
+        )
+    except ValueError as error:
+        raise UserError(f"bad train config: {error}") from error
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
+    # Everything that can be wrong with the config is checked before anything is written.
+    _check(config)
+    check_config(workdir, config, FIXED_KEYS)
+    dataset = load_data(config)
+    splits = {
+        seed: build_split(dataset, {**config.split.to_dict(), "seed": seed})
+        for seed in config.seeds
+    }
+    train_config = make_dataclass(TrainConfig, config.train.to_dict(), "train")
+    retrain_config = make_dataclass(
+        TrainConfig, {**config.train.to_dict(), **overrides(config.retrain)}, "retrain"
+    )
+    method_configs = {m: method_config(config, m) for m in config.run_methods if m != "Retrain"}
+    model = _model(train_config, dataset)
+    write_config(workdir, config)
+    predict_fn = make_predict_fn(model.apply)
+    images, labels = dataset.train_images, dataset.train_labels
+    results_path = os.path.join(workdir, "results.json")
+    results = load_results(results_path, {"runs": [], "sweep": {}, "masks": {}})
+    results["config"] = config.to_dict()
+    hashes = {
+        m: config_hash(c, config.mask.fraction if m in MASKED_METHODS else None)
+        for m, c in method_configs.items()
+    }
+    hashes["Retrain"] = config_hash(retrain_config)
+    hashes["Original"] = config_hash(train_config)
+    # A row is redone only if its method runs now with another config; other rows are kept.
+    results["runs"] = [
+        r
+        for r in results["runs"]
+        if r.get("config_hash") == hashes.get(r["method"], r.get("config_hash"))
+    ]
+    sweep_hash = config_hash(method_config(config, "SalUn"), list(config.sweep_fractions))
+    results["sweep"] = {
+        k: v for k, v in results["sweep"].items() if v.get("config_hash") == sweep_hash
+    }
+    done = {(r["method"], r["seed"]) for r in results["runs"]}
+
+    def evaluate(variables, split, fn=predict_fn):
+        return evaluate_unlearning(
+            fn,
+            variables,
+            images,
+            labels,
+            dataset.test_images,
+            dataset.test_labels,
+            split,
+            mia_kinds=tuple(config.mia_kinds),
+        )
+
+    def record(method, seed, metrics, split, **extra):
+        results["runs"].append(
+            {
+                "method": method,
+                "seed": seed,
+                "split_hash": split.hash,
+                "config_hash": hashes[method],
+                "code": code_version(),
+                "metrics": metrics,
+                **extra,
+            }
+        )
+        report.write_results(results_path, results)  # after every method: nothing lost
+        logging.info(
+            "seed %d %s: %s",
+            seed,
+            method,
+            {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)},
+        )
+
+    def run_method(method, seed, task, original, mask, rng, **run_options):
+        method_fn = get_method(method)
+        cfg = (
+            dataclasses.replace(retrain_config, seed=seed + 1000)
+            if method == "Retrain"
+            else method_configs[method]
+        )
+        try:
+            return method_fn(original, task, cfg, rng, mask=mask, **run_options)
+        except TrainingDivergedError as error:
+            raise UserError(f"seed {seed}: {error}") from error
+
+    for seed in config.seeds:
+        seed_dir = os.path.join(workdir, f"seed_{seed}")
+        split = save_split_once(seed_dir, dataset, splits[seed])
+        logging.info("seed %d: split %s %s", seed, split.hash, split.sizes())
+        try:
+            original_run = train_classifier(
+                images,
+                labels,
+                split.train,
+                model,
+                dataclasses.replace(train_config, seed=seed),
+                workdir=os.path.join(seed_dir, "original"),
+                desc=f"original s{seed}",
+            )
+            original = original_run.state
+        except TrainingDivergedError as error:
+            raise UserError(str(error)) from error
+        if ("Original", seed) not in done:
+            record(
+                "Original",
+                seed,
+                evaluate(original.variables, split),
+                split,
+                model_code=original_run.code,
+            )
+        task = UnlearnTask(model, images, labels, split, dataset.num_classes)
+        if "Retrain" in config.run_methods and ("Retrain", seed) not in done:
+            output = run_method(
+                "Retrain",
+                seed,
+                task,
+                None,
+                None,
+                None,
+                workdir=os.path.join(seed_dir, f"retrain_{hashes['Retrain']}"),
+            )
+            metrics = evaluate(output.state.variables, split)
+            metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
+            record("Retrain", seed, metrics, split, model_code=output.code, history=output.history)
+
+        # Saliency scores once per seed; masks for every fraction from one ranking.
+        start = time.perf_counter()
+        scores = jax.block_until_ready(
+            saliency.classification_scores(
+                original,
+                images,
+                labels,
+                split.forget,
+                batch_size=config.unlearn.batch_size,
+                crop_padding=config.unlearn.crop_padding,
+                flip=config.unlearn.flip,
+                seed=seed,
+            )
+        )
+        scores_seconds = time.perf_counter() - start
+        fractions = sorted({float(f) for f in (*config.sweep_fractions, config.mask.fraction)})
+        start = time.perf_counter()
+        masks = saliency.mask_sweep(scores, fractions)
+        ranking_seconds = time.perf_counter() - start
+        mask_dir = os.path.join(seed_dir, "masks")
+        os.makedirs(mask_dir, exist_ok=True)
+        for fraction, mask in masks.items():
+            saliency.save_mask(os.path.join(mask_dir, f"with_{fraction:.2f}.npz"), mask)
+        chosen = masks[float(config.mask.fraction)]
+        stats = saliency.mask_stats(chosen)
+        results["masks"][str(seed)] = {
+            "fraction": stats["fraction"],
+            "ones": stats["ones"],
+            "size": stats["size"],
+            "scores_seconds": scores_seconds,
+            "ranking_seconds": ranking_seconds,
+            "per_leaf": stats["per_leaf"],
+        }
+        if seed == config.seeds[0]:
+            report.plot_layer_saliency(
+                list(stats["per_leaf"]),
+                list(stats["per_leaf"].values()),
+                os.path.join(workdir, "plots", "layer_saliency.png"),
+                title=f"salient share per layer (mask {config.mask.fraction})",
+            )
+
+        for index, method in enumerate(config.run_methods):
+            if method == "Retrain" or (method, seed) in done:
+                continue
+            output = run_method(
+                method,
+                seed,
+                task,
+                original,
+                chosen if method in MASKED_METHODS else None,
+                jax.random.key(seed * 100 + index),
+            )
+            fn = predict_fn if output.model is None else make_predict_fn(output.model.apply)
+            metrics = evaluate(output.state.variables, split, fn)
+            metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
+            record(method, seed, metrics, split, history=output.history)
+
+        # Mask-fraction sweep of SalUn (first seed only).
+        key = str(seed)
+        if config.sweep_fractions and seed == config.seeds[0] and key not in results["sweep"]:
+            sweep = {
+                "fractions": [],
+                "UA": [],
+                "RA": [],
+                "TA": [],
+                "MIA": [],
+                "config_hash": sweep_hash,
+            }
+            for fraction in sorted(config.sweep_fractions):
+                output = run_method(
+                    "SalUn", seed, task, original, masks[fraction], jax.random.key(seed * 100 + 99)
+                )
+                metrics = evaluate(output.state.variables, split)
+                sweep["fractions"].append(fraction)
+                for name in ("UA", "RA", "TA", "MIA"):
+                    sweep[name].append(metrics[name])
+            results["sweep"][key] = sweep
+            report.write_results(results_path, results)
+        if key in results["sweep"]:
+            sweep = results["sweep"][key]
+            report.plot_sweep(
+                sweep["fractions"],
+                {k: sweep[k] for k in ("UA", "RA", "TA", "MIA")},
+                os.path.join(workdir, "plots", "salun_mask_sweep.png"),
+                title=f"SalUn vs mask fraction (seed {seed})",
+            )
+
+    runs = [r for r in results["runs"] if r["seed"] in config.seeds]
+    reference = "Retrain" if any(r["method"] == "Retrain" for r in runs) else None
+    results["summary"] = report.summarize(runs, reference_method=reference)
+    table = report.markdown_table(results["summary"], reference_method=reference)
+    report.write_results(results_path, results)
+    header = (
+        f"{dataset.name}, {config.split.scenario} forgetting, {len(split.forget)} of "
+        f"{len(split.train)} train images, {train_config.model} x{train_config.width}, "
+        f"seeds {list(config.seeds)}; mean±std (|gap| to Retrain); RTE in seconds\n\n"
+        + report.code_versions_note(runs)
+    )
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(header + table + "\n")
+    return header + table
+
+
+def train_original(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the original classifier of `config` in `workdir` (split.npz, checkpoints/,
+    metrics.jsonl with validation accuracy, results.json); returns the results.
+
+    Raises:
+      UserError: a bad setting, data or split file, or a diverged run.
+    """
+    with locked(workdir):
+        check_config(workdir, config, FIXED_KEYS)
+        dataset = load_data(config)
+        split = build_split(dataset, config.split.to_dict())
+        train_config = make_dataclass(TrainConfig, config.train.to_dict(), "train")
+        model = _model(train_config, dataset)
+        write_config(workdir, config)
+        split = save_split_once(workdir, dataset, split)
+        return _train_original(config, workdir, dataset, split, train_config, model)
+
+
+def _train_original(config, workdir, dataset, split, train_config, model) -> dict:
+    predict_fn = make_predict_fn(model.apply)
+    images, labels = dataset.train_images, dataset.train_labels
+
+    def eval_fn(state):
+        if split.val.size == 0:
+            return {}
+        return {
+            "val_accuracy": model_accuracy(
+                predict_fn, state.variables, images[split.val], labels[split.val]
+            )
+        }
+
+    try:
+        out = train_classifier(
+            images, labels, split.train, model, train_config, workdir=workdir, eval_fn=eval_fn
+        )
+    except TrainingDivergedError as error:
+        raise UserError(str(error)) from error
+    results = {
+        "dataset": dataset.name,
+        "split_hash": split.hash,
+        "epochs": len(out.history),
+        "train_accuracy": model_accuracy(
+            predict_fn, out.state.variables, images[split.train], labels[split.train]
+        ),
+        "test_accuracy": model_accuracy(
+            predict_fn,
+            out.state.variables,
+            dataset.test_images[split.test],
+            dataset.test_labels[split.test],
+        ),
+        "run_time_s": out.run_seconds,
+        "compile_time_s": out.compile_seconds,
+        "history": out.history,
+    }
+    report.write_results(os.path.join(workdir, "results.json"), results)
+    logging.info(
+        "train accuracy %.2f%%, test accuracy %.2f%%",
+        results["train_accuracy"],
+        results["test_accuracy"],
+    )
+    return results
+
+
+def tiny_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The seconds-scale variant (`:tiny`) of a classification config: the same pipeline with
+    one seed, a few epochs, every method for one epoch, two sweep fractions, the confidence MIA;
+    image data sets cut to 20 train / 10 test images per class and a ResNet-8 x0.25."""
+    config.seeds = tuple(config.seeds)[:1]
+    if config.dataset != "digits":
+        config.train_per_class, config.test_per_class = 20, 10
+        config.train.update(model="resnet8", width=0.25, batch_size=32)
+        config.unlearn.batch_size = 32
+    config.train.update(epochs=3, milestones=())
+    config.unlearn.epochs = 1
+    for method in config.methods.values():
+        if "epochs" in method:
+            method.epochs = 1
+    config.methods.IU.woodfisher_samples = 20
+    config.sweep_fractions = (0.2, 0.5) if config.sweep_fractions else ()
+    config.mia_kinds = ("confidence",)
+    return config

@@ -1,0 +1,144 @@
+"""What the pipelines share: user errors, config.json, config hashes, data, splits, results."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+
+import ml_collections
+
+from salun_jax import report
+from salun_jax.data import load_dataset, subset_per_class
+from salun_jax.data.splits import Split, load_split, make_split, save_split
+
+
+class UserError(Exception):
+    """An error the user can fix (a bad setting, a missing file); the command line prints its
+    message as one line instead of a traceback."""
+
+
+def check_config(
+    workdir: str, config: ml_collections.ConfigDict, fixed_keys: tuple[str, ...]
+) -> None:
+    """Refuses a work directory whose config.json has other `fixed_keys` (its checkpoints would
+    silently be reused)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    new = json.loads(config.to_json_best_effort(sort_keys=True))
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"{path} is unreadable ({error}); delete it (the run's other files are "
+            "checked on their own) or use a new --workdir"
+        ) from error
+    changed = [k for k in fixed_keys if old.get(k) != new.get(k)]
+    if changed:
+        raise UserError(
+            f"{workdir} was made with a different {', '.join(changed)} config; use a "
+            "new --workdir (or restore the old settings) so its checkpoints are not "
+            "reused"
+        )
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def config_hash(*parts) -> str:
+    """A short hash of JSON-able parts (e.g. a method's config), to tell stale results apart."""
+    text = json.dumps(
+        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def unset_like(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A config section with the keys and types of `section`, every value unset (None) but
+    overridable from the command line: e.g. Retrain's changes to the train recipe."""
+    return ml_collections.ConfigDict(
+        {key: ml_collections.config_dict.placeholder(type(value)) for key, value in section.items()}
+    )
+
+
+def overrides(section: ml_collections.ConfigDict) -> dict:
+    """The keys of a config section that are set (not None), e.g. Retrain's changes to the
+    train recipe."""
+    return {key: value for key, value in section.to_dict().items() if value is not None}
+
+
+def make_dataclass(cls, values: dict, what: str):
+    """`cls(**values)` with tuples for lists; a bad key or value is a UserError naming `what`."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"bad {what} config: {error}") from error
+
+
+def load_data(config: ml_collections.ConfigDict):
+    """The config's data set, cut to `train_per_class` / `test_per_class` images per class."""
+    try:
+        dataset = load_dataset(
+            config.dataset,
+            data_dir=config.get("data_dir") or None,
+            cache_dir=config.get("cache_dir") or None,
+        )
+        return subset_per_class(
+            dataset, config.get("train_per_class", 0), config.get("test_per_class", 0)
+        )
+    except (ValueError, FileNotFoundError, OSError) as error:
+        raise UserError(str(error).splitlines()[0]) from error
+
+
+def build_split(dataset, split_config: dict) -> Split:
+    """The split a config asks for (in memory; `save_split_once` writes it)."""
+    try:
+        return make_split(
+            dataset.train_labels, dataset.test_labels, dataset=dataset.name, **split_config
+        )
+    except (ValueError, TypeError) as error:
+        raise UserError(f"bad split config: {error}") from error
+
+
+def save_split_once(directory: str, dataset, split: Split) -> Split:
+    """Writes `directory/split.npz`, or checks that the one there is this split.
+
+    Raises:
+      UserError: the file is unreadable, belongs to another data set, or holds another split.
+    """
+    path = os.path.join(directory, "split.npz")
+    if not os.path.exists(path):
+        os.makedirs(directory, exist_ok=True)
+        save_split(path, split)
+        return split
+    try:
+        stored = load_split(path, dataset.train_labels, dataset.test_labels)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    if stored.hash != split.hash:
+        raise UserError(
+            f"{path} holds split {stored.hash}, not the {split.hash} this config "
+            "makes (edited, or made by other code); use a new --workdir"
+        )
+    logging.info("using the saved split %s (hash %s)", path, split.hash)
+    return stored
+
+
+def load_results(path: str, empty: dict) -> dict:
+    """results.json, or `empty` when there is none or it is unreadable (with a warning)."""
+    if os.path.exists(path):
+        try:
+            return {**empty, **report.read_results(path)}
+        except ValueError:
+            logging.warning("results file %s is unreadable; starting a new one", path)
+    return empty
