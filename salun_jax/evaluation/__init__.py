@@ -13,9 +13,11 @@ from salun_jax.evaluation.metrics import (
 from salun_jax.evaluation.mia import (
     FEATURE_KINDS,
     from_logits,
+    loss_mia,
     m_entropy_upstream,
     mia_efficacy,
     mia_features,
+    stratified_shadow_indices,
     svc_mia,
 )
 
@@ -28,9 +30,11 @@ __all__ = [
     "avg_gap",
     "from_logits",
     "gaps",
+    "loss_mia",
     "m_entropy_upstream",
     "mia_efficacy",
     "mia_features",
+    "stratified_shadow_indices",
     "svc_mia",
     "timed",
     "unlearning_metrics",
