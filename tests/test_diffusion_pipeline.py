@@ -48,7 +48,7 @@ METHOD_KEYS = {
 
 
 def _env():
-    # One device (no forced host devices: their all-reduces can deadlock here, environment.md).
+    # One device (forced host devices' all-reduces can deadlock on 2-core XLA:CPU machines).
     # LLVM optimisation level 0 only shortens compilation, which is most of these tiny runs
     # (measured: 55 s -> 35 s for the tiny pipeline); the numerics are XLA's either way.
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")

@@ -303,10 +303,19 @@ def test_docstring_examples_run():
     assert outcome.attempted > 0 and outcome.failed == 0
 
 
+def _encode_ids(ids):
+    """Images that carry their index, as uint8 pairs (hi, lo) so indices above 255 fit."""
+    return np.stack([ids // 256, ids % 256], -1).astype(np.uint8).reshape(-1, 1, 1, 2)
+
+
+def _lookup_predict_fn(variables, images):
+    """A 'model' that looks its logits up by image index in `variables["table"]`."""
+    ids = images[..., 0].astype(jnp.int32) * 256 + images[..., 1].astype(jnp.int32)
+    return variables["table"][ids.reshape(-1)]
+
+
 def test_evaluate_unlearning_on_a_constructed_model():
     """A 'model' that looks its answer up by image index: UA/RA/TA and MIA are known exactly."""
-    import jax.numpy as jnp
-
     from salun_jax.data.splits import make_split
     from salun_jax.evaluation.classification import evaluate_unlearning
 
@@ -317,25 +326,17 @@ def test_evaluate_unlearning_on_a_constructed_model():
     split = make_split(
         train_labels, test_labels, scenario="random", num_forget=20, val_fraction=0.0
     )
-
-    # Train images carry their index in [0, 200); test images in [200, 260). Stored as uint8
-    # pairs (hi, lo) so indices above 255 fit.
-    def encode(ids):
-        return np.stack([ids // 256, ids % 256], -1).astype(np.uint8).reshape(-1, 1, 1, 2)
-
-    train_images, test_images = encode(np.arange(n_train)), encode(np.arange(n_train, 260))
+    # Train images carry their index in [0, 200); test images in [200, 260).
+    train_images = _encode_ids(np.arange(n_train))
+    test_images = _encode_ids(np.arange(n_train, 260))
     predicted = np.concatenate([train_labels, test_labels]).copy()
     wrong = split.forget[:5]  # 5 of 20 forget images misclassified -> UA = 25
     predicted[wrong] = (predicted[wrong] + 1) % k
     confidence = np.where(np.arange(260) < n_train, 8.0, 0.5)  # members confident, others not
     logits_table = np.eye(k)[predicted] * confidence[:, None]
 
-    def predict_fn(variables, images):
-        ids = images[..., 0].astype(jnp.int32) * 256 + images[..., 1].astype(jnp.int32)
-        return variables["table"][ids.reshape(-1)]
-
     metrics = evaluate_unlearning(
-        predict_fn,
+        _lookup_predict_fn,
         {"table": jnp.asarray(logits_table)},
         train_images,
         train_labels,
@@ -349,3 +350,117 @@ def test_evaluate_unlearning_on_a_constructed_model():
     # Forget images look like members except the 5 misclassified ones (p_y tiny): 5/20 non-member.
     assert metrics["MIA"] == 25.0
     assert set(metrics["MIA_all"]) == {"confidence", "entropy"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Shadow-set sampling and the loss MIA.
+
+
+def _class_sorted_run(n_train=400, n_test=120, num_forget=40, k=4, seed=3):
+    """A class-sorted data set, a random split and a lookup 'model' with random logits."""
+    from salun_jax.data.splits import make_split
+
+    rng = np.random.default_rng(seed)
+    train_labels = np.sort(rng.integers(0, k, n_train)).astype(np.int32)
+    test_labels = np.sort(rng.integers(0, k, n_test)).astype(np.int32)
+    split = make_split(
+        train_labels, test_labels, scenario="random", num_forget=num_forget, val_fraction=0.0
+    )
+    table = 3.0 * rng.normal(size=(n_train + n_test, k))
+    images = _encode_ids(np.arange(n_train)), _encode_ids(np.arange(n_train, n_train + n_test))
+    args = (
+        _lookup_predict_fn,
+        {"table": jnp.asarray(table)},
+        images[0],
+        train_labels,
+        images[1],
+        test_labels,
+        split,
+    )
+    return args, table
+
+
+def test_stratified_shadow_indices_match_class_histograms():
+    member_labels = np.repeat(np.arange(4), [300, 100, 50, 45])  # class-sorted, skewed
+    nonmember_labels = np.repeat(np.arange(4), [40, 40, 40, 40])
+    member, nonmember = mia.stratified_shadow_indices(member_labels, nonmember_labels, 7)
+    # Every class fits, so the smaller (non-member) side is taken whole and matched class by class.
+    np.testing.assert_array_equal(nonmember, np.arange(160))
+    np.testing.assert_array_equal(np.bincount(member_labels[member]), [40, 40, 40, 40])
+    assert len(np.unique(member)) == 160
+    # Upstream's first-160 members would all be class 0.
+    assert np.all(member_labels[:160] == 0)
+    # Same seed (int or Generator), same sets; another seed, other members.
+    again = mia.stratified_shadow_indices(member_labels, nonmember_labels, np.random.default_rng(7))
+    np.testing.assert_array_equal(again[0], member)
+    other = mia.stratified_shadow_indices(member_labels, nonmember_labels, 8)
+    assert not np.array_equal(other[0], member)
+
+
+def test_stratified_shadow_indices_unequal_and_unmatchable_classes():
+    # Members smaller: n = 90; quotas proportional to the per-class minima (60, 20, 30) -> 90.
+    member_labels = np.repeat(np.arange(3), [60, 20, 10])
+    nonmember_labels = np.repeat(np.arange(3), [80, 30, 30])
+    member, nonmember = mia.stratified_shadow_indices(member_labels, nonmember_labels, 0)
+    np.testing.assert_array_equal(np.bincount(member_labels[member]), [60, 20, 10])
+    np.testing.assert_array_equal(np.bincount(nonmember_labels[nonmember]), [60, 20, 10])
+    # Class 2 absent from the members: minima sum to 60 < n = 70, so both sides are topped up.
+    member_labels = np.repeat(np.arange(2), [40, 30])
+    nonmember_labels = np.repeat(np.arange(3), [20, 20, 60])
+    member, nonmember = mia.stratified_shadow_indices(member_labels, nonmember_labels, 0)
+    assert len(member) == len(nonmember) == 70
+    assert np.bincount(nonmember_labels[nonmember], minlength=3)[:2].tolist() >= [20, 20]
+    with pytest.raises(ValueError, match="empty"):
+        mia.stratified_shadow_indices(np.array([], np.int64), nonmember_labels, 0)
+    with pytest.raises(ValueError, match="integer"):
+        mia.stratified_shadow_indices(member_labels.astype(float), nonmember_labels, 0)
+
+
+@pytest.mark.parametrize("num_forget", [40, 300])  # retain larger / smaller than test
+def test_evaluate_unlearning_default_shadow_sets_are_upstreams(num_forget):
+    from salun_jax.evaluation.classification import evaluate_unlearning
+
+    args, table = _class_sorted_run(num_forget=num_forget)
+    _, _, _, train_labels, _, test_labels, split = args
+    kinds = ("confidence", "entropy")
+    metrics = evaluate_unlearning(*args, mia_kinds=kinds)
+    assert set(metrics) == {"UA", "RA", "TA", "MIA", "MIA_all"}  # schema unchanged
+    # Today's computation, spelled out: the first n retain vs the first n test samples.
+    n = min(len(split.retain), len(split.test))
+    test_rows = len(train_labels) + split.test
+    expected = mia.svc_mia(
+        mia.from_logits(table[split.retain][:n]),
+        train_labels[split.retain][:n],
+        mia.from_logits(table[test_rows][:n]),
+        test_labels[split.test][:n],
+        mia.from_logits(table[split.forget]),
+        train_labels[split.forget],
+        kinds=kinds,
+    )
+    assert metrics["MIA_all"] == {kind: 100.0 * value for kind, value in expected.items()}
+
+
+def test_evaluate_unlearning_with_shadow_seed_and_loss_mia():
+    from salun_jax.evaluation.classification import evaluate_unlearning
+
+    args, _ = _class_sorted_run()
+    first = evaluate_unlearning(*args, shadow_seed=5, loss_mia=True)
+    assert first["shadow_seed"] == 5
+    assert 0.0 <= first["MIA_loss"] <= 100.0
+    assert evaluate_unlearning(*args, shadow_seed=5, loss_mia=True) == first  # reproducible
+    plain = evaluate_unlearning(*args)
+    assert {k: first[k] for k in ("UA", "RA", "TA")} == {k: plain[k] for k in ("UA", "RA", "TA")}
+
+
+def test_loss_mia_separable_and_identical():
+    rng = np.random.default_rng(0)
+    forget = rng.uniform(0.0, 0.1, 500)  # members: tiny losses
+    test = rng.uniform(1.0, 3.0, 200)
+    assert mia.loss_mia(forget, test, seed=0) == 1.0
+    same = mia.loss_mia(rng.exponential(size=500), rng.exponential(size=500), seed=0)
+    assert abs(same - 0.5) < 0.1
+    assert mia.loss_mia(forget, test, seed=1) == mia.loss_mia(forget, test, seed=1)
+    with pytest.raises(ValueError, match="at least 10"):
+        mia.loss_mia(forget[:5], test, seed=0)
+    with pytest.raises(ValueError, match="NaN"):
+        mia.loss_mia(np.full(20, np.nan), test, seed=0)

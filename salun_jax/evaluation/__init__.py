@@ -11,8 +11,10 @@ from salun_jax.evaluation.metrics import METRIC_KEYS, accuracy, avg_gap, gaps
 from salun_jax.evaluation.mia import (
     FEATURE_KINDS,
     from_logits,
+    loss_mia,
     m_entropy_upstream,
     mia_features,
+    stratified_shadow_indices,
     svc_mia,
 )
 
@@ -24,10 +26,12 @@ __all__ = [
     "evaluate_unlearning",
     "from_logits",
     "gaps",
+    "loss_mia",
     "m_entropy_upstream",
     "make_predict_fn",
     "mia_features",
     "model_accuracy",
     "predict",
+    "stratified_shadow_indices",
     "svc_mia",
 ]

@@ -6,6 +6,10 @@ from OPTML-Group/Unlearn-Sparse) trains one RBF `SVC(C=3, gamma="auto")` per fea
 samples (label 0, non-member: the test set), then scores the forget set by the fraction it
 predicts as non-member. The paper's MIA-Efficacy is `100 * svc_mia(...)["confidence"]`.
 
+Also here, not in upstream: `stratified_shadow_indices` (random, class-matched shadow sets in
+place of upstream's "first n", which is class-skewed on class-sorted data) and `loss_mia` (the
+loss-threshold logistic-regression attack of the NeurIPS 2023 unlearning challenge's starting kit).
+
 Everything here is numpy on host arrays: features are tiny and the SVC is scikit-learn.
 
 References:
@@ -210,7 +214,7 @@ def svc_mia(
     `1 - mean(clf.predict(X_target))`: the fraction of the target set predicted *non-member*. Higher
     means more forgetting. This is upstream's `SVC_MIA(..., target_train=None, target_test=forget)`.
 
-    The paper's MIA-Efficacy (%) is `100 * result["confidence"]` (see `mia_efficacy`). Upstream's
+    The paper's MIA-Efficacy (%) is `100 * result["confidence"]` . Upstream's
     call site uses the first `len(test)` retain samples (in index order) as `shadow_train` and the
     test set as `shadow_test`.
 
@@ -272,3 +276,127 @@ def svc_mia(
         clf.fit(x_shadow, y_shadow)
         results[kind] = float(1.0 - np.mean(clf.predict(x_target)))
     return results
+
+
+def _stratified_quotas(member_counts: np.ndarray, nonmember_counts: np.ndarray, n: int):
+    """Per-class draws `k_c <= min(m_c, t_c)` summing to n (or to sum(min) when that is smaller).
+
+    Proportional to `min(m_c, t_c)` with largest-remainder rounding (ties to the lower class), so
+    when the smaller set fits class by class it is taken whole.
+    """
+    caps = np.minimum(member_counts, nonmember_counts)
+    total = int(caps.sum())
+    if total <= n:
+        return caps
+    exact = n * caps / total
+    quotas = np.floor(exact).astype(np.int64)
+    remainder = n - int(quotas.sum())
+    order = np.argsort(-(exact - quotas), kind="stable")  # largest fractional parts first
+    quotas[order[:remainder]] += 1  # each has quota < exact <= cap, so +1 stays within its cap
+    return quotas
+
+
+def stratified_shadow_indices(
+    member_labels: ArrayLike, nonmember_labels: ArrayLike, seed: int | np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random, class-stratified, balanced member / non-member shadow sets for the SVC attack.
+
+    Both sides get `n = min(len(member_labels), len(nonmember_labels))` samples, and each class
+    contributes the same number to both, proportional to `min(#members, #non-members)` of that
+    class, drawn without replacement. Where classes cannot be matched (the per-class minima sum to
+    less than n), every class gives its minimum and each side is topped up to n with random
+    leftovers, so the SVC stays balanced. Upstream's "first n retain samples" is class-skewed on
+    data sets stored sorted by class; this draw is not.
+
+    Args:
+      member_labels: `[M]` integer labels of the candidate members (the retain set).
+      nonmember_labels: `[T]` integer labels of the candidate non-members (the test set).
+      seed: an int or a `np.random.Generator`; the same int gives the same sets.
+
+    Returns:
+      `(member_idx [n], nonmember_idx [n])`, ascending positions into the two label arrays.
+
+    Raises:
+      ValueError: on labels that are not 1-d integer arrays, or an empty side.
+
+    References:
+      upstream's call site in `main_forget.py`, which this replaces on request.
+    """
+    rng = np.random.default_rng(seed)
+    labels = []
+    for name, value in (("member_labels", member_labels), ("nonmember_labels", nonmember_labels)):
+        y = np.asarray(value)
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{name} must be a 1-d integer array, got {y.dtype} {y.shape}.")
+        if y.size == 0:
+            raise ValueError(f"{name} is empty; the attack needs samples on both sides.")
+        labels.append(y)
+    member_y, nonmember_y = labels
+    n = min(member_y.size, nonmember_y.size)
+    classes = np.union1d(member_y, nonmember_y)
+    member_counts = np.array([np.count_nonzero(member_y == c) for c in classes])
+    nonmember_counts = np.array([np.count_nonzero(nonmember_y == c) for c in classes])
+    quotas = _stratified_quotas(member_counts, nonmember_counts, n)
+
+    picked = []
+    for y in (member_y, nonmember_y):
+        chosen = [
+            rng.choice(np.flatnonzero(y == c), size=q, replace=False)
+            for c, q in zip(classes, quotas, strict=True)
+        ]
+        chosen = np.concatenate(chosen)
+        shortfall = n - chosen.size  # > 0 only when classes cannot be matched
+        if shortfall:
+            leftover = np.setdiff1d(np.arange(y.size), chosen)
+            chosen = np.concatenate([chosen, rng.choice(leftover, size=shortfall, replace=False)])
+        picked.append(np.sort(chosen))
+    return picked[0], picked[1]
+
+
+def loss_mia(forget_losses: ArrayLike, test_losses: ArrayLike, seed: int = 0) -> float:
+    """The 2023 unlearning challenge starting kit's loss-threshold MIA: mean CV accuracy.
+
+    A logistic regression on the per-example loss tells forget (label 1) from test (label 0)
+    samples. The larger side is subsampled at random to the size of the smaller (the kit shuffles
+    the forget losses and keeps the first |test|); accuracy is averaged over 10 stratified
+    shuffle splits (`StratifiedShuffleSplit(n_splits=10)`, 10% held out, as the kit's
+    `simple_mia`). About 0.5 means the attacker cannot tell forgotten from unseen samples.
+
+    Args:
+      forget_losses: `[F]` per-example cross-entropy losses on the forget set.
+      test_losses: `[T]` per-example losses on unseen (test) samples.
+      seed: seeds both the subsampling and the splits (the kit uses global `np.random` and
+        `random_state=0`).
+
+    Returns:
+      Mean cross-validated attack accuracy in `[0, 1]`, a Python float.
+
+    Raises:
+      ValueError: on non-1-d or non-finite losses, or fewer than 10 samples on a side (the
+        10% held-out fold must hold both classes).
+
+    References:
+      unlearning-challenge/starting-kit, `unlearning-CIFAR10.ipynb` ("simple_mia"); Shokri et al.
+      (2017) / Yeom et al. (2018) loss-threshold attacks.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
+
+    sides = []
+    for name, value in (("forget_losses", forget_losses), ("test_losses", test_losses)):
+        x = np.asarray(value, dtype=np.float64)
+        if x.ndim != 1:
+            raise ValueError(f"{name} must be 1-d [N], got shape {x.shape}.")
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{name} contains NaN or infinite values.")
+        if x.size < 10:
+            raise ValueError(f"{name} has {x.size} samples; the attack needs at least 10 per side.")
+        sides.append(x)
+    rng = np.random.default_rng(seed)
+    n = min(s.size for s in sides)
+    forget, test = (rng.permutation(s)[:n] for s in sides)
+    samples = np.concatenate([test, forget])[:, None]
+    members = np.concatenate([np.zeros(n, np.int64), np.ones(n, np.int64)])
+    cv = StratifiedShuffleSplit(n_splits=10, random_state=seed)
+    scores = cross_val_score(LogisticRegression(), samples, members, cv=cv, scoring="accuracy")
+    return float(np.mean(scores))
