@@ -10,6 +10,6 @@ setup(
     install_requires=[
         "jax>=0.10.2", "flax>=0.12.8", "optax>=0.2.8", "orbax-checkpoint>=0.12.8", "chex>=0.1.92",
         "tensorflow-datasets>=4.9.10", "ml_collections>=1.1.0", "absl-py", "numpy", "scikit-learn",
-        "pillow", "matplotlib", "tqdm",
+        "pillow", "matplotlib", "tqdm", "safetensors>=0.8.0", "regex",
     ],
 )
