@@ -25,6 +25,7 @@ import argparse
 import collections
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -60,36 +61,26 @@ PROMPTS = [
 
 
 def learn_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
-    """Plain BPE training on the lower-cased words of `corpus` (CLIP's `</w>` word ends)."""
+    """Plain BPE training (Sennrich et al. 2016, Fig. 1) on the lower-cased words of `corpus`,
+    with CLIP's `</w>` word ends; words are space-joined symbols (no symbol holds a space)."""
     byte_encoder = bytes_to_unicode()
-    words = collections.Counter(corpus.lower().split())
-    vocab = {}
-    for word, count in words.items():
+    words = collections.Counter()
+    for word in corpus.lower().split():
         symbols = [byte_encoder[b] for b in word.encode("utf-8")]
-        symbols[-1] += "</w>"
-        vocab[tuple(symbols)] = count
+        words[" ".join(symbols) + "</w>"] += 1
     merges = []
     for _ in range(num_merges):
         pairs = collections.Counter()
-        for symbols, count in vocab.items():
+        for word, count in words.items():
+            symbols = word.split()
             for pair in zip(symbols, symbols[1:], strict=False):
                 pairs[pair] += count
         if not pairs:
             break
         best = max(pairs, key=lambda p: (pairs[p], p))
         merges.append(best)
-        new_vocab = {}
-        for symbols, count in vocab.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == best:
-                    out.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            new_vocab[tuple(out)] = count
-        vocab = new_vocab
+        pattern = re.compile(r"(?<!\S)" + re.escape(" ".join(best)) + r"(?!\S)")
+        words = collections.Counter({pattern.sub("".join(best), w): c for w, c in words.items()})
     return merges
 
 
