@@ -117,9 +117,7 @@ def test_full_size_sd_v1_key_mapping(name, model):
     # default configs with the right shape, from shapes alone (zero-stride arrays, no memory).
     with open(os.path.join(FIXTURES, "sd_v1_shapes.json")) as f:
         shapes = json.load(f)[name]
-    inputs = {"unet": loading._unet_inputs, "vae": loading._vae_inputs,
-              "text_encoder": loading._text_inputs}[name](model.config)
-    expected = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
+    expected = loading.param_shapes(model)
     state_dict = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
     params = convert_state_dict(state_dict, expected, dtype=None)
     count = sum(math.prod(s) for s in shapes.values())

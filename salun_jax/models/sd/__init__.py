@@ -15,6 +15,7 @@ from salun_jax.models.sd.loading import (
     load_tokenizer,
     load_unet,
     load_vae,
+    param_shapes,
 )
 from salun_jax.models.sd.tokenizer import CLIPTokenizer
 from salun_jax.models.sd.unet import UNet2DConditionModel, UNetConfig
@@ -38,4 +39,5 @@ __all__ = [
     "load_tokenizer",
     "load_unet",
     "load_vae",
+    "param_shapes",
 ]

@@ -225,31 +225,32 @@ def config_from_dict(cls: type, raw: Mapping[str, Any], fixed: Mapping[str, Any]
         raise WeightLoadingError(f"{source}: {e}") from e
 
 
+def _dummy_inputs(model) -> tuple[jax.Array, ...]:
+    cfg = model.config
+    if isinstance(model, CLIPTextModel):
+        return (jnp.zeros((1, cfg.max_position_embeddings), jnp.int32),)
+    size = 2 ** (len(cfg.block_out_channels) - 1)  # the smallest valid image size
+    image = jnp.zeros((1, size, size, cfg.in_channels))
+    if isinstance(model, AutoencoderKL):
+        return (image,)
+    return image, jnp.zeros((1,)), jnp.zeros((1, 1, cfg.cross_attention_dim))
+
+
+def param_shapes(model: UNet2DConditionModel | AutoencoderKL | CLIPTextModel) -> PyTree:
+    """The `params` tree of `model` as `jax.ShapeDtypeStruct`s (`jax.eval_shape`; allocates
+    nothing, so it also works for the full-size models)."""
+    return jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs(model))["params"]
+
+
 def _load_model(folder: str, config_cls: type, fixed: Mapping[str, Any], make_model: Callable,
-                dummy_inputs: Callable, weight_file: str, prefix: str, dtype) -> tuple:
+                weight_file: str, prefix: str, dtype) -> tuple:
     config_path = os.path.join(_require(folder, "folder"), "config.json")
     config = config_from_dict(config_cls, _read_json(config_path), fixed, config_path)
     model = make_model(config)
-    expected = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(config))["params"]
     path = _weight_file(folder, weight_file)
-    params = convert_state_dict(load_file(path), expected, source=path, prefix=prefix,
+    params = convert_state_dict(load_file(path), param_shapes(model), source=path, prefix=prefix,
                                 dtype=dtype)
     return model, params
-
-
-def _unet_inputs(cfg: UNetConfig):
-    size = 2 ** (len(cfg.block_out_channels) - 1)
-    return (jnp.zeros((1, size, size, cfg.in_channels)), jnp.zeros((1,)),
-            jnp.zeros((1, 1, cfg.cross_attention_dim)))
-
-
-def _vae_inputs(cfg: VAEConfig):
-    size = 2 ** (len(cfg.block_out_channels) - 1)
-    return (jnp.zeros((1, size, size, cfg.in_channels)),)
-
-
-def _text_inputs(cfg: CLIPTextConfig):
-    return (jnp.zeros((1, cfg.max_position_embeddings), jnp.int32),)
 
 
 def load_unet(folder: str, dtype=jnp.float32) -> tuple[UNet2DConditionModel, PyTree]:
@@ -262,20 +263,20 @@ def load_unet(folder: str, dtype=jnp.float32) -> tuple[UNet2DConditionModel, PyT
       WeightFileNotFoundError: the folder, its config or its weights are missing.
       WeightLoadingError: unsupported config, unknown/missing key or shape mismatch.
     """
-    return _load_model(folder, UNetConfig, _UNET_FIXED, UNet2DConditionModel, _unet_inputs,
+    return _load_model(folder, UNetConfig, _UNET_FIXED, UNet2DConditionModel,
                        WEIGHT_FILES["unet"], "", dtype)
 
 
 def load_vae(folder: str, dtype=jnp.float32) -> tuple[AutoencoderKL, PyTree]:
     """Loads a diffusers `vae/` folder (AutoencoderKL); same contract as `load_unet`."""
-    return _load_model(folder, VAEConfig, _VAE_FIXED, AutoencoderKL, _vae_inputs,
+    return _load_model(folder, VAEConfig, _VAE_FIXED, AutoencoderKL,
                        WEIGHT_FILES["vae"], "", dtype)
 
 
 def load_text_encoder(folder: str, dtype=jnp.float32) -> tuple[CLIPTextModel, PyTree]:
     """Loads a transformers `text_encoder/` folder (CLIPTextModel; keys with or without the
     `text_model.` prefix); same contract as `load_unet`."""
-    return _load_model(folder, CLIPTextConfig, _CLIP_FIXED, CLIPTextModel, _text_inputs,
+    return _load_model(folder, CLIPTextConfig, _CLIP_FIXED, CLIPTextModel,
                        WEIGHT_FILES["text_encoder"], "text_model.", dtype)
 
 
