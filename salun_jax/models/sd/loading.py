@@ -111,7 +111,8 @@ def _torch_key(path: tuple[str, ...]) -> str:
     return ".".join([re.sub(r"_(\d+)$", r".\1", m) for m in modules] + [leaf])
 
 
-def _to_flax_array(key: str, leaf: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def _to_flax_array(key: str, leaf: str, value: np.ndarray, shape: tuple[int, ...],
+                   source: str) -> np.ndarray:
     if leaf == "kernel":
         if value.ndim == 4 and len(shape) == 2 and value.shape[2:] == (1, 1):
             value = value[:, :, 0, 0]  # a 1x1 conv stored for a linear layer (old VAE files)
@@ -121,8 +122,8 @@ def _to_flax_array(key: str, leaf: str, value: np.ndarray, shape: tuple[int, ...
             value = value.T  # [out, in] -> [in, out]
     if value.shape != tuple(shape):
         raise WeightLoadingError(
-            f"shape mismatch for {key!r}: file gives {value.shape} (after layout conversion), "
-            f"the model expects {tuple(shape)}"
+            f"{source}: shape mismatch for {key!r}: file gives {value.shape} (after layout "
+            f"conversion), the model expects {tuple(shape)}"
         )
     return value
 
@@ -159,7 +160,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], expected: PyTree, *
         if target is None:
             raise WeightLoadingError(f"{source}: unknown key {key!r} (no Flax parameter "
                                      f"{'/'.join(modules + (candidates[0],))})")
-        value = _to_flax_array(key, target[-1], np.asarray(state_dict[key]), wanted[target].shape)
+        value = _to_flax_array(key, target[-1], np.asarray(state_dict[key]),
+                               wanted[target].shape, source)
         params[target] = value if dtype is None else jnp.asarray(value, dtype)
     missing = [path for path in wanted if path not in params]
     if missing:
