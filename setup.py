@@ -22,5 +22,7 @@ setup(
         "pillow",
         "matplotlib",
         "tqdm",
+        "safetensors>=0.8.0",
+        "regex",
     ],
 )

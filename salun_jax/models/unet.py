@@ -72,20 +72,34 @@ def _group_norm(num_groups: int, name: str) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, name=name)
 
 
-def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
-    """Sinusoidal embedding of the DDPM/DDIM code (tensor2tensor style): [sin, cos].
+def timestep_embedding(
+    t: jax.Array, dim: int, *, flip_sin_to_cos: bool = False, downscale_freq_shift: float = 1.0
+) -> jax.Array:
+    """Sinusoidal timestep embedding, as diffusers' `get_timestep_embedding` parametrises it.
+
+    The defaults give the DDPM/DDIM code's (tensor2tensor style) `[sin, cos]` with frequencies
+    exp(-log(10000) * k / (dim/2 - 1)); Stable Diffusion's `Timesteps` layer uses
+    ``flip_sin_to_cos=True, downscale_freq_shift=0`` (`[cos, sin]`, divisor dim/2).
 
     Args:
-      t: [B] timesteps (int or float).
-      dim: embedding size; the frequencies are exp(-log(10000) * k / (dim/2 - 1)).
+      t: [B] timesteps (int or float; may be fractional).
+      dim: embedding size.
+      flip_sin_to_cos: put the cosines first.
+      downscale_freq_shift: the frequencies are exp(-log(10000) * k / (dim/2 - shift)).
 
     Returns:
       [B, dim] float32 embedding (zero-padded by one column when dim is odd).
+
+    References:
+      diffusers `src/diffusers/models/embeddings.py`.
     """
     half = dim // 2
-    freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+    # Same float32 op order as diffusers (scale, then divide).
+    exponent = jnp.arange(half, dtype=jnp.float32) * -math.log(10000.0)
+    freq = jnp.exp(exponent / (half - downscale_freq_shift))
     angles = jnp.asarray(t, jnp.float32)[:, None] * freq[None, :]
-    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=1)
     if dim % 2 == 1:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
