@@ -287,7 +287,7 @@ def bench_model(
                 out, seconds, compiles = loop_epoch(loop_state, epoch)
                 loop_state = out.state
                 loop_times.append(seconds)
-                extra_compiles += compiles - 1
+                extra_compiles += max(compiles - 1, 0)  # 0 when the step came from a cache
                 finite = finite and bool(np.isfinite(out.history[-1]["loss"]))
     # Each round's bare and loop phases ran side by side in time, so their ratio cancels slow
     # changes in the machine's load; the median over rounds drops a round one phase of which

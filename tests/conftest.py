@@ -1,8 +1,13 @@
 """Shared fixtures: small in-memory data, run on CPU."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run, in-process tests and the scripts they
+# launch alike: the same small programs (tiny models, the digits pipeline) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="salun_jax_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -24,21 +29,14 @@ def rng():
 
 
 @pytest.fixture(scope="session")
-def experiment(tmp_path_factory):
+def experiment():
     """run(script, config, workdir, *overrides, wait=True) -> CompletedProcess (or the Popen when
-    wait=False): an experiment script in a subprocess on CPU. The subprocesses share one JAX
-    persistent compilation cache, so later runs of the same programs skip compilation."""
+    wait=False): an experiment script in a subprocess on CPU, sharing the run's persistent JAX
+    compilation cache (later runs of the same programs skip compilation)."""
     import subprocess
     import sys
 
-    cache = tmp_path_factory.mktemp("jax_cache")
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": REPO,
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
     env.pop("XLA_FLAGS", None)  # one device: forced host devices can deadlock all-reduces
 
     def run(script, config, workdir, *overrides, wait=True, timeout=600):
