@@ -151,7 +151,7 @@ def run_unlearning_sgd(
         loss_fn, update_batch_stats=config.update_batch_stats, post_update_fn=post_update_fn
     )
     seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
-    out = loop.run(
+    return run_unlearning(
         state,
         step,
         task.data(),
@@ -159,10 +159,17 @@ def run_unlearning_sgd(
         num_epochs=config.epochs,
         key=rng,
         seed=seed,
+        mask=mask,
         epoch_start_fn=epoch_start_fn,
         desc=desc,
         **run_options,
     )
+
+
+def run_unlearning(state, step, data, batches_fn, *, mask=None, **loop_options) -> UnlearnOutput:
+    """`loop.run` of an unlearning step, as an `UnlearnOutput` whose records carry the mask's
+    sparsity."""
+    out = loop.run(state, step, data, batches_fn, **loop_options)
     return UnlearnOutput(
         out.state,
         out.compile_seconds,

@@ -21,7 +21,7 @@ import math
 import jax
 import numpy as np
 
-from salun_jax import loop, optim, saliency
+from salun_jax import optim, saliency
 from salun_jax.data.batches import cyclic_batches, gather_batches
 from salun_jax.diffusion.samplers import check_null_class
 from salun_jax.diffusion.schedule import NoiseSchedule
@@ -29,7 +29,7 @@ from salun_jax.diffusion.training import DiffusionTrainConfig, train_diffusion, 
 from salun_jax.losses import diffusion_ascent_loss, diffusion_forget_loss, guided_forget_loss
 from salun_jax.step import TrainState, make_step
 from salun_jax.types import PyTree
-from salun_jax.unlearn.common import UnlearnOutput, UnlearnTask, with_mask_sparsity
+from salun_jax.unlearn.common import UnlearnOutput, UnlearnTask, run_unlearning
 
 PSEUDO_CLASS_MODES = ("next", "random")
 
@@ -179,7 +179,7 @@ def _run(
         chunk = slice(epoch * every, (epoch + 1) * every)
         return {k: v[chunk] for k, v in streams.items()}, weights[chunk]
 
-    out = loop.run(
+    return run_unlearning(
         start,
         make_step(loss_fn),
         {"image": task.images, "label": task.labels},
@@ -187,15 +187,9 @@ def _run(
         num_epochs=math.ceil(n / every),
         key=rng,
         seed=config.seed,
+        mask=mask,
         desc=desc,
         **run_options,
-    )
-    return UnlearnOutput(
-        out.state,
-        out.compile_seconds,
-        out.run_seconds,
-        with_mask_sparsity(out.history, mask),
-        code=out.code,
     )
 
 
