@@ -91,7 +91,8 @@ def classification_loss(
     Returns:
       `loss_fn(params, batch, rng, state)`; `rng` splits into (augmentation, labels). Its aux
       carries the per-example `accuracy` metric (against the labels the loss used) and the new
-      BatchNorm statistics.
+      BatchNorm statistics, taken over the real (weight > 0) examples only: the model's
+      `__call__` takes `batch_mask` [B].
     """
 
     def loss_fn(params, batch, rng, state):
@@ -100,10 +101,19 @@ def classification_loss(
         labels = batch["label"]
         if label_fn is not None:
             labels = label_fn(label_rng, images, labels, batch, state)
+        # BatchNorm's batch statistics over the real examples only (weight 0 marks the padding
+        # of a last partial batch), as PyTorch's smaller last batch. A shard with no real example
+        # at all (a pmapped last batch) falls back to all its rows, copies of real images, rather
+        # than an empty mean (NaN). Across devices the step pmeans these statistics with equal
+        # weight per device, so on an uneven padded last batch a device with few real examples
+        # counts as much as a full one: exact on one device or when every shard is full.
+        batch_mask = batch["weight"] > 0  # [B]
+        batch_mask = batch_mask | ~jnp.any(batch_mask)
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             images,
             train=True,
+            batch_mask=batch_mask,
             mutable=["batch_stats"],
         )
         aux = {
