@@ -63,7 +63,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
     for fraction in (*config.sweep_fractions, config.mask.fraction):
         if not 0.0 < fraction <= 1.0:
             raise UserError(f"mask fraction must be in (0, 1], got {fraction}")
-    if config.get("mia_shadow", "first_n") not in MIA_SHADOWS:
+    if config.get("mia_shadow", "stratified") not in MIA_SHADOWS:
         raise UserError(f"mia_shadow must be one of {MIA_SHADOWS}, got {config.mia_shadow!r}")
 
 
@@ -176,7 +176,7 @@ def _train_and_evaluate(
     }
     # "stratified": class-stratified random MIA shadow sets drawn from the split seed (the same
     # for every method of a seed); "first_n": upstream's first n retain / test samples.
-    stratified = config.get("mia_shadow", "first_n") == "stratified"
+    stratified = config.get("mia_shadow", "stratified") == "stratified"
 
     def shadow_seed(seed):
         return seed if stratified else None
