@@ -91,7 +91,8 @@ def classification_loss(
     Returns:
       `loss_fn(params, batch, rng, state)`; `rng` splits into (augmentation, labels). Its aux
       carries the per-example `accuracy` metric (against the labels the loss used) and the new
-      BatchNorm statistics.
+      BatchNorm statistics, taken over the real (weight > 0) examples only: the model's
+      `__call__` takes `batch_mask` [B].
     """
 
     def loss_fn(params, batch, rng, state):
@@ -100,10 +101,19 @@ def classification_loss(
         labels = batch["label"]
         if label_fn is not None:
             labels = label_fn(label_rng, images, labels, batch, state)
+        # BatchNorm's batch statistics over the real examples only (weight 0 marks the padding
+        # of a last partial batch), as PyTorch's smaller last batch. A shard with no real example
+        # at all (a pmapped last batch) falls back to all its rows, copies of real images, rather
+        # than an empty mean (NaN). Across devices the step pmeans these statistics with equal
+        # weight per device, so on an uneven padded last batch a device with few real examples
+        # counts as much as a full one: exact on one device or when every shard is full.
+        batch_mask = batch["weight"] > 0  # [B]
+        batch_mask = batch_mask | ~jnp.any(batch_mask)
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             images,
             train=True,
+            batch_mask=batch_mask,
             mutable=["batch_stats"],
         )
         aux = {
@@ -395,14 +405,60 @@ def diffusion_forget_loss(
 
 
 def diffusion_ascent_loss(
-    apply_fn: Callable, schedule: NoiseSchedule, *, cond_drop_prob: float = 0.1
+    apply_fn: Callable, schedule: NoiseSchedule, *, alpha: float, cond_drop_prob: float = 0.1
 ) -> LossFn:
-    """GA for a DDPM: minimise -L_simple on the forget batch (as the upstream `--method ga` of
-    this library's earlier releases; see the evaluation issue for the retain term)."""
-    denoise = denoising_loss(apply_fn, schedule, cond_drop_prob=cond_drop_prob)
+    """GA for a DDPM, as upstream's `--method ga`, on a paired batch (forget example i with retain
+    example i; both batches full):
+
+        forget_i = sum over H, W, C of (eps(x_t, t, c) - noise)^2              (L_simple on D_f)
+        retain_i = sum over H, W, C of (eps(x_t^r, t^r, c^r) - noise^r)^2      (L_simple on D_r)
+        loss_i   = -forget_i + alpha * retain_i
+
+    so the batch mean is upstream's `forget_loss + alpha * retain_loss` with `forget_loss =
+    -noise_loss(D_f)` (`DDPM/runners/diffusion.py`; ../shared/docs/reference-salun.md §6.4).
+    `rng` splits into (forget, retain); forget into (noise, t, null, dropout), retain into
+    (noise, t, null). Forget and retain inputs go through the UNet as one batch (the forget
+    dropout key), as in `diffusion_forget_loss`.
+
+    Returns:
+      `loss_fn(params, batch, rng, state)` reading `image` / `label` (D_f) and `retain_image` /
+      `retain_label` (D_r), with the per-example `forget_loss` (-forget_i) and `retain_loss`
+      metrics.
+    """
+    if not 0.0 <= cond_drop_prob <= 1.0:
+        raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}.")
 
     def loss_fn(params, batch, rng, state):
-        per_example, _ = denoise(params, batch, rng, state)
-        return -per_example, {"metrics": {"forget_loss": -per_example}}
+        del state
+        forget_rng, retain_rng = jax.random.split(rng)
+        noise_rng, t_rng, null_rng, dropout_rng = jax.random.split(forget_rng, 4)
+        r_noise_rng, r_t_rng, r_null_rng = jax.random.split(retain_rng, 3)
+        b = batch["label"].shape[0]
+        x_t, t, noise = forward_noising(
+            schedule, to_model_range(batch["image"]), noise_rng, t_rng
+        )  # [B, H, W, C]
+        r_x_t, r_t, r_noise = forward_noising(
+            schedule, to_model_range(batch["retain_image"]), r_noise_rng, r_t_rng
+        )
+        null_all = None
+        if cond_drop_prob > 0:
+            null_all = jnp.concatenate(
+                [
+                    sample_null_mask(null_rng, b, cond_drop_prob),
+                    sample_null_mask(r_null_rng, b, cond_drop_prob),
+                ]
+            )
+        eps_all = _eps(
+            apply_fn,
+            params,
+            jnp.concatenate([x_t, r_x_t]),
+            jnp.concatenate([t, r_t]),
+            jnp.concatenate([batch["label"], batch["retain_label"]]),
+            null_all,
+            dropout_rng,
+        )  # [2B, H, W, C]
+        forget = -diffusion_loss(noise, eps_all[:b], "per_example")
+        retain = diffusion_loss(r_noise, eps_all[b:], "per_example")
+        return forget + alpha * retain, {"metrics": {"forget_loss": forget, "retain_loss": retain}}
 
     return loss_fn

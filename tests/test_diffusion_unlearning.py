@@ -382,20 +382,30 @@ def test_rl_changes_all_weights(params, task):
     assert np.all(np.any(after != before, axis=1))
 
 
-def test_ga_ascends_the_forget_loss_without_retain_data(params, task):
-    # GA reads no retain data, so a split without any runs.
+def test_ga_ascends_the_forget_loss_with_the_retain_term(params, task):
+    # GA is upstream's `forget_loss + alpha * retain_loss` with forget_loss = -L_simple(D_f), so
+    # it needs retain data.
     split = dataclasses.replace(task.split, retain=np.zeros(0, np.int64))
-    config = DiffusionUnlearnConfig(num_iterations=2, batch_size=4, learning_rate=1e-2, log_every=1)
+    config = DiffusionUnlearnConfig(
+        num_iterations=2, batch_size=4, learning_rate=1e-2, log_every=1, alpha=0.5
+    )
+    with pytest.raises(ValueError, match="GA needs retain data"):
+        ddpm_gradient_ascent(
+            _original_state(params),
+            dataclasses.replace(task, split=split),
+            config,
+            jax.random.key(2),
+            progress=False,
+        )
     out = ddpm_gradient_ascent(
-        _original_state(params),
-        dataclasses.replace(task, split=split),
-        config,
-        jax.random.key(2),
-        progress=False,
+        _original_state(params), task, config, jax.random.key(2), progress=False
     )
     assert len(out.history) == 2
     for record in out.history:
-        assert record["forget_loss"] < 0 and record["loss"] == pytest.approx(record["forget_loss"])
+        assert record["forget_loss"] < 0 < record["retain_loss"]
+        assert record["loss"] == pytest.approx(
+            record["forget_loss"] + 0.5 * record["retain_loss"], rel=1e-5
+        )
     assert any(
         np.any(a != b) for a, b in zip(_leaves(params), _leaves(out.state.params), strict=True)
     )

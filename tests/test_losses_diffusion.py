@@ -267,18 +267,54 @@ def test_denoising_loss_through_the_step():
     assert int(new_state.step) == 1
 
 
-def test_diffusion_ascent_loss_is_minus_the_denoising_loss():
-    schedule = linear_schedule(20)
-    batch = {"image": _uint8_images(3, (6, 2, 2, 1)), "label": np.zeros(6, np.int32)}
-    apply_fn = _recording_apply([])
-    params, rng = {"w": jnp.float32(0.3)}, jax.random.key(9)
-    ascent, aux = diffusion_ascent_loss(apply_fn, schedule, cond_drop_prob=0.5)(
-        params, batch, rng, None
+@pytest.mark.parametrize("cond_drop_prob", [0.0, 0.5])
+def test_diffusion_ascent_loss_hand_written(cond_drop_prob):
+    # Upstream `--method ga`: -L_simple(forget_i) + alpha * L_simple(retain_i), one UNet pass.
+    schedule, alpha, b, shape = linear_schedule(20), 0.25, 6, (2, 2, 1)
+    batch = {
+        "image": _uint8_images(3, (b, *shape)),
+        "label": np.zeros(b, np.int32),
+        "retain_image": _uint8_images(4, (b, *shape)),
+        "retain_label": np.arange(b, dtype=np.int32) % 3 + 1,
+    }
+    calls, w = [], 0.3
+    loss, aux = diffusion_ascent_loss(
+        _recording_apply(calls), schedule, alpha=alpha, cond_drop_prob=cond_drop_prob
+    )({"w": jnp.float32(w)}, batch, jax.random.key(9), None)
+
+    # rng -> (forget, retain); forget -> (noise, t, null, dropout); retain -> (noise, t, null).
+    forget_rng, retain_rng = jax.random.split(jax.random.key(9))
+    noise_rng, t_rng, null_rng, dropout_rng = jax.random.split(forget_rng, 4)
+    r_noise_rng, r_t_rng, r_null_rng = jax.random.split(retain_rng, 3)
+    abar = _abar(schedule)
+
+    def l_simple(images, n_rng, tt_rng):
+        x0 = images.astype(np.float64) / 127.5 - 1.0
+        noise = np.asarray(jax.random.normal(n_rng, x0.shape), np.float64)
+        t = _antithetic(tt_rng, b, 20)
+        a = abar[t][:, None, None, None]
+        x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+        return np.sum((noise - w * x_t) ** 2, axis=(1, 2, 3)), x_t, t
+
+    forget, x_t, t = l_simple(batch["image"], noise_rng, t_rng)
+    retain, r_x_t, r_t = l_simple(batch["retain_image"], r_noise_rng, r_t_rng)
+    np.testing.assert_allclose(loss, -forget + alpha * retain, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(aux["metrics"]["forget_loss"], -forget, rtol=1e-4)
+    np.testing.assert_allclose(aux["metrics"]["retain_loss"], retain, rtol=1e-4)
+
+    (call,) = calls  # forget and retain through the UNet as one batch
+    np.testing.assert_allclose(call["x_t"], np.concatenate([x_t, r_x_t]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(call["t"], np.concatenate([t, r_t]))
+    np.testing.assert_array_equal(
+        call["y"], np.concatenate([batch["label"], batch["retain_label"]])
     )
-    descent, _ = denoising_loss(apply_fn, schedule, cond_drop_prob=0.5)(params, batch, rng, None)
-    assert float(jnp.min(descent)) > 0
-    np.testing.assert_array_equal(ascent, -descent)
-    np.testing.assert_array_equal(aux["metrics"]["forget_loss"], -descent)
+    assert call["train"]
+    np.testing.assert_array_equal(_key_data(call["rngs"]["dropout"]), _key_data(dropout_rng))
+    if cond_drop_prob == 0:
+        assert call["null_mask"] is None
+    else:
+        null = [jax.random.bernoulli(k, cond_drop_prob, (b,)) for k in (null_rng, r_null_rng)]
+        np.testing.assert_array_equal(call["null_mask"], np.concatenate(null))
 
 
 def test_guided_forget_loss_closed_form():

@@ -80,3 +80,64 @@ def test_pytorch_like_init():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'resnet19'; known:"):
         create_model("resnet19", 10, (0.5,), (0.2,))
+
+
+def _padded_step_states(name, apply_fn=None):
+    """One train-mode step on n = 6 real examples, and on the same 6 plus k = 4 weight-0 rows."""
+    from salun_jax import optim
+    from salun_jax.losses import classification_loss
+    from salun_jax.step import create_train_state, make_step
+
+    model = create_model(name, 10, (0.5,), (0.25,), width=0.25)
+    state = create_train_state(model, jax.random.key(0), (8, 8, 1), optim.make_sgd(0.1))
+    if apply_fn is not None:
+        state = state.replace(apply_fn=apply_fn(model))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 8, 8, 1)).astype(np.uint8)
+    labels = rng.integers(0, 10, 10).astype(np.int32)
+    weights = np.array([1.0] * 6 + [0.0] * 4, np.float32)
+    # No augmentation: its random draws depend on the batch size.
+    step = jax.jit(make_step(classification_loss(crop_padding=0, flip=False), axis_name=None))
+    key = jax.random.key(1)
+    real = {"image": images[:6], "label": labels[:6], "weight": weights[:6]}
+    padded = {"image": images, "label": labels, "weight": weights}
+    return step(state, real, key)[0], step(state, padded, key)[0]
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet8"])
+def test_batch_norm_statistics_ignore_padding(name):
+    unpadded, padded = _padded_step_states(name)
+    chex.assert_trees_all_close(padded.params, unpadded.params, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(padded.batch_stats, unpadded.batch_stats, atol=1e-5, rtol=1e-5)
+
+    # Teeth: the same step with the mask dropped (padding in the statistics) differs.
+    def unmasked(model):
+        return lambda variables, x, batch_mask=None, **kwargs: model.apply(variables, x, **kwargs)
+
+    unpadded, padded = _padded_step_states(name, unmasked)
+    stats = jax.tree.leaves(
+        jax.tree.map(lambda a, b: np.abs(a - b).max(), padded.batch_stats, unpadded.batch_stats)
+    )
+    params = jax.tree.leaves(
+        jax.tree.map(lambda a, b: np.abs(a - b).max(), padded.params, unpadded.params)
+    )
+    assert max(stats) > 1e-3 and max(params) > 1e-4
+
+
+def test_all_padding_shard_falls_back_to_all_rows():
+    """A pmapped shard with no real example must not take an empty mean (NaN statistics)."""
+    from salun_jax import optim
+    from salun_jax.losses import classification_loss
+    from salun_jax.step import create_train_state, make_step
+
+    model = create_model("small_cnn", 10, (0.5,), (0.25,), width=0.25)
+    state = create_train_state(model, jax.random.key(0), (8, 8, 1), optim.make_sgd(0.1))
+    batch = {
+        "image": np.full((4, 8, 8, 1), 100, np.uint8),
+        "label": np.zeros(4, np.int32),
+        "weight": np.zeros(4, np.float32),
+    }
+    new_state, _ = make_step(classification_loss(crop_padding=0, flip=False), axis_name=None)(
+        state, batch, jax.random.key(1)
+    )
+    chex.assert_tree_all_finite(new_state.batch_stats)

@@ -82,6 +82,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.mask = dict(fraction=0.5)  # SalUn's saliency mask: top share of weights
     config.sweep_fractions = ()
     config.mia_kinds = ("confidence",)
+    config.mia_shadow = "stratified"  # or "first_n": upstream's first n retain / test samples
     if variant == "tiny":
         return tiny_variant(config)
     if variant:

@@ -18,7 +18,8 @@ train step of batch 8 takes 2.7 s (experiments/bench_diffusion.py): not meant fo
 
 Expected result (paper, DDPM CIFAR-10 class-wise; exact values not recovered):
 SalUn UA ~100% on 500 samples of the forgotten class, with an FD/FID on the remaining classes
-comparable to Retrain's; GA (no retain term) collapses the model. Our FD uses the evaluation
+comparable to Retrain's; GA (-L_simple on D_f + alpha * L_simple on D_r, as upstream) collapses
+the model. Our FD uses the evaluation
 classifier's features, so its values are not the paper's FIDs.
 
 Data: CIFAR-10 from tensorflow-datasets, or point `--config.dataset` at an image folder / zip

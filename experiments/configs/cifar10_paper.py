@@ -81,6 +81,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.mask = dict(fraction=0.5)  # SalUn's saliency mask: top share of weights
     config.sweep_fractions = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     config.mia_kinds = ("confidence", "correctness", "entropy", "m_entropy", "prob")
+    config.mia_shadow = "stratified"  # or "first_n": upstream's first n retain / test samples
     if variant == "tiny":
         return tiny_variant(config)
     if variant:

@@ -20,7 +20,9 @@ classifier's features, real test vs train FD 0.67; classifier test accuracy 96.4
     | GA       | 100.0 |  22.4         | 19.36 |
 
 SalUn's samples for digit 0 become 1s (the pseudo class (0 + 1) mod 10); every other digit stays
-at 100%. GA (same lr and iterations, no retain term) destroys the model.
+at 100%. The GA row was measured when GA had no retain term (a bug: upstream's `--method ga` adds
+alpha * L_simple on D_r, as GA does now); with alpha's small weight GA is still expected to
+destroy the model, but that row is to be re-measured.
 
 alpha: upstream's 1e-3 multiplies a per-image SUM over C*H*W = 3072 CIFAR-10 elements, i.e. a
 per-element weight of 3.07 against the per-element-mean forget loss. For 8x8x1 images the same

@@ -63,20 +63,32 @@ def _batch_norm(train: bool, name: str | None = None):
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
+def batch_norm_mask(batch_mask: jax.Array | None, x: jax.Array) -> jax.Array | None:
+    """The per-example mask [B] reshaped to [B, 1, ..., 1] (broadcastable to `x`), or None.
+
+    BatchNorm's batch statistics are then taken over the masked-in examples only: the real
+    images of a padded last batch, as PyTorch's smaller last batch.
+    """
+    if batch_mask is None:
+        return None
+    return batch_mask.reshape(batch_mask.shape[0], *(1,) * (x.ndim - 1))
+
+
 class BasicBlock(nn.Module):
     features: int
     strides: int = 1
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, batch_mask: jax.Array | None = None):
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+        mask = batch_norm_mask(batch_mask, x)
         y = conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
-        y = nn.relu(_batch_norm(train, "bn1")(y))
+        y = nn.relu(_batch_norm(train, "bn1")(y, mask=mask))
         y = conv(self.features, (3, 3), 1, padding=1, name="conv2")(y)
-        y = _batch_norm(train, "bn2")(y)
+        y = _batch_norm(train, "bn2")(y, mask=mask)
         if self.strides != 1 or x.shape[-1] != self.features:
             x = conv(self.features, (1, 1), self.strides, padding=0, name="shortcut_conv")(x)
-            x = _batch_norm(train, "shortcut_bn")(x)
+            x = _batch_norm(train, "shortcut_bn")(x, mask=mask)
         return nn.relu(x + y)
 
 
@@ -86,16 +98,18 @@ class BottleneckBlock(nn.Module):
     expansion: int = 4
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, batch_mask: jax.Array | None = None):
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init)
+        mask = batch_norm_mask(batch_mask, x)
         out_features = self.features * self.expansion
-        y = nn.relu(_batch_norm(train, "bn1")(conv(self.features, (1, 1), name="conv1")(x)))
+        y = conv(self.features, (1, 1), name="conv1")(x)
+        y = nn.relu(_batch_norm(train, "bn1")(y, mask=mask))
         y = conv(self.features, (3, 3), self.strides, padding=1, name="conv2")(y)
-        y = nn.relu(_batch_norm(train, "bn2")(y))
-        y = _batch_norm(train, "bn3")(conv(out_features, (1, 1), name="conv3")(y))
+        y = nn.relu(_batch_norm(train, "bn2")(y, mask=mask))
+        y = _batch_norm(train, "bn3")(conv(out_features, (1, 1), name="conv3")(y), mask=mask)
         if self.strides != 1 or x.shape[-1] != out_features:
             x = conv(out_features, (1, 1), self.strides, padding=0, name="shortcut_conv")(x)
-            x = _batch_norm(train, "shortcut_bn")(x)
+            x = _batch_norm(train, "shortcut_bn")(x, mask=mask)
         return nn.relu(x + y)
 
 
@@ -103,6 +117,8 @@ class ResNet(nn.Module):
     """CIFAR-style ResNet. Input: float images in [0, 1], [B, H, W, C]. Output: logits [B, K].
 
     `width` scales every stage's channels (64 * width, ...) for small CPU variants.
+    `batch_mask` ([B] bool, train mode): the examples BatchNorm's batch statistics are taken over
+    (the real rows of a padded batch); None: all.
     """
 
     stage_sizes: Sequence[int]
@@ -113,25 +129,31 @@ class ResNet(nn.Module):
     mean: Sequence[float] = (0.0, 0.0, 0.0)
     std: Sequence[float] = (1.0, 1.0, 1.0)
 
-    def features(self, x, train: bool):
+    def features(self, x, train: bool, batch_mask: jax.Array | None = None):
         """Penultimate (pooled) features [B, D]."""
         x = Normalize(self.mean, self.std)(x)
         base = max(1, int(round(self.base_features * self.width)))
         x = nn.Conv(
             base, (3, 3), 1, padding=1, use_bias=False, kernel_init=conv_kernel_init, name="conv1"
         )(x)
-        x = nn.relu(_batch_norm(train, "bn1")(x))
+        x = nn.relu(_batch_norm(train, "bn1")(x, mask=batch_norm_mask(batch_mask, x)))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = self.block_cls(base * 2**stage, strides, name=f"layer{stage + 1}_{block}")(
-                    x, train=train
+                    x, train=train, batch_mask=batch_mask
                 )
         return jnp.mean(x, axis=(1, 2))
 
     @nn.compact
-    def __call__(self, x, train: bool = False, return_features: bool = False):
-        feats = self.features(x, train)
+    def __call__(
+        self,
+        x,
+        train: bool = False,
+        return_features: bool = False,
+        batch_mask: jax.Array | None = None,
+    ):
+        feats = self.features(x, train, batch_mask)
         logits = TorchDense(self.num_classes, name="fc")(feats)
         return (logits, feats) if return_features else logits
 

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from salun_jax.models.resnet import Normalize, TorchDense, conv_kernel_init
+from salun_jax.models.resnet import Normalize, TorchDense, batch_norm_mask, conv_kernel_init
 
 VGG16_LAYOUT = (
     64,
@@ -47,17 +47,23 @@ def _adaptive_avg_pool(x, size: int):
     return x.reshape(b, size, h // size, size, w // size, c).mean(axis=(2, 4))
 
 
-def _conv_bn_relu(x: jax.Array, features: int, stride: int, train: bool) -> jax.Array:
-    """3x3 conv (no bias, PyTorch's kaiming-normal fan-out init) + BatchNorm + ReLU, inside a
-    compact module."""
+def _conv_bn_relu(
+    x: jax.Array, features: int, stride: int, train: bool, batch_mask: jax.Array | None
+) -> jax.Array:
+    """3x3 conv (no bias, PyTorch's kaiming-normal fan-out init) + BatchNorm (batch statistics
+    over the `batch_mask` examples) + ReLU, inside a compact module."""
     x = nn.Conv(features, (3, 3), stride, padding=1, use_bias=False, kernel_init=conv_kernel_init)(
         x
     )
-    return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x))
+    bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+    return nn.relu(bn(x, mask=batch_norm_mask(batch_mask, x)))
 
 
 class VGG(nn.Module):
-    """VGG with BatchNorm. Input: float images in [0, 1], [B, H, W, C]. Output: logits [B, K]."""
+    """VGG with BatchNorm. Input: float images in [0, 1], [B, H, W, C]. Output: logits [B, K].
+
+    `batch_mask` ([B] bool, train mode): the examples BatchNorm's batch statistics are taken over.
+    """
 
     layout: Sequence = VGG16_LAYOUT
     num_classes: int = 10
@@ -67,13 +73,19 @@ class VGG(nn.Module):
     std: Sequence[float] = (1.0, 1.0, 1.0)
 
     @nn.compact
-    def __call__(self, x, train: bool = False, return_features: bool = False):
+    def __call__(
+        self,
+        x,
+        train: bool = False,
+        return_features: bool = False,
+        batch_mask: jax.Array | None = None,
+    ):
         x = Normalize(self.mean, self.std)(x)
         for item in self.layout:
             if item == "M":
                 x = nn.max_pool(x, (2, 2), (2, 2))
                 continue
-            x = _conv_bn_relu(x, max(1, int(round(item * self.width))), 1, train)
+            x = _conv_bn_relu(x, max(1, int(round(item * self.width))), 1, train, batch_mask)
         x = _adaptive_avg_pool(x, 2).reshape(x.shape[0], -1)  # [B, 4 * C]
         dense = functools.partial(
             nn.Dense, kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros
@@ -89,7 +101,8 @@ VGG16BN = functools.partial(VGG, layout=VGG16_LAYOUT)
 
 
 class SmallCNN(nn.Module):
-    """A small conv net for 8x8 inputs: 3 conv-BN-ReLU layers (strides 1, 2, 2), mean pool, fc."""
+    """A small conv net for 8x8 inputs: 3 conv-BN-ReLU layers (strides 1, 2, 2), mean pool, fc.
+    `batch_mask` as in `VGG`."""
 
     num_classes: int = 10
     width: float = 1.0
@@ -97,10 +110,18 @@ class SmallCNN(nn.Module):
     std: Sequence[float] = (1.0,)
 
     @nn.compact
-    def __call__(self, x, train: bool = False, return_features: bool = False):
+    def __call__(
+        self,
+        x,
+        train: bool = False,
+        return_features: bool = False,
+        batch_mask: jax.Array | None = None,
+    ):
         x = Normalize(self.mean, self.std)(x)
         for features, stride in ((32, 1), (64, 2), (128, 2)):
-            x = _conv_bn_relu(x, max(1, int(round(features * self.width))), stride, train)
+            x = _conv_bn_relu(
+                x, max(1, int(round(features * self.width))), stride, train, batch_mask
+            )
         feats = jnp.mean(x, axis=(1, 2))
         logits = TorchDense(self.num_classes, name="fc")(feats)
         return (logits, feats) if return_features else logits

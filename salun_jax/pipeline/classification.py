@@ -10,6 +10,8 @@ checkpoints and methods already in results.json with the same config are not run
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
@@ -43,6 +45,7 @@ from salun_jax.train import TrainConfig, train_classifier
 from salun_jax.unlearn import MASKED_METHODS, UnlearnConfig, UnlearnTask, get_method
 
 FIXED_KEYS = ("dataset", "train_per_class", "test_per_class", "split", "train")
+MIA_SHADOWS = ("stratified", "first_n")
 
 
 def method_config(config: ml_collections.ConfigDict, method: str) -> UnlearnConfig:
@@ -60,16 +63,66 @@ def _check(config: ml_collections.ConfigDict) -> None:
     for fraction in (*config.sweep_fractions, config.mask.fraction):
         if not 0.0 < fraction <= 1.0:
             raise UserError(f"mask fraction must be in (0, 1], got {fraction}")
+    if config.get("mia_shadow", "stratified") not in MIA_SHADOWS:
+        raise UserError(f"mia_shadow must be one of {MIA_SHADOWS}, got {config.mia_shadow!r}")
+
+
+def scenario_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """{name: the config of one forgetting scenario}, in `config.scenarios` order; each replaces
+    the keys in `config.scenario_settings[name]` (e.g. `split`, `sweep_fractions`), a name
+    without settings is `config` as it is. No `scenarios` (or an empty tuple) is one unnamed
+    scenario, `config` itself."""
+    names = tuple(config.get("scenarios") or ())
+    if not names:
+        return {"": config}
+    settings = config.get("scenario_settings") or {}
+    out = {}
+    for name in names:
+        values = {
+            k: v for k, v in config.to_dict().items() if k not in ("scenarios", "scenario_settings")
+        }
+        if name in settings:
+            values.update(settings[name].to_dict())
+        out[name] = ml_collections.ConfigDict(values)
+    return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Runs the pipeline; returns the markdown table (also in `workdir/results.md`).
 
+    With several `config.scenarios` (e.g. 10% random and class-wise forgetting) each runs in
+    `workdir/<name>/` (its own results.json and results.md); the original models, trained on the
+    same train indices, are shared (`workdir/seed_<s>/original_<hash>`), and the top-level
+    results.json / results.md hold every scenario's summary / table.
+
     Raises:
       UserError: a bad setting, data or split file, or a diverged run (the message says which).
     """
     with locked(workdir):
-        return _train_and_evaluate(config, workdir)
+        scenarios = scenario_configs(config)
+        if len(scenarios) == 1:
+            return _train_and_evaluate(next(iter(scenarios.values())), workdir)
+        for scenario in scenarios.values():
+            _check(scenario)
+        check_config(workdir, config, (*FIXED_KEYS, "scenarios", "scenario_settings"))
+        write_config(workdir, config)
+        tables, summary = [], {}
+        for name, scenario in scenarios.items():
+            subdir = os.path.join(workdir, name)
+            tables.append(f"## {name}\n\n" + _train_and_evaluate(scenario, subdir, workdir))
+            with open(os.path.join(subdir, "results.json")) as f:
+                summary[name] = {
+                    "results": os.path.join(name, "results.json"),
+                    "summary": json.load(f)["summary"],
+                }
+        report.write_results(
+            os.path.join(workdir, "results.json"),
+            {"config": config.to_dict(), "scenarios": summary},
+        )
+        text = "\n\n".join(tables)
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(text + "\n")
+        return text
 
 
 def _model(config: TrainConfig, dataset):
@@ -81,7 +134,10 @@ def _model(config: TrainConfig, dataset):
         raise UserError(f"bad train config: {error}") from error
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, original_root: str | None = None
+) -> str:
+    """One scenario in `workdir`; `original_root`: where the original models are shared."""
     # Everything that can be wrong with the config is checked before anything is written.
     _check(config)
     check_config(workdir, config, FIXED_KEYS)
@@ -118,9 +174,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
     results["sweep"] = {
         k: v for k, v in results["sweep"].items() if v.get("config_hash") == sweep_hash
     }
+    # "stratified": class-stratified random MIA shadow sets drawn from the split seed (the same
+    # for every method of a seed); "first_n": upstream's first n retain / test samples.
+    stratified = config.get("mia_shadow", "stratified") == "stratified"
+
+    def shadow_seed(seed):
+        return seed if stratified else None
+
+    # Rows evaluated with other shadow sets are redone.
+    results["runs"] = [
+        r for r in results["runs"] if r["metrics"].get("shadow_seed") == shadow_seed(r["seed"])
+    ]
     done = {(r["method"], r["seed"]) for r in results["runs"]}
 
-    def evaluate(variables, split, fn=predict_fn):
+    def evaluate(variables, split, seed, fn=predict_fn):
         return evaluate_unlearning(
             fn,
             variables,
@@ -130,6 +197,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
             dataset.test_labels,
             split,
             mia_kinds=tuple(config.mia_kinds),
+            shadow_seed=shadow_seed(seed),
+            loss_mia=True,
         )
 
     def record(method, seed, metrics, split, **extra):
@@ -168,6 +237,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
         seed_dir = os.path.join(workdir, f"seed_{seed}")
         split = save_split_once(seed_dir, dataset, splits[seed])
         logging.info("seed %d: split %s %s", seed, split.hash, split.sizes())
+        original_dir = os.path.join(seed_dir, "original")
+        if original_root is not None:
+            # Shared across scenarios: keyed by the train indices it is trained on.
+            train_key = hashlib.sha256(split.train.astype("int64").tobytes()).hexdigest()[:12]
+            original_dir = os.path.join(original_root, f"seed_{seed}", f"original_{train_key}")
         try:
             original_run = train_classifier(
                 images,
@@ -175,7 +249,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
                 split.train,
                 model,
                 dataclasses.replace(train_config, seed=seed),
-                workdir=os.path.join(seed_dir, "original"),
+                workdir=original_dir,
                 desc=f"original s{seed}",
             )
             original = original_run.state
@@ -185,7 +259,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
             record(
                 "Original",
                 seed,
-                evaluate(original.variables, split),
+                evaluate(original.variables, split, seed),
                 split,
                 model_code=original_run.code,
             )
@@ -200,7 +274,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
                 None,
                 workdir=os.path.join(seed_dir, f"retrain_{hashes['Retrain']}"),
             )
-            metrics = evaluate(output.state.variables, split)
+            metrics = evaluate(output.state.variables, split, seed)
             metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
             record("Retrain", seed, metrics, split, model_code=output.code, history=output.history)
 
@@ -257,7 +331,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
                 jax.random.key(seed * 100 + index),
             )
             fn = predict_fn if output.model is None else make_predict_fn(output.model.apply)
-            metrics = evaluate(output.state.variables, split, fn)
+            metrics = evaluate(output.state.variables, split, seed, fn)
             metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
             record(method, seed, metrics, split, history=output.history)
 
@@ -276,7 +350,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
                 output = run_method(
                     "SalUn", seed, task, original, masks[fraction], jax.random.key(seed * 100 + 99)
                 )
-                metrics = evaluate(output.state.variables, split)
+                metrics = evaluate(output.state.variables, split, seed)
                 sweep["fractions"].append(fraction)
                 for name in ("UA", "RA", "TA", "MIA"):
                     sweep[name].append(metrics[name])
@@ -372,9 +446,12 @@ def _train_original(config, workdir, dataset, split, train_config, model) -> dic
 
 def tiny_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The seconds-scale variant (`:tiny`) of a classification config: the same pipeline with
-    one seed, a few epochs, every method for one epoch, two sweep fractions, the confidence MIA;
-    image data sets cut to 20 train / 10 test images per class and a ResNet-8 x0.25."""
+    one seed, the first scenario, a few epochs, every method for one epoch, two sweep fractions,
+    the confidence MIA; image data sets cut to 20 train / 10 test images per class and a
+    ResNet-8 x0.25."""
     config.seeds = tuple(config.seeds)[:1]
+    if config.get("scenarios"):
+        config.scenarios = tuple(config.scenarios)[:1]
     if config.dataset != "digits":
         config.train_per_class, config.test_per_class = 20, 10
         config.train.update(model="resnet8", width=0.25, batch_size=32)

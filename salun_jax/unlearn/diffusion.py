@@ -2,7 +2,8 @@
 classification methods (same signature, same `UnlearnOutput`), and the DDPM saliency mask.
 
   * SalUn: `losses.diffusion_forget_loss` (pseudo-class MSE + alpha * L_simple on D_r) with the
-    saliency mask; RL: the same without a mask; GA: -L_simple on D_f.
+    saliency mask; RL: the same without a mask; GA: -L_simple on D_f + alpha * L_simple on D_r
+    (as upstream's `--method ga`).
   * Each step draws a fresh forget batch and a fresh retain batch (shuffled cyclic loaders), then
     clip (1.0), mask, Adam. Unlearning starts from the original's raw (non-EMA) params and keeps
     no EMA, as upstream.
@@ -148,14 +149,13 @@ def _run(
     loss_fn,
     mask: PyTree | None,
     desc: str,
-    paired: bool,
     **run_options,
 ) -> UnlearnOutput:
     if config.cond_drop_prob > 0:
         check_null_class(state.params, f"class-drop (cond_drop_prob={config.cond_drop_prob})")
     if len(task.forget) == 0:
         raise ValueError("the forget set is empty")
-    if paired and len(task.retain) == 0:
+    if len(task.retain) == 0:
         raise ValueError(f"{desc} needs retain data")
     tx = optim.make_adam(
         config.learning_rate, clip_norm=config.grad_clip, mask=mask, mask_mode=config.mask_mode
@@ -168,9 +168,11 @@ def _run(
         )
     n, b, every = config.num_iterations, config.batch_size, config.log_every
     index_rng = np.random.default_rng([config.seed, 1])
-    streams = {"": cyclic_batches(task.forget, b, n, index_rng)}
-    if paired:
-        streams["retain"] = cyclic_batches(task.retain, b, n, index_rng)
+    # Every method pairs a forget batch with a retain batch (upstream's two cyclic loaders).
+    streams = {
+        "": cyclic_batches(task.forget, b, n, index_rng),
+        "retain": cyclic_batches(task.retain, b, n, index_rng),
+    }
     streams = {k: v.reshape(n, num_devices, b // num_devices) for k, v in streams.items()}
     weights = np.ones((n, num_devices, b // num_devices), np.float32)
 
@@ -215,7 +217,7 @@ def ddpm_random_label(
         cond_drop_prob=config.cond_drop_prob,
         pseudo_class=config.pseudo_class,
     )
-    return _run(state, task, config, rng, loss_fn, mask, name, True, **run_options)
+    return _run(state, task, config, rng, loss_fn, mask, name, **run_options)
 
 
 ddpm_salun = functools.partial(ddpm_random_label, name="SalUn")
@@ -229,11 +231,12 @@ def ddpm_gradient_ascent(
     mask=None,
     **run_options,
 ) -> UnlearnOutput:
-    """GA for a DDPM: minimise -L_simple on D_f (no retain term)."""
+    """GA for a DDPM, as upstream's `--method ga`: minimise -L_simple on a D_f batch + alpha *
+    L_simple on a D_r batch (`losses.diffusion_ascent_loss`); needs retain data."""
     loss_fn = diffusion_ascent_loss(
-        task.model.apply, task.schedule, cond_drop_prob=config.cond_drop_prob
+        task.model.apply, task.schedule, alpha=config.alpha, cond_drop_prob=config.cond_drop_prob
     )
-    return _run(state, task, config, rng, loss_fn, mask, "GA", False, **run_options)
+    return _run(state, task, config, rng, loss_fn, mask, "GA", **run_options)
 
 
 def ddpm_retrain(
