@@ -75,8 +75,11 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if not is_primary():
         return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    # Atomically: a kill mid-write must not leave an empty config.json that blocks the resume.
+    path = os.path.join(workdir, "config.json")
+    with open(f"{path}.tmp", "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(f"{path}.tmp", path)
 
 
 def config_hash(*parts) -> str:
