@@ -10,6 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from salun_jax.pipeline import classification, cli
+from salun_jax.pipeline.common import is_primary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (resumes if it exists).")
@@ -19,9 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     results = classification.train_original(_CONFIG.value, _WORKDIR.value)
-    print(
-        f"test accuracy {results['test_accuracy']:.2f}% (results in {_WORKDIR.value}/results.json)"
-    )
+    if is_primary():  # one line per run, not per process
+        accuracy, where = results["test_accuracy"], f"{_WORKDIR.value}/results.json"
+        print(f"test accuracy {accuracy:.2f}% (results in {where})")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from salun_jax.pipeline import classification, cli
+from salun_jax.pipeline.common import is_primary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (resumes if it exists).")
@@ -19,7 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    print(classification.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
+    table = classification.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if is_primary():  # every process of a multi-process run gets the table; one prints it
+        print(table)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ restores overwritten bytes silently. A step that fails to verify or to restore i
 `<directory>.corrupt/` (kept for inspection, out of the manager's way) and the previous one is
 tried, so a rerun never trips over a bad step again.
 
+With several processes (`jax.distributed`) every process calls `save` and `restore_latest`
+(orbax coordinates the write); the checksums and moving a bad step aside are process 0's, the
+others wait for it. The checkpoint directory must be on a filesystem all processes share.
+
 Restoring always goes against `jax.eval_shape` of a template state: without an abstract target,
 orbax turns NamedTuple optimizer states into lists (seen with orbax-checkpoint 0.12.8).
 """
@@ -25,6 +29,14 @@ import orbax.checkpoint as ocp
 from salun_jax.types import PyTree
 
 CHECKSUMS = "checksums.json"
+
+
+def _sync(name: str) -> None:
+    """Waits for every process to reach this point (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class CorruptCheckpointError(ValueError):
@@ -71,12 +83,14 @@ class Checkpointer:
             force=True,
         )
         self._manager.wait_until_finished()
-        step_dir = self._step_dir(epoch)
-        digests = _file_digests(step_dir)
-        tmp = os.path.join(step_dir, f"{CHECKSUMS}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(digests, f, sort_keys=True)
-        os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+        if jax.process_index() == 0:
+            step_dir = self._step_dir(epoch)
+            digests = _file_digests(step_dir)
+            tmp = os.path.join(step_dir, f"{CHECKSUMS}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(digests, f, sort_keys=True)
+            os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+        _sync(f"salun_jax checksums {self.directory} {epoch}")
 
     def all_epochs(self) -> list[int]:
         self._manager.reload()
@@ -99,9 +113,12 @@ class Checkpointer:
 
     def _move_aside(self, epoch: int) -> str:
         target_dir = f"{self.directory}.corrupt"
-        os.makedirs(target_dir, exist_ok=True)
         target = os.path.join(target_dir, f"{epoch}-{time.strftime('%Y%m%d-%H%M%S')}")
-        shutil.move(self._step_dir(epoch), target)
+        _sync(f"salun_jax verified {self.directory} {epoch}")  # all have read it before it moves
+        if jax.process_index() == 0:
+            os.makedirs(target_dir, exist_ok=True)
+            shutil.move(self._step_dir(epoch), target)
+        _sync(f"salun_jax moved {self.directory} {epoch}")
         self._manager.reload()
         return target
 

@@ -4,6 +4,12 @@
 The loop pmaps a step from `salun_jax.step.make_step` over all local devices (one CPU is the same
 code with one device). Data arrays are copied to every device once; each step gathers its batch
 by index on the device, so an epoch never ships images from the host and syncs only at its end.
+
+Several processes (`jax.distributed`, see `salun_jax.pipeline.cli`) run the same loop: the
+epoch's index batches are built for the GLOBAL device count and are the same on every process
+(they derive from (seed, epoch)); each process feeds its local devices its own rows of them, and
+the step's collectives span all processes. Checkpoints are saved by all processes together
+(orbax coordinates them); metrics.jsonl, logs and progress bars come from process 0 only.
 """
 
 from __future__ import annotations
@@ -62,6 +68,33 @@ def unreplicate(tree: PyTree) -> PyTree:
     fed it and fresh arrays does not retrace)."""
     device = jax.local_devices()[0]
     return jax.tree.map(lambda x: jax.device_put(x[0], device), tree)
+
+
+def is_primary() -> bool:
+    """True on the process that writes logs, results and metrics (process 0; the only one
+    without `jax.distributed`)."""
+    return jax.process_index() == 0
+
+
+def local_rows(tree: PyTree) -> PyTree:
+    """This process's rows of global index batches [S, D_global, ...] -> [S, D_local, ...]:
+    rows `process_index * local_count` onwards (a no-op with one process).
+
+    Raises:
+      ValueError: the batches were not built for `jax.device_count()` devices.
+    """
+    num_global, num_local = jax.device_count(), jax.local_device_count()
+    first = jax.process_index() * num_local
+
+    def rows(x):
+        if x.shape[1] != num_global:
+            raise ValueError(
+                f"batches have {x.shape[1]} device rows; build them for jax.device_count() = "
+                f"{num_global} (all processes' devices), not the local count"
+            )
+        return x[:, first : first + num_local]
+
+    return jax.tree.map(rows, tree)
 
 
 def _gather(data: dict, indices, weights) -> dict:
@@ -134,11 +167,13 @@ def run(
     progress: bool = True,
     desc: str = "train",
 ) -> RunOutput:
-    """Runs `num_epochs` epochs of `step` with data parallelism over all local devices.
+    """Runs `num_epochs` epochs of `step` with data parallelism over all devices of all
+    processes (each process pmaps over its local devices and takes its rows of the batches).
 
     Epoch e draws its batches as `batches_fn(e, np.random.default_rng([seed, e]))` and its key as
     `fold_in(key, e)`, so a resumed run (same seed) ends with the same parameters as an
-    uninterrupted one. The step is compiled ahead of time; its seconds are reported apart.
+    uninterrupted one. The step is compiled ahead of time; its seconds are reported apart
+    (with several processes it compiles on its first call, inside the first epoch's seconds).
 
     With a `workdir`, a checkpoint is saved every `checkpoint_every` epochs (and after the last)
     under `workdir/checkpoints`, then the saved epochs' records are appended to
@@ -149,7 +184,8 @@ def run(
       state: the initial (unreplicated) state.
       step: from `make_step(..., axis_name=AXIS)`.
       data: per-example arrays indexed by the batches; copied to every device once.
-      batches_fn: (epoch, numpy generator) -> (indices, weights), see `EpochBatches`.
+      batches_fn: (epoch, numpy generator) -> (indices, weights), see `EpochBatches`, built
+        for `jax.device_count()` devices; every process must get the same batches.
       num_epochs, key, seed: as above.
       workdir, checkpoint_every: checkpoints and metrics.jsonl (None: nothing written).
       eval_fn: state -> dict of extra metrics for the epoch's record.
@@ -189,7 +225,8 @@ def run(
                 )
                 made_by = f"{made_by} then {code}"
             code = made_by
-            logging.info("%s: resuming after epoch %d in %s", desc, start_epoch, workdir)
+            if is_primary():
+                logging.info("%s: resuming after epoch %d in %s", desc, start_epoch, workdir)
     try:
         if start_epoch >= num_epochs:
             return RunOutput(state, history, compile_seconds, run_seconds, code)
@@ -199,9 +236,14 @@ def run(
         compiled = None
         saved, unsaved = start_epoch, []  # epochs in the newest checkpoint; records since then
         for epoch in range(start_epoch, num_epochs):
-            indices, weights = batches_fn(epoch, np.random.default_rng([seed, epoch]))
+            indices, weights = local_rows(batches_fn(epoch, np.random.default_rng([seed, epoch])))
             epoch_key = jax.random.fold_in(key, epoch)
             first = jax.tree.map(lambda x: x[0], indices)
+            if compiled is None and jax.process_count() > 1:
+                # A multi-process pmap lowers for the global device count, and its AOT
+                # executable then rejects the local arrays: compile on the first call instead
+                # (its seconds count in the first epoch's run time, not in compile_seconds).
+                compiled = p_step
             if compiled is None:
                 start = time.perf_counter()
                 compiled = p_step.lower(state_r, data_r, first, weights[0], epoch_key).compile()
@@ -211,7 +253,7 @@ def run(
                 state_r = epoch_start_fn(state_r, epoch)
             num_steps = weights.shape[0]
             bar = None
-            if progress:
+            if progress and is_primary():
                 from tqdm.auto import tqdm
 
                 bar = tqdm(
@@ -261,7 +303,8 @@ def run(
                 record.update(eval_fn(unreplicate(state_r)))
             history.append(record)
             unsaved.append(record)
-            logging.info("%s", json.dumps(record, sort_keys=True))
+            if is_primary():
+                logging.info("%s", json.dumps(record, sort_keys=True))
             if checkpointer is not None and (
                 (epoch + 1) % checkpoint_every == 0 or epoch + 1 == num_epochs
             ):
@@ -275,7 +318,8 @@ def run(
                         "code": code,
                     },
                 )
-                _append_jsonl(os.path.join(workdir, "metrics.jsonl"), unsaved)
+                if is_primary():
+                    _append_jsonl(os.path.join(workdir, "metrics.jsonl"), unsaved)
                 saved, unsaved = epoch + 1, []
         return RunOutput(unreplicate(state_r), history, compile_seconds, run_seconds, code)
     finally:

@@ -47,7 +47,7 @@ class TrainConfig:
 
 def index_batches(indices: np.ndarray, batch_size: int) -> loop.BatchesFn:
     """The loop's batches: a fresh shuffle of `indices` each epoch, padded to full batches."""
-    num_devices = jax.local_device_count()
+    num_devices = jax.device_count()  # all processes'; each takes its rows (`loop.local_rows`)
     warn_if_padded(len(indices), batch_size)
     return lambda epoch, rng: epoch_batches(indices, batch_size, rng, num_devices)
 

@@ -32,12 +32,15 @@ from salun_jax.pipeline.common import (
     build_split,
     check_config,
     config_hash,
+    is_primary,
     load_data,
     load_results,
     make_dataclass,
     overrides,
     save_split_once,
     write_config,
+    write_results,
+    write_text,
 )
 from salun_jax.pipeline.workdir import locked
 from salun_jax.provenance import code_version
@@ -213,7 +216,7 @@ def _train_and_evaluate(
                 **extra,
             }
         )
-        report.write_results(results_path, results)  # after every method: nothing lost
+        write_results(results_path, results)  # after every method: nothing lost
         logging.info(
             "seed %d %s: %s",
             seed,
@@ -300,7 +303,8 @@ def _train_and_evaluate(
         mask_dir = os.path.join(seed_dir, "masks")
         os.makedirs(mask_dir, exist_ok=True)
         for fraction, mask in masks.items():
-            saliency.save_mask(os.path.join(mask_dir, f"with_{fraction:.2f}.npz"), mask)
+            if is_primary():
+                saliency.save_mask(os.path.join(mask_dir, f"with_{fraction:.2f}.npz"), mask)
         chosen = masks[float(config.mask.fraction)]
         stats = saliency.mask_stats(chosen)
         results["masks"][str(seed)] = {
@@ -355,7 +359,7 @@ def _train_and_evaluate(
                 for name in ("UA", "RA", "TA", "MIA"):
                     sweep[name].append(metrics[name])
             results["sweep"][key] = sweep
-            report.write_results(results_path, results)
+            write_results(results_path, results)
         if key in results["sweep"]:
             sweep = results["sweep"][key]
             report.plot_sweep(
@@ -369,15 +373,14 @@ def _train_and_evaluate(
     reference = "Retrain" if any(r["method"] == "Retrain" for r in runs) else None
     results["summary"] = report.summarize(runs, reference_method=reference)
     table = report.markdown_table(results["summary"], reference_method=reference)
-    report.write_results(results_path, results)
+    write_results(results_path, results)
     header = (
         f"{dataset.name}, {config.split.scenario} forgetting, {len(split.forget)} of "
         f"{len(split.train)} train images, {train_config.model} x{train_config.width}, "
         f"seeds {list(config.seeds)}; mean±std (|gap| to Retrain); RTE in seconds\n\n"
         + report.code_versions_note(runs)
     )
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(header + table + "\n")
+    write_text(os.path.join(workdir, "results.md"), header + table + "\n")
     return header + table
 
 
@@ -435,7 +438,7 @@ def _train_original(config, workdir, dataset, split, train_config, model) -> dic
         "compile_time_s": out.compile_seconds,
         "history": out.history,
     }
-    report.write_results(os.path.join(workdir, "results.json"), results)
+    write_results(os.path.join(workdir, "results.json"), results)
     logging.info(
         "train accuracy %.2f%%, test accuracy %.2f%%",
         results["train_accuracy"],

@@ -35,6 +35,48 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     return directory
 
 
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+) -> bool:
+    """Joins a multi-process run through `jax.distributed.initialize`, before any JAX
+    computation; on CPU the cross-process collectives go through gloo.
+
+    Args:
+      coordinator_address: "host:port" of process 0 (every process passes the same one).
+      num_processes, process_id: how many processes, and this one's id (0 is the coordinator).
+      auto: no address given: let JAX detect the cluster (TPU pod slices, SLURM, Open MPI).
+
+    Returns:
+      True if a multi-process run was joined, False for a plain single-process run.
+    """
+    if not coordinator_address and not auto:
+        return False
+    import jax
+
+    # Only the CPU backend reads this; without it CPU processes cannot run collectives together.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    else:
+        jax.distributed.initialize()
+    if jax.process_index() != 0:  # logs come from process 0; the others keep their warnings
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        logging.getLogger().setLevel(logging.WARNING)
+    return True
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
 def run(main: Callable, config_flag) -> None:
     """`absl.app.run(main)`, but a bad flag or config override (unknown key, missing config file)
     and any `UserError` raised by `main` end with one clear error line instead of a traceback.
@@ -46,6 +88,27 @@ def run(main: Callable, config_flag) -> None:
         True,
         "Keep compiled programs in the persistent JAX cache "
         "($SALUN_JAX_CACHE or ~/.cache/salun_jax, jax_compilation/): reruns compile nothing.",
+    )
+    coordinator_flag = flags.DEFINE_string(
+        "coordinator_address",
+        os.environ.get("SALUN_JAX_COORDINATOR_ADDRESS"),
+        "host:port of process 0 for a multi-process run (jax.distributed); with "
+        "--num_processes and --process_id. Env: SALUN_JAX_COORDINATOR_ADDRESS.",
+    )
+    num_processes_flag = flags.DEFINE_integer(
+        "num_processes",
+        _env_int("SALUN_JAX_NUM_PROCESSES"),
+        "Processes in a multi-process run. Env: SALUN_JAX_NUM_PROCESSES.",
+    )
+    process_id_flag = flags.DEFINE_integer(
+        "process_id",
+        _env_int("SALUN_JAX_PROCESS_ID"),
+        "This process's id, 0 .. num_processes - 1. Env: SALUN_JAX_PROCESS_ID.",
+    )
+    distributed_flag = flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Join a multi-process run that JAX detects itself (TPU pod slice, SLURM, Open MPI).",
     )
     logging.getLogger("absl").addFilter(_quiet_orbax)
     for i, arg in enumerate(sys.argv):  # config_flags prints a traceback for a missing file
@@ -68,6 +131,15 @@ def run(main: Callable, config_flag) -> None:
         fail(f"bad command line: {text}")
 
     def guarded_main(argv):
+        try:
+            initialize_distributed(
+                coordinator_flag.value,
+                num_processes_flag.value,
+                process_id_flag.value,
+                auto=distributed_flag.value,
+            )
+        except (ValueError, RuntimeError) as error:
+            fail(f"cannot join the multi-process run: {error}")
         if cache_flag.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
             enable_compilation_cache()
         try:

@@ -1,4 +1,8 @@
-"""What the pipelines share: user errors, config.json, config hashes, data, splits, results."""
+"""What the pipelines share: user errors, config.json, config hashes, data, splits, results.
+
+In a multi-process run (`jax.distributed`) every process runs the whole pipeline (the training
+loops need all of them) but only process 0 writes files: the writers here do nothing elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -46,10 +50,36 @@ def check_config(
         )
 
 
+def is_primary() -> bool:
+    """True on process 0, the one that writes results, masks and logs (the only process
+    without `jax.distributed`)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def write_results(path: str, results: dict) -> None:
+    """`report.write_results` on process 0; nothing on the others."""
+    if is_primary():
+        report.write_results(path, results)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a text file (e.g. results.md) on process 0; nothing on the others."""
+    if is_primary():
+        with open(path, "w") as f:
+            f.write(text)
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    if not is_primary():
+        return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    # Atomically: a kill mid-write must not leave an empty config.json that blocks the resume.
+    path = os.path.join(workdir, "config.json")
+    with open(f"{path}.tmp", "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(f"{path}.tmp", path)
 
 
 def config_hash(*parts) -> str:
@@ -118,8 +148,9 @@ def save_split_once(directory: str, dataset, split: Split) -> Split:
     """
     path = os.path.join(directory, "split.npz")
     if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        save_split(path, split)
+        if is_primary():
+            os.makedirs(directory, exist_ok=True)
+            save_split(path, split)
         return split
     try:
         stored = load_split(path, dataset.train_labels, dataset.test_labels)

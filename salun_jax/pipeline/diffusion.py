@@ -56,12 +56,15 @@ from salun_jax.pipeline.common import (
     UserError,
     build_split,
     check_config,
+    is_primary,
     load_data,
     load_results,
     make_dataclass,
     overrides,
     save_split_once,
     write_config,
+    write_results,
+    write_text,
 )
 from salun_jax.pipeline.workdir import locked
 from salun_jax.provenance import code_version
@@ -227,7 +230,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
 
     def save():
         results["wall_time_s"] = time.perf_counter() - wall_start
-        report.write_results(results_path, results)
+        write_results(results_path, results)
 
     def diverged(error):
         return UserError(str(error))
@@ -382,7 +385,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
                 raise UserError(str(error)) from error
             mask = saliency.mask_from_scores(jax.device_get(scores), mask_config.fraction)
             os.makedirs(os.path.dirname(mask_path), exist_ok=True)
-            saliency.save_mask(mask_path, mask)
+            if is_primary():
+                saliency.save_mask(mask_path, mask)
             stats = saliency.mask_stats(mask)
             results["mask"] = {
                 "fraction": stats["fraction"],
@@ -417,6 +421,5 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
 
     save()
     table = results_markdown(results)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(table)
+    write_text(os.path.join(workdir, "results.md"), table)
     return table

@@ -8,6 +8,8 @@ import fcntl
 import os
 from collections.abc import Iterator
 
+import jax
+
 from salun_jax.pipeline.common import UserError
 
 LOCK_FILE = ".lock"
@@ -17,10 +19,15 @@ LOCK_FILE = ".lock"
 def locked(workdir: str) -> Iterator[None]:
     """Holds `workdir/.lock` (an OS file lock: a killed run leaves no stale lock behind).
 
+    In a multi-process run only process 0 takes the lock (the others share its directory).
+
     Raises:
       UserError: another process holds the lock.
     """
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        yield
+        return
     path = os.path.join(workdir, LOCK_FILE)
     with open(path, "a+") as f:
         try:

@@ -130,7 +130,7 @@ def run_unlearning_sgd(
     optimizer; each epoch runs the index `phases` in order (e.g. forget batches, then retain
     batches), each shuffled and cut into padded batches. `run_options` (workdir,
     checkpoint_every, progress) go to `loop.run`."""
-    num_devices = jax.local_device_count()
+    num_devices = jax.device_count()  # all processes'; each takes its rows (`loop.local_rows`)
     for ix in phases:
         warn_if_padded(len(ix), config.batch_size)
     steps = steps_per_epoch(phases, config.batch_size)

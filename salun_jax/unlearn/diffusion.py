@@ -161,7 +161,7 @@ def _run(
         config.learning_rate, clip_norm=config.grad_clip, mask=mask, mask_mode=config.mask_mode
     )
     start = TrainState.create(apply_fn=state.apply_fn, params=uncommitted(state.params), tx=tx)
-    num_devices = jax.local_device_count()
+    num_devices = jax.device_count()  # all processes'; each takes its rows (`loop.local_rows`)
     if config.batch_size % num_devices:
         raise ValueError(
             f"batch size {config.batch_size} is not divisible by {num_devices} devices"
