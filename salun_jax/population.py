@@ -14,6 +14,8 @@ unchanged. How members are mapped depends on the backend (`strategy`):
   * "map": `jax.lax.map` over members inside one jit (a loop in the compiled program). XLA:CPU
     lowers a vmap of convolutions to grouped convolutions that it runs very slowly
     (docs/environment.md), so on CPU this is much faster; see experiments/bench_population.py.
+  * "unroll": the members as N copies of the step in one program (compiles N times the code;
+    measured against "map" by the benchmark).
   * "auto": "map" on CPU, "vmap" elsewhere.
 
 The loop here is a plain Python epoch loop over shared batches: no checkpoints, no resume, no
@@ -38,8 +40,14 @@ import numpy as np
 import optax
 
 from salun_jax import optim
-from salun_jax.data.batches import epoch_batches, warn_if_padded
-from salun_jax.losses import LossFn, classification_loss, negative_cross_entropy
+from salun_jax.data.batches import epoch_batches, gather_batches, warn_if_padded
+from salun_jax.losses import (
+    LossFn,
+    classification_forget_loss,
+    classification_loss,
+    negative_cross_entropy,
+)
+from salun_jax.saliency import mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
 from salun_jax.train import TrainConfig
 from salun_jax.types import PyTree
@@ -47,7 +55,7 @@ from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask, steps_per_epoch
 from salun_jax.unlearn.finetune import l1_schedule
 from salun_jax.unlearn.relabel import _phases, _relabel_loss
 
-STRATEGIES = ("auto", "vmap", "map")
+STRATEGIES = ("auto", "vmap", "map", "unroll")
 POPULATION_METHODS = ("FT", "GA", "RL", "l1-sparse", "SalUn")
 
 
@@ -72,8 +80,12 @@ def resolve_strategy(strategy: str) -> str:
 
 def map_members(fn: Callable, strategy: str, *args):
     """`fn` applied to each member's slice of `args` (leading axis [N]), outputs stacked."""
-    if resolve_strategy(strategy) == "vmap":
+    strategy = resolve_strategy(strategy)
+    if strategy == "vmap":
         return jax.vmap(fn)(*args)
+    if strategy == "unroll":
+        num_members = jax.tree.leaves(args)[0].shape[0]
+        return stack([fn(*member(args, i)) for i in range(num_members)])
     return jax.lax.map(lambda member_args: fn(*member_args), args)
 
 
@@ -460,3 +472,53 @@ def population_logits(
             np.asarray(logits_fn(states.params, states.batch_stats, padded))[:, : len(chunk)]
         )
     return np.concatenate(outs, axis=1)
+
+
+def population_salun_masks(
+    states: TrainState,
+    task: UnlearnTask,
+    fraction: float = 0.5,
+    *,
+    batch_size: int = 256,
+    crop_padding: int = 4,
+    flip: bool = True,
+    seed: int = 0,
+    strategy: str = "auto",
+) -> PyTree:
+    """SalUn's 0/1 mask of every member (leaves [N, ...]), in one compiled program.
+
+    Member i's mask equals `saliency.salun_mask(member(states, i), task, fraction, ...)` with the
+    same batch size, augmentation and seed: the same shuffled forget batches for all members,
+    batch b augmented with fold_in(key(seed), b).
+
+    References: SalUn Eq. 3; upstream `generate_mask.py`.
+    """
+    batches = gather_batches(
+        {"image": task.images, "label": task.labels},
+        task.forget,
+        batch_size,
+        np.random.default_rng(seed),
+    )
+    key = jax.random.key(seed)
+    apply_fn = states.apply_fn
+
+    @jax.jit
+    def scores_fn(params, batch_stats, batches):
+        def member_scores(member_params, member_batch_stats):
+            loss_fn = classification_forget_loss(apply_fn, member_batch_stats, crop_padding, flip)
+
+            def body(total, indexed):
+                index, batch = indexed
+                grads = jax.grad(loss_fn)(member_params, batch, jax.random.fold_in(key, index))
+                return jax.tree.map(jnp.add, total, grads), None
+
+            num_batches = batches["weight"].shape[0]
+            zeros = jax.tree.map(jnp.zeros_like, member_params)
+            total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_batches), batches))
+            return jax.tree.map(jnp.abs, total)
+
+        return map_members(member_scores, strategy, params, batch_stats)
+
+    scores = jax.device_get(scores_fn(states.params, states.batch_stats, batches))
+    num_members = int(states.step.shape[0])
+    return stack([mask_from_scores(member(scores, i), fraction) for i in range(num_members)])
