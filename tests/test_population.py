@@ -164,3 +164,33 @@ def test_unknown_strategy_and_method(setup, originals):
         population.population_unlearn("IU", originals, setup[-1], UnlearnConfig(), SEEDS)
     with pytest.raises(ValueError, match="mask"):
         population.population_unlearn("SalUn", originals, setup[-1], UnlearnConfig(), SEEDS)
+
+
+def test_population_salun_masks_match_single_masks(setup, originals):
+    *_, task = setup
+    masks = population.population_salun_masks(
+        originals, task, 0.5, batch_size=16, crop_padding=1, flip=False, seed=4
+    )
+    for i in range(len(SEEDS)):
+        alone = salun_mask(
+            population.member(originals, i),
+            task,
+            0.5,
+            batch_size=16,
+            crop_padding=1,
+            flip=False,
+            seed=4,
+        )
+        agree = np.mean(
+            np.concatenate(
+                [
+                    (np.asarray(a) == np.asarray(b)).ravel()
+                    for a, b in zip(
+                        jax.tree.leaves(population.member(masks, i)),
+                        jax.tree.leaves(alone),
+                        strict=True,
+                    )
+                ]
+            )
+        )
+        assert agree > 0.999  # ties at the top-k boundary may fall either way
