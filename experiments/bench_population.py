@@ -9,16 +9,19 @@ each strategy in `--strategies`, and prints each N-member time over the 1-member
 target on CPU: <= N, i.e. no worse than training the N models one after another).
 `--rounds` > 1 repeats the timings interleaved and reports medians.
 
-Measured on the shared 2-core CPU machine (jax 0.10.2, load average 6-9, one round, so +-30%):
+Measured on the shared 2-core CPU machine (jax 0.10.2), `--rounds=2`, load average 2.3-5:
 
-    1 model: 1.40 s per 1 epoch(s)
-    8 models, map   :    7.87 s ( 5.63x one model), compile 8.1 s
-    8 models, unroll:    1.00 s ( 0.71x one model), compile 32.2 s
-    8 models, vmap  :    1.28 s ( 0.92x one model), compile 5.4 s
+    1 model: 0.49 s per 1 epoch(s)
+    8 models, map   :    3.68 s ( 7.58x one model), compile 2.2 s
+    8 models, unroll:    0.44 s ( 0.91x one model), compile 7.6 s
+    8 models, vmap  :    0.77 s ( 1.58x one model), compile 2.4 s
 
-With `--members=32 --train_images=640 --strategies=map,vmap` one model took 0.45 s and lax.map
-had not finished its 32-member epoch after 90 s (> 200x; stopped). This small model's step is
-dominated by fixed per-op costs, which vmap and unrolling amortise; hence `strategy="auto"` is vmap.
+An earlier single round at load 6-9 gave 5.6x / 0.71x / 0.92x (one model 1.40 s). With
+`--members=32 --train_images=640 --strategies=map,vmap`, lax.map had not finished its 32-member
+epoch after 90 s (one model: 0.45 s; stopped). This small model's step is dominated by fixed
+per-op costs, which vmap and unrolling amortise; lax.map (a while loop in the program) does not
+(XLA:CPU is also slow on convolution gradients inside loops, see the README). Unrolling runs
+fastest but compiles N copies of the step, so `strategy="auto"` is vmap.
 """
 
 from __future__ import annotations

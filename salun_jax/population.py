@@ -14,13 +14,13 @@ unchanged. How members are mapped (`strategy`):
   * "map": `jax.lax.map` over members inside one jit (a loop in the compiled program).
   * "unroll": the members as N copies of the step in one program (compile time grows with N).
   * "auto": "vmap" on every backend, from experiments/bench_population.py on the 2-core CPU
-    (digits SmallCNN x0.5, batch 64, jax 0.10.2, load ~6-9): one epoch of 8 members took 0.92x
-    the time of one model with vmap, 0.71x unrolled (but 32 s to compile vs 5 s) and 5.6x with
-    lax.map; with 32 members lax.map ran over 200x one model while vmap trained the whole
-    forgetting-quality run (96 trainings, 160 unlearnings) in 7 minutes. The step of one such
-    model is dominated by fixed per-op costs, which vmap amortises. docs/environment.md measured
-    vmapped convolutions (grouped convolutions on XLA:CPU) far slower for larger convolutions:
-    for wider models on CPU, time "map" and "unroll" against "vmap" with the benchmark.
+    (digits SmallCNN x0.5, batch 64, one epoch, jax 0.10.2): 8 members took 1.58x one model's
+    time with vmap, 0.91x unrolled (compiling 7.6 s instead of 2.4 s, growing with N) and 7.6x
+    with lax.map, which at 32 members ran over 200x; vmap trained the whole forgetting-quality
+    run (96 trainings, 160 unlearnings of 32 members) in 7 minutes. This model's step is
+    dominated by fixed per-op costs, which vmap amortises. docs/environment.md measured vmapped
+    convolutions (grouped convolutions on XLA:CPU) far slower for larger convolutions: for wider
+    models on CPU, time "unroll" and "map" against "vmap" with the benchmark.
 
 The loop here is a plain Python epoch loop over shared batches: no checkpoints, no resume, no
 NaN policy, no metrics.jsonl (unlike `salun_jax.loop.run`); a population is cheap to redo.
