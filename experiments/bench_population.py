@@ -16,6 +16,7 @@ Measured on the shared 2-core CPU machine (jax 0.10.2), `--rounds=2`, load avera
     8 models, unroll:    0.44 s ( 0.91x one model), compile 7.6 s
     8 models, vmap  :    0.77 s ( 1.58x one model), compile 2.4 s
 
+`--members=32 --strategies=vmap`: 3.54 s (7.28x one model of 0.49 s), compile 2.3 s.
 An earlier single round at load 6-9 gave 5.6x / 0.71x / 0.92x (one model 1.40 s). With
 `--members=32 --train_images=640 --strategies=map,vmap`, lax.map had not finished its 32-member
 epoch after 90 s (one model: 0.45 s; stopped). This small model's step is dominated by fixed

@@ -16,8 +16,8 @@ unchanged. How members are mapped (`strategy`):
   * "auto": "vmap" on every backend, from experiments/bench_population.py on the 2-core CPU
     (digits SmallCNN x0.5, batch 64, one epoch, jax 0.10.2): 8 members took 1.58x one model's
     time with vmap, 0.91x unrolled (compiling 7.6 s instead of 2.4 s, growing with N) and 7.6x
-    with lax.map, which at 32 members ran over 200x; vmap trained the whole forgetting-quality
-    run (96 trainings, 160 unlearnings of 32 members) in 7 minutes. This model's step is
+    with lax.map, which at 32 members ran over 200x (vmap: 7.3x); vmap trained the whole
+    forgetting-quality run (96 trainings, 160 unlearnings) in 7 minutes. This model's step is
     dominated by fixed per-op costs, which vmap amortises. docs/environment.md measured vmapped
     convolutions (grouped convolutions on XLA:CPU) far slower for larger convolutions: for wider
     models on CPU, time "unroll" and "map" against "vmap" with the benchmark.
