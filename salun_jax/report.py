@@ -405,3 +405,53 @@ def plot_layer_saliency(
     if title:
         ax.set_title(title)
     return _save_png(fig, path)
+
+
+def plot_epsilon_histogram(
+    epsilons: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    bucket_width: float = 0.5,
+    title: str | None = None,
+) -> pathlib.Path:
+    """Histogram of per-example epsilons (forgetting quality) in the metric's buckets; writes a PNG.
+
+    Bars have the metric's bucket width (0.5: bucket k earns 2^-k points); infinite epsilons
+    (perfectly separated examples) are drawn in one last bar labelled "inf".
+
+    Args:
+      epsilons: one epsilon per forget example (>= 0, may be inf).
+      path: PNG destination (parents created).
+      bucket_width: the width of the metric's buckets.
+      title: optional figure title.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: on empty input, NaN or negative epsilons.
+    """
+    values = np.asarray(epsilons, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("epsilons is empty.")
+    if np.isnan(values).any() or (values < 0).any():
+        raise ValueError("epsilons must be non-negative numbers (inf allowed).")
+    finite = values[np.isfinite(values)]
+    top = (
+        bucket_width * (np.floor(finite.max() / bucket_width) + 1) if finite.size else bucket_width
+    )
+    edges = np.arange(0.0, top + bucket_width / 2, bucket_width)
+    counts, _ = np.histogram(finite, bins=edges)
+    fig = _new_figure(6.0, 3.5)
+    ax = fig.add_subplot()
+    ax.bar(edges[:-1], counts, width=bucket_width, align="edge", edgecolor="black")
+    num_inf = int(np.sum(np.isinf(values)))
+    if num_inf:
+        ax.bar([edges[-1] + bucket_width], [num_inf], width=bucket_width, align="edge", color="C3")
+        ax.text(edges[-1] + 1.5 * bucket_width, num_inf, "inf", ha="center", va="bottom")
+    ax.set_xlabel(f"per-example epsilon (buckets of {bucket_width})")
+    ax.set_ylabel("forget examples")
+    ax.grid(True, axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return _save_png(fig, path)

@@ -62,10 +62,13 @@ def train_classifier(
     eval_fn: Callable[[TrainState], dict] | None = None,
     progress: bool = True,
     desc: str = "train",
+    order_seed: int | None = None,
 ) -> loop.RunOutput:
     """Trains `model` from a fresh init on `images[train_indices]` with SGD + multi-step LR.
 
-    Resumes from `workdir` if it holds checkpoints of this run.
+    Resumes from `workdir` if it holds checkpoints of this run. The batch order comes from
+    `order_seed` (default: `config.seed`, which also seeds the init and the keys); a population
+    member (`salun_jax.population`) equals this run with the population's order seed.
 
     Raises:
       salun_jax.loop.TrainingDivergedError: the loss became non-finite.
@@ -84,7 +87,7 @@ def train_classifier(
         index_batches(train_indices, config.batch_size),
         num_epochs=config.epochs,
         key=jax.random.key(config.seed),
-        seed=config.seed,
+        seed=config.seed if order_seed is None else order_seed,
         workdir=workdir,
         eval_fn=eval_fn,
         progress=progress,

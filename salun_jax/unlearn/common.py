@@ -124,12 +124,14 @@ def run_unlearning_sgd(
     desc: str = "unlearn",
     post_update_fn: Callable[[TrainState], TrainState] | None = None,
     epoch_start_fn: Callable[[TrainState, int], TrainState] | None = None,
+    order_seed: int | None = None,
     **run_options,
 ) -> UnlearnOutput:
     """`config.epochs` epochs of SGD from `state`'s weights with a fresh (optionally masked)
     optimizer; each epoch runs the index `phases` in order (e.g. forget batches, then retain
-    batches), each shuffled and cut into padded batches. `run_options` (workdir,
-    checkpoint_every, progress) go to `loop.run`."""
+    batches), each shuffled and cut into padded batches. The batch order's seed is drawn from
+    `rng` unless `order_seed` is given (to match a population member, `salun_jax.population`).
+    `run_options` (workdir, checkpoint_every, progress) go to `loop.run`."""
     num_devices = jax.device_count()  # all processes'; each takes its rows (`loop.local_rows`)
     for ix in phases:
         warn_if_padded(len(ix), config.batch_size)
@@ -150,7 +152,7 @@ def run_unlearning_sgd(
     step = make_step(
         loss_fn, update_batch_stats=config.update_batch_stats, post_update_fn=post_update_fn
     )
-    seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    seed = int(jax.random.randint(rng, (), 0, 2**31 - 1)) if order_seed is None else order_seed
     return run_unlearning(
         state,
         step,

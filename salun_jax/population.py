@@ -1,0 +1,528 @@
+"""Populations: N classifiers trained (or unlearned) together in ONE compiled program.
+
+Every array of a `TrainState` (params, optimizer state, BatchNorm statistics, step) gets a leading
+member axis [N, ...]; each member has its own key, and optionally its own learning rate (held in
+the optimizer state by `optax.inject_hyperparams`, so N learning rates share one compile) and its
+own saliency mask. All members see the SAME batch order (one gather of the batch per step), so a
+member equals the model trained alone with its seed when that run uses the population's batch
+order (`order_seed`): `train_classifier(..., order_seed=...)`, or a method's single run with
+`order_seed=...`.
+
+Inside, each member runs the one step builder, `step.make_step(loss_fn, axis_name=None)`,
+unchanged. How members are mapped (`strategy`):
+  * "vmap": `jax.vmap` over members.
+  * "map": `jax.lax.map` over members inside one jit (a loop in the compiled program).
+  * "unroll": the members as N copies of the step in one program (compile time grows with N).
+  * "auto": "vmap" on every backend, from experiments/bench_population.py on the 2-core CPU
+    (digits SmallCNN x0.5, batch 64, one epoch, jax 0.10.2): 8 members took 1.58x one model's
+    time with vmap, 0.91x unrolled (compiling 7.6 s instead of 2.4 s, growing with N) and 7.6x
+    with lax.map, which at 32 members ran over 200x (vmap: 7.3x); vmap trained the whole
+    forgetting-quality run (96 trainings, 160 unlearnings) in 7 minutes. This model's step is
+    dominated by fixed per-op costs, which vmap amortises. docs/environment.md measured vmapped
+    convolutions (grouped convolutions on XLA:CPU) far slower for larger convolutions: for wider
+    models on CPU, time "unroll" and "map" against "vmap" with the benchmark.
+
+The loop here is a plain Python epoch loop over shared batches: no checkpoints, no resume, no
+NaN policy, no metrics.jsonl (unlike `salun_jax.loop.run`); a population is cheap to redo.
+
+Keys reproduce the single-device `loop.run` exactly: epoch e of a member with key k steps with
+`fold_in(fold_in(fold_in(k, e), step), 0)` (the last fold is the device index the pmapped loop
+folds in on a single device).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from salun_jax import optim
+from salun_jax.data.batches import epoch_batches, gather_batches, warn_if_padded
+from salun_jax.losses import (
+    LossFn,
+    classification_forget_loss,
+    classification_loss,
+    negative_cross_entropy,
+)
+from salun_jax.saliency import mask_from_scores
+from salun_jax.step import TrainState, init_variables, make_step
+from salun_jax.train import TrainConfig
+from salun_jax.types import PyTree
+from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask, steps_per_epoch
+from salun_jax.unlearn.finetune import l1_schedule
+from salun_jax.unlearn.relabel import _phases, _relabel_loss
+
+STRATEGIES = ("auto", "vmap", "map", "unroll")
+POPULATION_METHODS = ("FT", "GA", "RL", "l1-sparse", "SalUn")
+
+
+class PopulationOutput(NamedTuple):
+    """The population's state (every array leaf [N, ...]), one record per epoch (per-member
+    `loss` and `accuracy` lists), seconds of compilation and of the run proper."""
+
+    state: TrainState
+    history: list[dict]
+    compile_seconds: float
+    run_seconds: float
+
+
+def resolve_strategy(strategy: str) -> str:
+    """ "auto" -> "map" on CPU, "vmap" on accelerators; raises ValueError for unknown names."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        return "map" if jax.default_backend() == "cpu" else "vmap"
+    return strategy
+
+
+def map_members(fn: Callable, strategy: str, *args):
+    """`fn` applied to each member's slice of `args` (leading axis [N]), outputs stacked."""
+    strategy = resolve_strategy(strategy)
+    if strategy == "vmap":
+        return jax.vmap(fn)(*args)
+    if strategy == "unroll":
+        num_members = jax.tree.leaves(args)[0].shape[0]
+        return stack([fn(*member(args, i)) for i in range(num_members)])
+    return jax.lax.map(lambda member_args: fn(*member_args), args)
+
+
+def member(tree: PyTree, index: int) -> PyTree:
+    """Member `index` of a population pytree (e.g. its `TrainState`)."""
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stacks equal-structure pytrees (e.g. single-model states) on a new leading member axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def population_sgd(
+    learning_rate: float,
+    momentum: float,
+    weight_decay: float,
+    milestones: Sequence[int],
+    gamma: float,
+    steps: int,
+    mask: PyTree | None = None,
+    mask_mode: str = "hard",
+) -> optax.GradientTransformation:
+    """`optim.make_sgd` with the multi-step schedule, its base learning rate injected into the
+    optimizer state (`optax.inject_hyperparams`), so members can differ in it under one compile.
+
+    lr_t = learning_rate * gamma^(milestones passed): the same schedule as
+    `optim.multistep_schedule(learning_rate, ...)` up to float rounding.
+    """
+    factor = optim.multistep_schedule(1.0, milestones, gamma, steps)
+
+    def factory(learning_rate):
+        return optim.make_sgd(
+            lambda count: learning_rate * factor(count), momentum, weight_decay, mask, mask_mode
+        )
+
+    return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
+
+
+def _single_device_keys(loss_fn: LossFn) -> LossFn:
+    # The pmapped loop folds the device index (0 on one device) into the step key after the step
+    # counter; fold the same 0 here so members reproduce single runs key for key.
+    return lambda params, batch, rng, state: loss_fn(
+        params, batch, jax.random.fold_in(rng, 0), state
+    )
+
+
+def _learning_rates(learning_rates, default: float, num_members: int) -> np.ndarray:
+    if learning_rates is None:
+        return np.full(num_members, default, np.float32)
+    rates = np.asarray(learning_rates, np.float32).reshape(-1)
+    if rates.size != num_members:
+        raise ValueError(f"{rates.size} learning rates for {num_members} members")
+    return rates
+
+
+def _init_opt_states(params, masks, learning_rates, tx_fn) -> optax.OptState:
+    """Each member's fresh optimizer state (its learning rate and mask); inits on the host, one
+    member at a time, so the mask checks see concrete values."""
+    states = []
+    for i, lr in enumerate(learning_rates):
+        mask = None if masks is None else member(masks, i)
+        states.append(tx_fn(float(lr), mask).init(member(params, i)))
+    return stack(states)
+
+
+def run_population(
+    state: TrainState,
+    step_fn: Callable,
+    tx_fn: Callable[[float, PyTree | None], optax.GradientTransformation],
+    data: dict[str, np.ndarray],
+    phases: Sequence[np.ndarray],
+    *,
+    batch_size: int,
+    num_epochs: int,
+    keys: jax.Array,
+    order_seed: int,
+    masks: PyTree | None = None,
+    strategy: str = "auto",
+    progress: bool = False,
+    desc: str = "population",
+) -> PopulationOutput:
+    """Runs `num_epochs` epochs of `step_fn` on every member, batches shared.
+
+    Epoch e runs the index `phases` in order, each shuffled by
+    `np.random.default_rng([order_seed, e])` and cut into padded batches (as `loop.run` on one
+    device does). A plain Python loop: no checkpoints or resume (see the module docstring).
+
+    Args:
+      state: the population (array leaves [N, ...]; `opt_state` already initialised per member).
+      step_fn: from `make_step(loss_fn, axis_name=None)`.
+      tx_fn: (learning rate, member mask or None) -> the member's optimizer; called inside the
+        mapped step with the member's mask (the learning rate then comes from its state).
+      data: per-example arrays gathered by the batch indices (once per step, for all members).
+      phases, batch_size, num_epochs: the epochs' batches.
+      keys: [N] member keys (`jax.random.key(seed)` each).
+      order_seed: seed of the shared batch order.
+      masks: per-member masks (leaves [N, ...]) or None.
+      strategy: "auto", "vmap" or "map".
+      progress: log each epoch.
+      desc: the run's name in the log.
+
+    Returns:
+      A `PopulationOutput`.
+    """
+    strategy = resolve_strategy(strategy)
+    tx0 = tx_fn(0.0, None if masks is None else member(masks, 0))
+
+    def member_step(member_state, mask, key, batch):
+        member_state = member_state.replace(tx=tx_fn(0.0, mask))  # lr: from the opt_state
+        new_state, metrics = step_fn(member_state, batch, key)
+        return new_state.replace(tx=tx0), metrics  # one static tx: the next call does not retrace
+
+    def population_step(state, masks, keys, data, indices, weights):
+        batch = {name: values[indices] for name, values in data.items()}
+        batch["weight"] = weights
+        return map_members(
+            lambda s, m, k: member_step(s, m, k, batch), strategy, state, masks, keys
+        )
+
+    compiled_step = jax.jit(population_step, donate_argnums=(0,))
+    # A copy: the step donates the state, and the caller's arrays (e.g. the originals being
+    # unlearned) must survive.
+    state = jax.tree.map(jnp.copy, state.replace(tx=tx0))
+    data = {name: jnp.asarray(values) for name, values in data.items()}
+    compiled, compile_seconds, run_seconds, history = None, 0.0, 0.0, []
+    for epoch in range(num_epochs):
+        np_rng = np.random.default_rng([order_seed, epoch])
+        batches = [epoch_batches(ix, batch_size, np_rng, 1) for ix in phases if len(ix)]
+        indices = np.concatenate([b[0] for b in batches])[:, 0]  # [S, B]
+        weights = np.concatenate([b[1] for b in batches])[:, 0]
+        epoch_keys = jax.vmap(lambda k, e=epoch: jax.random.fold_in(k, e))(keys)
+        if compiled is None:
+            start = time.perf_counter()
+            compiled = compiled_step.lower(
+                state, masks, epoch_keys, data, indices[0], weights[0]
+            ).compile()
+            compile_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        step_metrics = []
+        for s in range(indices.shape[0]):
+            state, metrics = compiled(state, masks, epoch_keys, data, indices[s], weights[s])
+            step_metrics.append(metrics)
+        stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
+        counts = stacked.pop("num_examples")  # [S, N]
+        total = np.maximum(counts.sum(0), 1.0)
+        record = {"phase": desc, "epoch": epoch + 1, "seconds": time.perf_counter() - start}
+        for name in ("loss", "accuracy"):
+            if name in stacked:
+                record[name] = ((stacked[name] * counts).sum(0) / total).tolist()
+        run_seconds += record["seconds"]
+        history.append(record)
+        if progress:
+            print(f"{desc} epoch {epoch + 1}/{num_epochs}: {record['seconds']:.1f} s", flush=True)
+    return PopulationOutput(state, history, compile_seconds, run_seconds)
+
+
+def population_train_classifier(
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    model: nn.Module,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    *,
+    learning_rates: Sequence[float] | None = None,
+    order_seed: int | None = None,
+    strategy: str = "auto",
+    progress: bool = False,
+    desc: str = "train population",
+) -> PopulationOutput:
+    """Trains len(seeds) classifiers from scratch on `images[indices]` (original or Retrain
+    populations), member i initialised and keyed by `seeds[i]` (`config.seed` is ignored).
+
+    Member i equals `train_classifier(..., dataclasses.replace(config, seed=seeds[i]),
+    order_seed=order_seed)` up to float rounding.
+
+    Args:
+      images, labels: the whole train arrays; indices: the examples to train on.
+      model, config: as `train_classifier`.
+      seeds: one per member.
+      learning_rates: per-member base learning rates (default: config.learning_rate for all).
+      order_seed: seed of the shared batch order (default: seeds[0], so member 0 is exactly
+        `train_classifier` with seed seeds[0]).
+      strategy: "auto", "vmap" or "map" (module docstring).
+      progress: log each epoch.
+      desc: name in the log.
+
+    Returns:
+      A `PopulationOutput`; its state's array leaves are [N, ...].
+
+    References: upstream `Classification/main_train.py` (SGD + multi-step LR), as `train.py`.
+    """
+    seeds = [int(s) for s in seeds]
+    rates = _learning_rates(learning_rates, config.learning_rate, len(seeds))
+    warn_if_padded(len(indices), config.batch_size)
+    steps = math.ceil(len(indices) / config.batch_size)
+
+    def tx_fn(lr, mask):
+        del mask
+        return population_sgd(
+            lr, config.momentum, config.weight_decay, config.milestones, config.gamma, steps
+        )
+
+    variables = stack([init_variables(model, jax.random.key(s), images.shape[1:]) for s in seeds])
+    state = TrainState(
+        step=jnp.zeros(len(seeds), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=_init_opt_states(variables["params"], None, rates, tx_fn),
+        apply_fn=model.apply,
+        tx=tx_fn(0.0, None),
+    )
+    loss_fn = classification_loss(crop_padding=config.crop_padding, flip=config.flip)
+    return run_population(
+        state,
+        make_step(_single_device_keys(loss_fn), axis_name=None),
+        tx_fn,
+        {"image": images, "label": labels},
+        [np.asarray(indices)],
+        batch_size=config.batch_size,
+        num_epochs=config.epochs,
+        keys=jnp.stack([jax.random.key(s) for s in seeds]),
+        order_seed=seeds[0] if order_seed is None else int(order_seed),
+        strategy=strategy,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def _method_loss(
+    method: str, task: UnlearnTask, config: UnlearnConfig
+) -> tuple[LossFn, list[np.ndarray]]:
+    """The loss and index phases of an SGD method, built as in `salun_jax.unlearn`."""
+    augment = {"crop_padding": config.crop_padding, "flip": config.flip}
+    if method == "FT":
+        return classification_loss(**augment), [task.retain]
+    if method == "GA":
+        return classification_loss(example_loss_fn=negative_cross_entropy, **augment), [task.forget]
+    if method == "l1-sparse":
+        coefficient = l1_schedule(config, steps_per_epoch([task.retain], config.batch_size))
+
+        def penalty(params, step):
+            return coefficient(step) * sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params))
+
+        return classification_loss(penalty_fn=penalty, **augment), [task.retain]
+    if method in ("RL", "SalUn"):
+        return _relabel_loss(task, config), _phases(task, config.rl_variant)
+    raise ValueError(f"no population version of {method!r}; known: {', '.join(POPULATION_METHODS)}")
+
+
+def _member_masks(mask: PyTree, params: PyTree, num_members: int) -> PyTree:
+    """Per-member masks [N, ...]: `mask` as given if it has the member axis, else N copies."""
+    leaf, param = jax.tree.leaves(mask)[0], jax.tree.leaves(params)[0]
+    if np.shape(leaf) == np.shape(param):  # already [N, ...]
+        return jax.tree.map(jnp.asarray, mask)
+    return jax.tree.map(
+        lambda m: jnp.broadcast_to(jnp.asarray(m), (num_members, *np.shape(m))), mask
+    )
+
+
+def unlearning_order_seed(seed: int) -> int:
+    """The batch-order seed a single unlearning run with key `jax.random.key(seed)` uses
+    (`run_unlearning_sgd` draws it from its key)."""
+    return int(jax.random.randint(jax.random.key(seed), (), 0, 2**31 - 1))
+
+
+def population_unlearn(
+    method_name: str,
+    states: TrainState,
+    task: UnlearnTask,
+    config: UnlearnConfig,
+    seeds: Sequence[int],
+    mask: PyTree | None = None,
+    *,
+    learning_rates: Sequence[float] | None = None,
+    order_seed: int | None = None,
+    strategy: str = "auto",
+    progress: bool = False,
+) -> PopulationOutput:
+    """Unlearns every member of a population with an SGD method (FT, GA, RL, l1-sparse, SalUn).
+
+    Member i equals `get_method(method_name)(member(states, i), task, config,
+    jax.random.key(seeds[i]), mask=<its mask>, order_seed=order_seed)` up to float rounding.
+
+    Args:
+      method_name: one of `POPULATION_METHODS`.
+      states: the population to unlearn (e.g. `population_train_classifier(...).state`); its
+        weights and BatchNorm statistics are kept, the optimizer is fresh.
+      task, config: as the single-run methods.
+      seeds: one per member; member i's key is `jax.random.key(seeds[i])`.
+      mask: SalUn's saliency mask (required for SalUn, allowed for the others): one mask for all
+        members, or per-member masks with a leading [N] axis.
+      learning_rates: per-member learning rates (default: config.learning_rate for all).
+      order_seed: seed of the shared batch order (default: `unlearning_order_seed(seeds[0])`, the
+        order of member 0's single run).
+      strategy: "auto", "vmap" or "map".
+      progress: log each epoch.
+
+    Returns:
+      A `PopulationOutput`.
+
+    Raises:
+      ValueError: an unknown method, SalUn without a mask, or a wrong number of members.
+
+    References: upstream `Classification/unlearn/impl.py`, `FT.py`, `GA.py`, `RL.py`.
+    """
+    seeds = [int(s) for s in seeds]
+    num_members = int(states.step.shape[0])
+    if len(seeds) != num_members:
+        raise ValueError(f"{len(seeds)} seeds for a population of {num_members}")
+    if method_name == "SalUn" and mask is None:
+        raise ValueError("SalUn needs a saliency mask (salun_jax.salun_mask)")
+    loss_fn, phases = _method_loss(method_name, task, config)
+    for ix in phases:
+        warn_if_padded(len(ix), config.batch_size)
+    steps = steps_per_epoch(phases, config.batch_size)
+    rates = _learning_rates(learning_rates, config.learning_rate, num_members)
+    masks = None if mask is None else _member_masks(mask, states.params, num_members)
+
+    def tx_fn(lr, member_mask):
+        return population_sgd(
+            lr,
+            config.momentum,
+            config.weight_decay,
+            config.milestones,
+            config.gamma,
+            steps,
+            member_mask,
+            config.mask_mode,
+        )
+
+    state = states.replace(
+        step=jnp.zeros(num_members, jnp.int32),
+        opt_state=_init_opt_states(states.params, masks, rates, tx_fn),
+        extra=None,
+        ema_params=None,
+    )
+    step_fn = make_step(
+        _single_device_keys(loss_fn), axis_name=None, update_batch_stats=config.update_batch_stats
+    )
+    return run_population(
+        state,
+        step_fn,
+        tx_fn,
+        task.data(),
+        phases,
+        batch_size=config.batch_size,
+        num_epochs=config.epochs,
+        keys=jnp.stack([jax.random.key(s) for s in seeds]),
+        order_seed=unlearning_order_seed(seeds[0]) if order_seed is None else int(order_seed),
+        masks=masks,
+        strategy=strategy,
+        progress=progress,
+        desc=method_name,
+    )
+
+
+def population_logits(
+    states: TrainState,
+    images: np.ndarray,
+    *,
+    batch_size: int = 512,
+    strategy: str = "auto",
+) -> np.ndarray:
+    """Eval-mode logits of every member, [N, n, K] float32 (images uint8 [n, H, W, C])."""
+    apply_fn = states.apply_fn
+
+    def member_logits(params, batch_stats, batch):
+        variables = {"params": params, "batch_stats": batch_stats}
+        return apply_fn(variables, batch.astype(jnp.float32) / 255.0, train=False)
+
+    @jax.jit
+    def logits_fn(params, batch_stats, batch):
+        return map_members(lambda p, s: member_logits(p, s, batch), strategy, params, batch_stats)
+
+    images = np.asarray(images)
+    outs = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        padded = np.zeros((batch_size, *images.shape[1:]), images.dtype)
+        padded[: len(chunk)] = chunk  # one shape, one compile
+        outs.append(
+            np.asarray(logits_fn(states.params, states.batch_stats, padded))[:, : len(chunk)]
+        )
+    return np.concatenate(outs, axis=1)
+
+
+def population_salun_masks(
+    states: TrainState,
+    task: UnlearnTask,
+    fraction: float = 0.5,
+    *,
+    batch_size: int = 256,
+    crop_padding: int = 4,
+    flip: bool = True,
+    seed: int = 0,
+    strategy: str = "auto",
+) -> PyTree:
+    """SalUn's 0/1 mask of every member (leaves [N, ...]), in one compiled program.
+
+    Member i's mask equals `saliency.salun_mask(member(states, i), task, fraction, ...)` with the
+    same batch size, augmentation and seed: the same shuffled forget batches for all members,
+    batch b augmented with fold_in(key(seed), b).
+
+    References: SalUn Eq. 3; upstream `generate_mask.py`.
+    """
+    batches = gather_batches(
+        {"image": task.images, "label": task.labels},
+        task.forget,
+        batch_size,
+        np.random.default_rng(seed),
+    )
+    key = jax.random.key(seed)
+    apply_fn = states.apply_fn
+
+    @jax.jit
+    def scores_fn(params, batch_stats, batches):
+        def member_scores(member_params, member_batch_stats):
+            loss_fn = classification_forget_loss(apply_fn, member_batch_stats, crop_padding, flip)
+
+            def body(total, indexed):
+                index, batch = indexed
+                grads = jax.grad(loss_fn)(member_params, batch, jax.random.fold_in(key, index))
+                return jax.tree.map(jnp.add, total, grads), None
+
+            num_batches = batches["weight"].shape[0]
+            zeros = jax.tree.map(jnp.zeros_like, member_params)
+            total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_batches), batches))
+            return jax.tree.map(jnp.abs, total)
+
+        return map_members(member_scores, strategy, params, batch_stats)
+
+    scores = jax.device_get(scores_fn(states.params, states.batch_stats, batches))
+    num_members = int(states.step.shape[0])
+    return stack([mask_from_scores(member(scores, i), fraction) for i in range(num_members)])
