@@ -69,7 +69,7 @@ def test_small_model_learns_digits_without_retracing(digits):
     acc = model_accuracy(
         make_predict_fn(model.apply), state.variables, digits.test_images, digits.test_labels
     )
-    assert acc > 80.0, acc  # chance is 10%
+    assert acc > 70.0, acc  # chance is 10%
     assert int(state.step) == 8 * 15  # 1437 examples / 100 -> 15 steps (last one padded)
 
 

@@ -25,7 +25,7 @@ _COMMON = textwrap.dedent("""
 
     class MLP(nn.Module):
         @nn.compact
-        def __call__(self, x, train=False):
+        def __call__(self, x, train=False, batch_mask=None):
             x = x.reshape(x.shape[0], -1)
             return nn.Dense(10)(nn.relu(nn.Dense(32)(x)))
 
