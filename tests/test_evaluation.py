@@ -450,6 +450,9 @@ def test_evaluate_unlearning_with_shadow_seed_and_loss_mia():
     assert evaluate_unlearning(*args, shadow_seed=5, loss_mia=True) == first  # reproducible
     plain = evaluate_unlearning(*args)
     assert {k: first[k] for k in ("UA", "RA", "TA")} == {k: plain[k] for k in ("UA", "RA", "TA")}
+    both = evaluate_unlearning(*args, shadow_seed=5, also_first_n=True)
+    assert both["MIA"] == first["MIA"]  # the stratified MIA, unchanged
+    assert both["MIA_first_n"] == plain["MIA"]  # upstream's sets, on the same model
 
 
 def test_loss_mia_separable_and_identical():

@@ -83,6 +83,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.sweep_fractions = ()
     config.mia_kinds = ("confidence",)
     config.mia_shadow = "stratified"  # or "first_n": upstream's first n retain / test samples
+    # Also report the first-n MIA on the same models ("MIA_first_n"): the class-skew bias of
+    # upstream's shadow sets on this class-sorted zip, before vs after the fix.
+    config.mia_report_first_n = True
     if variant == "tiny":
         return tiny_variant(config)
     if variant:

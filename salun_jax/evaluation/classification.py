@@ -72,6 +72,7 @@ def evaluate_unlearning(
     m_entropy: str = "fixed",
     shadow_seed: int | None = None,
     loss_mia: bool = False,
+    also_first_n: bool = False,
 ) -> dict[str, Any]:
     """The paper's metrics, in percent.
 
@@ -86,6 +87,8 @@ def evaluate_unlearning(
         seed; pass the split seed so that every method of a seed sees the same shadow sets.
       loss_mia: also run the challenge starting kit's loss-threshold attack (`mia.loss_mia`, forget
         vs test cross-entropy, seeded with `shadow_seed` or 0).
+      also_first_n: with a `shadow_seed`, also report "MIA_first_n", the confidence MIA with
+        upstream's first-n shadow sets on the same model (the class-skew bias, before vs after).
 
     Returns:
       {"UA", "RA", "TA", "MIA"} floats, plus "MIA_all" {kind: percent} for `mia_kinds`;
@@ -98,24 +101,29 @@ def evaluate_unlearning(
     retain_logits = predict(predict_fn, variables, train_images[split.retain])
     test_logits = predict(predict_fn, variables, test_x)
     retain_y = train_labels[split.retain]
+
+    def confidence_mia(member, nonmember, kinds):
+        return svc_mia(
+            from_logits(retain_logits[member]),
+            retain_y[member],
+            from_logits(test_logits[nonmember]),
+            test_y[nonmember],
+            from_logits(forget_logits),
+            train_labels[split.forget],
+            kinds=kinds,
+            m_entropy=m_entropy,
+        )
+
+    # Upstream's shadow sets: the first |test| retain samples vs the whole test set (balanced,
+    # since retain is larger there). When retain is the smaller set, both sides take the first
+    # n = |retain|, so the SVC's classes stay balanced (an imbalanced SVC predicts the majority
+    # everywhere).
+    first_n = np.arange(min(len(split.test), len(split.retain)))
     if shadow_seed is None:
-        # Upstream: the first |test| retain samples vs the whole test set (balanced, since retain
-        # is larger there). When retain is the smaller set, both sides take the first n = |retain|,
-        # so the SVC's classes stay balanced (an imbalanced SVC predicts the majority everywhere).
-        n = min(len(split.test), len(split.retain))
-        member, nonmember = np.arange(n), np.arange(n)
+        member, nonmember = first_n, first_n
     else:
         member, nonmember = stratified_shadow_indices(retain_y, test_y, shadow_seed)
-    mia = svc_mia(
-        from_logits(retain_logits[member]),
-        retain_y[member],
-        from_logits(test_logits[nonmember]),
-        test_y[nonmember],
-        from_logits(forget_logits),
-        train_labels[split.forget],
-        kinds=tuple(mia_kinds),
-        m_entropy=m_entropy,
-    )
+    mia = confidence_mia(member, nonmember, tuple(mia_kinds))
     metrics = {
         "UA": 100.0 - accuracy(forget_logits, train_labels[split.forget]),
         "RA": accuracy(retain_logits, train_labels[split.retain]),
@@ -125,6 +133,10 @@ def evaluate_unlearning(
     }
     if shadow_seed is not None:
         metrics["shadow_seed"] = int(shadow_seed)
+        if also_first_n:
+            metrics["MIA_first_n"] = (
+                100.0 * confidence_mia(first_n, first_n, ("confidence",))["confidence"]
+            )
     if loss_mia:
         forget_losses = _cross_entropy(forget_logits, train_labels[split.forget])
         test_losses = _cross_entropy(test_logits, test_y)

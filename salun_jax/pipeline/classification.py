@@ -202,6 +202,7 @@ def _train_and_evaluate(
             mia_kinds=tuple(config.mia_kinds),
             shadow_seed=shadow_seed(seed),
             loss_mia=True,
+            also_first_n=config.get("mia_report_first_n", False),
         )
 
     def record(method, seed, metrics, split, **extra):
