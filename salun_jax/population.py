@@ -74,11 +74,12 @@ class PopulationOutput(NamedTuple):
 
 
 def resolve_strategy(strategy: str) -> str:
-    """ "auto" -> "map" on CPU, "vmap" on accelerators; raises ValueError for unknown names."""
+    """ "auto" -> "vmap" (measured fastest on CPU too, module docstring); raises ValueError for
+    unknown names."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     if strategy == "auto":
-        return "map" if jax.default_backend() == "cpu" else "vmap"
+        return "vmap"
     return strategy
 
 
@@ -171,6 +172,7 @@ def run_population(
     strategy: str = "auto",
     progress: bool = False,
     desc: str = "population",
+    epoch_end_fn: Callable[[int, TrainState], None] | None = None,
 ) -> PopulationOutput:
     """Runs `num_epochs` epochs of `step_fn` on every member, batches shared.
 
@@ -191,6 +193,8 @@ def run_population(
       strategy: "auto", "vmap" or "map".
       progress: log each epoch.
       desc: the run's name in the log.
+      epoch_end_fn: called as fn(epoch, state) after each epoch (1-based), e.g. to evaluate the
+        members at several epoch counts of one run (`salun_jax.tuning`).
 
     Returns:
       A `PopulationOutput`.
@@ -244,6 +248,8 @@ def run_population(
         history.append(record)
         if progress:
             print(f"{desc} epoch {epoch + 1}/{num_epochs}: {record['seconds']:.1f} s", flush=True)
+        if epoch_end_fn is not None:
+            epoch_end_fn(epoch + 1, state)
     return PopulationOutput(state, history, compile_seconds, run_seconds)
 
 
@@ -369,6 +375,7 @@ def population_unlearn(
     order_seed: int | None = None,
     strategy: str = "auto",
     progress: bool = False,
+    epoch_end_fn: Callable[[int, TrainState], None] | None = None,
 ) -> PopulationOutput:
     """Unlearns every member of a population with an SGD method (FT, GA, RL, l1-sparse, SalUn).
 
@@ -388,6 +395,7 @@ def population_unlearn(
         order of member 0's single run).
       strategy: "auto", "vmap" or "map".
       progress: log each epoch.
+      epoch_end_fn: as `run_population`.
 
     Returns:
       A `PopulationOutput`.
@@ -445,6 +453,7 @@ def population_unlearn(
         strategy=strategy,
         progress=progress,
         desc=method_name,
+        epoch_end_fn=epoch_end_fn,
     )
 
 

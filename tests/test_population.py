@@ -160,6 +160,7 @@ def test_population_logits_shape_and_strategy(setup, originals):
 def test_unknown_strategy_and_method(setup, originals):
     with pytest.raises(ValueError, match="strategy"):
         population.resolve_strategy("pmap")
+    assert population.resolve_strategy("auto") == "vmap"  # measured fastest (module docstring)
     with pytest.raises(ValueError, match="no population version"):
         population.population_unlearn("IU", originals, setup[-1], UnlearnConfig(), SEEDS)
     with pytest.raises(ValueError, match="mask"):

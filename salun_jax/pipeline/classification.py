@@ -19,7 +19,7 @@ import time
 import jax
 import ml_collections
 
-from salun_jax import report, saliency
+from salun_jax import report, saliency, tuning
 from salun_jax.evaluation.classification import (
     evaluate_unlearning,
     make_predict_fn,
@@ -42,6 +42,7 @@ from salun_jax.pipeline.common import (
     write_results,
     write_text,
 )
+from salun_jax.pipeline.tuning import chosen_table, tuning_grids, tuning_hash
 from salun_jax.pipeline.workdir import locked
 from salun_jax.provenance import code_version
 from salun_jax.train import TrainConfig, train_classifier
@@ -68,6 +69,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
             raise UserError(f"mask fraction must be in (0, 1], got {fraction}")
     if config.get("mia_shadow", "stratified") not in MIA_SHADOWS:
         raise UserError(f"mia_shadow must be one of {MIA_SHADOWS}, got {config.mia_shadow!r}")
+    tuning_grids(config)
 
 
 def scenario_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -160,6 +162,8 @@ def _train_and_evaluate(
     images, labels = dataset.train_images, dataset.train_labels
     results_path = os.path.join(workdir, "results.json")
     results = load_results(results_path, {"runs": [], "sweep": {}, "masks": {}})
+    grids = tuning_grids(config)
+    strategy = config.tuning.get("strategy", "auto") if grids else "auto"
     results["config"] = config.to_dict()
     hashes = {
         m: config_hash(c, config.mask.fraction if m in MASKED_METHODS else None)
@@ -189,6 +193,18 @@ def _train_and_evaluate(
         r for r in results["runs"] if r["metrics"].get("shadow_seed") == shadow_seed(r["seed"])
     ]
     done = {(r["method"], r["seed"]) for r in results["runs"]}
+    # Tuned rows: kept only if their grid, method config and split are unchanged.
+    tuned_hashes = {m: tuning_hash(grid, method_configs[m], strategy) for m, grid in grids.items()}
+    results["tuned_runs"] = [
+        r
+        for r in results.get("tuned_runs", [])
+        if r["method"] in grids and r.get("config_hash") == tuned_hashes[r["method"]]
+    ]
+    tuned_done = {(r["method"], r["seed"]) for r in results["tuned_runs"]}
+    results["tuning"] = {
+        seed: {m: v for m, v in entry.items() if m == "Retrain" or (m, int(seed)) in tuned_done}
+        for seed, entry in results.get("tuning", {}).items()
+    }
 
     def evaluate(variables, split, seed, fn=predict_fn):
         return evaluate_unlearning(
@@ -340,6 +356,56 @@ def _train_and_evaluate(
             metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
             record(method, seed, metrics, split, history=output.history)
 
+        # Fair tuning: every tunable method's grid as one population, selected on validation
+        # against this seed's Retrain (salun_jax.tuning), then evaluated on the test set.
+        pending = [m for m in grids if (m, seed) not in tuned_done]
+        if pending:
+            retrain_state = run_method(
+                "Retrain",
+                seed,
+                task,
+                None,
+                None,
+                None,
+                workdir=os.path.join(seed_dir, f"retrain_{hashes['Retrain']}"),
+            ).state  # restored from its checkpoint when it already ran
+            val_split = tuning.validation_split(split, labels, dataset.test_labels)
+            reference = tuning.validation_metrics(
+                predict_fn, retrain_state.variables, task, val_split, seed
+            )
+            seed_tuning = results["tuning"].setdefault(str(seed), {})
+            seed_tuning["Retrain"] = reference
+            for method in pending:
+                start = time.perf_counter()  # the whole grid: the tuned row's run time
+                summary, variables = tuning.tune_method(
+                    method,
+                    original,
+                    task,
+                    method_configs[method],
+                    grids[method],
+                    reference,
+                    predict_fn,
+                    val_split,
+                    seed=seed,
+                    mask_scores=scores,
+                    strategy=strategy,
+                )
+                seconds = time.perf_counter() - start
+                seed_tuning[method] = {**summary, "seconds": seconds}
+                results["tuned_runs"].append(
+                    {
+                        "method": method,
+                        "seed": seed,
+                        "split_hash": split.hash,
+                        "config_hash": tuned_hashes[method],
+                        "code": code_version(),
+                        "metrics": {**evaluate(variables, split, seed), "run_time_s": seconds},
+                        "chosen": summary["chosen"],
+                    }
+                )
+                write_results(results_path, results)
+                logging.info("seed %d %s tuned: %s", seed, method, summary["chosen"])
+
         # Mask-fraction sweep of SalUn (first seed only).
         key = str(seed)
         if config.sweep_fractions and seed == config.seeds[0] and key not in results["sweep"]:
@@ -381,8 +447,25 @@ def _train_and_evaluate(
         f"seeds {list(config.seeds)}; mean±std (|gap| to Retrain); RTE in seconds\n\n"
         + report.code_versions_note(runs)
     )
-    write_text(os.path.join(workdir, "results.md"), header + table + "\n")
-    return header + table
+    text = header + table
+    tuned = [r for r in results["tuned_runs"] if r["seed"] in config.seeds]
+    if tuned and reference is not None:
+        size = next(iter(grids.values())).size
+        retrain_runs = [r for r in runs if r["method"] == "Retrain"]
+        results["tuned_summary"] = report.summarize(
+            retrain_runs + tuned, reference_method=reference
+        )
+        text += (
+            f"\n\n### Tuned: {size} settings per method (learning rate x one knob), one "
+            "population each, selected on the validation split by Avg. Gap to Retrain (UA, RA, "
+            "validation accuracy, MIA); test metrics of the chosen models\n\n"
+            + report.markdown_table(results["tuned_summary"], reference_method=reference)
+            + "\n\nChosen settings:\n\n"
+            + chosen_table(results["tuning"])
+        )
+        write_results(results_path, results)
+    write_text(os.path.join(workdir, "results.md"), text + "\n")
+    return text
 
 
 def train_original(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -468,4 +551,9 @@ def tiny_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     config.methods.IU.woodfisher_samples = 20
     config.sweep_fractions = (0.2, 0.5) if config.sweep_fractions else ()
     config.mia_kinds = ("confidence",)
+    if config.get("tuning"):
+        # 2 learning rates x 1 knob value (epochs: 1), still the same budget for every method.
+        for grid in config.tuning.grids.values():
+            grid.learning_rates = tuple(grid.learning_rates)[:2]
+            grid.knob_values = tuple(min(v, 1) for v in grid.knob_values[:1])
     return config
