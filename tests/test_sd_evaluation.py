@@ -156,7 +156,13 @@ def saved_classifier(digits, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("classifier"))
     model = create_model("small_cnn", 10, digits.mean, digits.std, 0.25)
     config = TrainConfig(
-        model="small_cnn", width=0.25, epochs=2, batch_size=64, milestones=(), crop_padding=1
+        model="small_cnn",
+        width=0.25,
+        epochs=2,
+        batch_size=64,
+        milestones=(),
+        crop_padding=1,
+        flip=False,
     )
     indices = np.arange(len(digits.train_labels))
     state = train_classifier(
