@@ -122,15 +122,23 @@ class Checkpointer:
         self._manager.reload()
         return target
 
-    def restore_latest(self, template: PyTree) -> tuple[PyTree, dict, int] | None:
+    def restore_latest(
+        self, template: PyTree, move_aside: bool = True
+    ) -> tuple[PyTree, dict, int] | None:
         """Restores the newest checkpoint that verifies and reads back; a bad one is moved aside
         (with a warning naming where) and the previous one is tried.
 
         Args:
           template: a state with the right structure (values unused; only its shapes/dtypes).
+          move_aside: False for a reader that does not own the directory (e.g. an evaluation
+            loading someone's classifier with a template that may be wrong): a checkpoint that
+            fails is left in place and the failure raised.
 
         Returns:
           (state, meta, epoch), or None if there is no readable checkpoint.
+
+        Raises:
+          ValueError: with move_aside=False, the newest checkpoint fails (one line, naming it).
         """
         abstract = jax.eval_shape(lambda: template)
         for epoch in reversed(self.all_epochs()):
@@ -143,6 +151,11 @@ class Checkpointer:
                     ),
                 )
             except Exception as error:  # noqa: BLE001 - any read failure means "try the previous"
+                if not move_aside:
+                    raise ValueError(
+                        f"checkpoint {epoch} in {self.directory} could not be restored "
+                        f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]})"
+                    ) from error
                 target = self._move_aside(epoch)
                 message = (
                     f"checkpoint {epoch} in {self.directory} could not be restored "

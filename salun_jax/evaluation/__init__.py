@@ -1,5 +1,6 @@
-"""Evaluation of unlearning: predictions and UA/RA/TA, MIA-Efficacy (SVC attack), Avg. Gap, and
-the generation metrics of the DDPM (`generation`)."""
+"""Evaluation of unlearning: predictions and UA/RA/TA, MIA-Efficacy (SVC attack), Avg. Gap, the
+generation metrics of the DDPM (`generation`), and those of text-to-image models (`sd`: NudeNet
+counts, object UA by a saved classifier, Frechet distance in a network's features)."""
 
 from salun_jax.evaluation.classification import (
     evaluate_unlearning,
@@ -17,8 +18,40 @@ from salun_jax.evaluation.mia import (
     stratified_shadow_indices,
     svc_mia,
 )
+from salun_jax.evaluation.sd import (
+    DEFAULT_NUDITY_THRESHOLD,
+    NUDENET_EXPOSED_CLASSES,
+    NUDENET_NOTE,
+    Detection,
+    count_nudity_classes,
+    detect_nudity,
+    feature_frechet_distance,
+    load_classifier,
+    load_feature_statistics,
+    make_nudity_detector,
+    nudity_count_table,
+    nudity_table_markdown,
+    object_unlearning_metrics,
+    save_before_after_grid,
+    save_feature_statistics,
+)
 
 __all__ = [
+    "DEFAULT_NUDITY_THRESHOLD",
+    "NUDENET_EXPOSED_CLASSES",
+    "NUDENET_NOTE",
+    "Detection",
+    "count_nudity_classes",
+    "detect_nudity",
+    "feature_frechet_distance",
+    "load_classifier",
+    "load_feature_statistics",
+    "make_nudity_detector",
+    "nudity_count_table",
+    "nudity_table_markdown",
+    "object_unlearning_metrics",
+    "save_before_after_grid",
+    "save_feature_statistics",
     "FEATURE_KINDS",
     "METRIC_KEYS",
     "accuracy",
