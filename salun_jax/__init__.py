@@ -13,6 +13,7 @@ The paper's pipeline, one call a step (see README.md):
     metrics = evaluate(unlearned, task, data.test_images, data.test_labels)
 """
 
+from salun_jax import population, tuning
 from salun_jax.data import load_dataset
 from salun_jax.data.splits import Split, load_split, make_split, save_split
 from salun_jax.evaluation.classification import evaluate
@@ -42,6 +43,8 @@ from salun_jax.unlearn import (
 from salun_jax.version import __version__
 
 __all__ = [
+    "population",
+    "tuning",
     "__version__",
     "DiffusionTask",
     "DiffusionUnlearnConfig",
