@@ -55,12 +55,13 @@ from salun_jax.saliency import mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
 from salun_jax.train import TrainConfig
 from salun_jax.types import PyTree
+from salun_jax.unlearn.boundary import boundary_shrink_loss
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask, steps_per_epoch
 from salun_jax.unlearn.finetune import l1_schedule
-from salun_jax.unlearn.relabel import _phases, _relabel_loss
+from salun_jax.unlearn.relabel import _phases, _relabel_loss, soft_threshold_hooks
 
 STRATEGIES = ("auto", "vmap", "map", "unroll")
-POPULATION_METHODS = ("FT", "GA", "RL", "l1-sparse", "SalUn")
+POPULATION_METHODS = ("FT", "GA", "RL", "l1-sparse", "BS", "SalUn", "SalUn-soft")
 
 
 class PopulationOutput(NamedTuple):
@@ -173,6 +174,7 @@ def run_population(
     progress: bool = False,
     desc: str = "population",
     epoch_end_fn: Callable[[int, TrainState], None] | None = None,
+    epoch_start_fn: Callable[[TrainState, int], TrainState] | None = None,
 ) -> PopulationOutput:
     """Runs `num_epochs` epochs of `step_fn` on every member, batches shared.
 
@@ -195,6 +197,8 @@ def run_population(
       desc: the run's name in the log.
       epoch_end_fn: called as fn(epoch, state) after each epoch (1-based), e.g. to evaluate the
         members at several epoch counts of one run (`salun_jax.tuning`).
+      epoch_start_fn: (state, epoch) -> state before each epoch (0-based), on the whole
+        population (e.g. SalUn-soft's snapshot of the params into `extra`).
 
     Returns:
       A `PopulationOutput`.
@@ -221,6 +225,8 @@ def run_population(
     data = {name: jnp.asarray(values) for name, values in data.items()}
     compiled, compile_seconds, run_seconds, history = None, 0.0, 0.0, []
     for epoch in range(num_epochs):
+        if epoch_start_fn is not None:
+            state = epoch_start_fn(state, epoch)
         np_rng = np.random.default_rng([order_seed, epoch])
         batches = [epoch_batches(ix, batch_size, np_rng, 1) for ix in phases if len(ix)]
         indices = np.concatenate([b[0] for b in batches])[:, 0]  # [S, B]
@@ -326,24 +332,50 @@ def population_train_classifier(
     )
 
 
-def _method_loss(
-    method: str, task: UnlearnTask, config: UnlearnConfig
-) -> tuple[LossFn, list[np.ndarray]]:
-    """The loss and index phases of an SGD method, built as in `salun_jax.unlearn`."""
+class _MethodPieces(NamedTuple):
+    loss_fn: LossFn
+    phases: list[np.ndarray]
+    extra_fn: Callable[[TrainState], PyTree] = lambda state: None  # the state's `extra` at start
+    post_update_fn: Callable | None = None
+    epoch_start_fn: Callable | None = None
+
+
+def _method_pieces(
+    method: str, task: UnlearnTask, config: UnlearnConfig, num_params: int
+) -> _MethodPieces:
+    """The loss, index phases and hooks of an SGD method, built as in `salun_jax.unlearn`
+    (`num_params`: one member's parameter count)."""
     augment = {"crop_padding": config.crop_padding, "flip": config.flip}
     if method == "FT":
-        return classification_loss(**augment), [task.retain]
+        return _MethodPieces(classification_loss(**augment), [task.retain])
     if method == "GA":
-        return classification_loss(example_loss_fn=negative_cross_entropy, **augment), [task.forget]
+        loss_fn = classification_loss(example_loss_fn=negative_cross_entropy, **augment)
+        return _MethodPieces(loss_fn, [task.forget])
     if method == "l1-sparse":
         coefficient = l1_schedule(config, steps_per_epoch([task.retain], config.batch_size))
 
         def penalty(params, step):
             return coefficient(step) * sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params))
 
-        return classification_loss(penalty_fn=penalty, **augment), [task.retain]
+        return _MethodPieces(classification_loss(penalty_fn=penalty, **augment), [task.retain])
     if method in ("RL", "SalUn"):
-        return _relabel_loss(task, config), _phases(task, config.rl_variant)
+        return _MethodPieces(_relabel_loss(task, config), _phases(task, config.rl_variant))
+    if method == "BS":  # each member's own original, frozen in `extra`
+        return _MethodPieces(
+            boundary_shrink_loss(config), [task.forget], extra_fn=lambda state: state.variables
+        )
+    if method == "SalUn-soft":
+        phases = _phases(task, "concat")
+        post_update, epoch_start = soft_threshold_hooks(
+            config, steps_per_epoch(phases, config.batch_size), num_params
+        )
+        return _MethodPieces(
+            _relabel_loss(task, config),
+            phases,
+            extra_fn=lambda state: state.params,
+            post_update_fn=post_update,
+            epoch_start_fn=epoch_start,
+        )
     raise ValueError(f"no population version of {method!r}; known: {', '.join(POPULATION_METHODS)}")
 
 
@@ -377,7 +409,8 @@ def population_unlearn(
     progress: bool = False,
     epoch_end_fn: Callable[[int, TrainState], None] | None = None,
 ) -> PopulationOutput:
-    """Unlearns every member of a population with an SGD method (FT, GA, RL, l1-sparse, SalUn).
+    """Unlearns every member of a population with an SGD method (`POPULATION_METHODS`: FT, GA,
+    RL, l1-sparse, BS, SalUn, SalUn-soft; IU is not SGD and BE changes the head).
 
     Member i equals `get_method(method_name)(member(states, i), task, config,
     jax.random.key(seeds[i]), mask=<its mask>, order_seed=order_seed)` up to float rounding.
@@ -411,7 +444,11 @@ def population_unlearn(
         raise ValueError(f"{len(seeds)} seeds for a population of {num_members}")
     if method_name == "SalUn" and mask is None:
         raise ValueError("SalUn needs a saliency mask (salun_jax.salun_mask)")
-    loss_fn, phases = _method_loss(method_name, task, config)
+    if method_name == "SalUn-soft" and mask is not None:
+        raise ValueError("SalUn-soft does not take a mask (its soft threshold replaces it)")
+    num_params = sum(x[0].size for x in jax.tree.leaves(states.params))
+    pieces = _method_pieces(method_name, task, config, num_params)
+    phases = pieces.phases
     for ix in phases:
         warn_if_padded(len(ix), config.batch_size)
     steps = steps_per_epoch(phases, config.batch_size)
@@ -433,11 +470,14 @@ def population_unlearn(
     state = states.replace(
         step=jnp.zeros(num_members, jnp.int32),
         opt_state=_init_opt_states(states.params, masks, rates, tx_fn),
-        extra=None,
+        extra=pieces.extra_fn(states),
         ema_params=None,
     )
     step_fn = make_step(
-        _single_device_keys(loss_fn), axis_name=None, update_batch_stats=config.update_batch_stats
+        _single_device_keys(pieces.loss_fn),
+        axis_name=None,
+        update_batch_stats=config.update_batch_stats,
+        post_update_fn=pieces.post_update_fn,
     )
     return run_population(
         state,
@@ -454,6 +494,7 @@ def population_unlearn(
         progress=progress,
         desc=method_name,
         epoch_end_fn=epoch_end_fn,
+        epoch_start_fn=pieces.epoch_start_fn,
     )
 
 

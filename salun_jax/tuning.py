@@ -3,14 +3,15 @@ population, and is selected on a validation split against Retrain (never on the 
 
 The protocol, per method and seed:
   1. A grid of `learning_rates` x one other key knob (`KNOBS`: the number of epochs, the l1
-     coefficient or SalUn's mask fraction). Every method's grid has the same number of points:
-     the budget (`check_budget`).
+     coefficient, SalUn's mask fraction or SalUn-soft's soft-mask ratio). Every method's grid
+     has the same number of points: the budget (`check_budget`).
   2. The learning rates are the members of one population (`population.population_unlearn`,
      per-member learning rates in the optimizer state, one compile). The knob is covered by
      evaluating the members after each epoch count in the grid (epochs: one run of the largest
      count; the learning rate is constant over these short runs, so the model after e epochs IS
      the e-epoch run), by per-member masks (mask fraction: lr x fraction members), or by one
-     population per value (any other field of `UnlearnConfig`, e.g. `l1_coefficient`).
+     population per value (any other field of `UnlearnConfig`: `l1_coefficient`, `soft_mask_ratio`;
+     both shape the whole run's schedule, so epoch snapshots would not be the shorter runs).
   3. Each setting is scored on the VALIDATION split, the train images held out of training
      (`Split.val`, restricted to the classes of the test split, so class-wise runs drop the
      forgotten class as TA does): UA and RA as usual, VA (validation accuracy, in TA's place) and
@@ -47,7 +48,9 @@ KNOBS = {
     "GA": "epochs",
     "RL": "epochs",
     "l1-sparse": "l1_coefficient",
+    "BS": "epochs",
     "SalUn": "mask_fraction",
+    "SalUn-soft": "soft_mask_ratio",
 }
 SELECTION_KEYS = ("UA", "RA", "VA", "MIA")
 

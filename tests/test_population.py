@@ -102,7 +102,15 @@ def originals(setup):
 
 @pytest.mark.parametrize(
     "method,strategy",
-    [("FT", "map"), ("GA", "map"), ("RL", "vmap"), ("l1-sparse", "map"), ("SalUn", "map")],
+    [
+        ("FT", "map"),
+        ("GA", "map"),
+        ("RL", "vmap"),
+        ("l1-sparse", "map"),
+        ("SalUn", "map"),
+        ("BS", "vmap"),
+        ("SalUn-soft", "vmap"),
+    ],
 )
 def test_unlearn_population_matches_single_runs(setup, originals, method, strategy):
     *_, task = setup

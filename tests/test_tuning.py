@@ -47,7 +47,8 @@ def test_grid_budget_and_errors():
 def test_config_grids_share_one_budget():
     config = _config("tuned")
     grids = tuning_grids(config)
-    assert list(grids) == ["FT", "GA", "RL", "l1-sparse", "SalUn"]  # run_methods order
+    # run_methods order; IU and BE have no population version
+    assert list(grids) == ["FT", "GA", "RL", "l1-sparse", "BS", "SalUn", "SalUn-soft"]
     assert {g.size for g in grids.values()} == {12}
     assert tuning_grids(_config("")) == {}  # off by default: the main job does not tune
     config.tuning.grids.FT.learning_rates = (0.01,)

@@ -102,7 +102,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.mia_shadow = "stratified"
     # Fair tuning (variant "tuned", or --config.tuning.enabled=True): every tunable method gets
     # the same budget, 4 learning rates x 3 values of its one other knob (salun_jax.tuning.KNOBS:
-    # epochs, l1 coefficient or mask fraction) = 12 settings, trained as one population per
+    # epochs, l1 coefficient, mask fraction or soft-mask ratio) = 12 settings, trained as one population per
     # method and selected on the validation split against Retrain; the tuned table is printed
     # beside the default one. Learning rates: the default's 0.5x, 1x, 2x and 4x.
     config.tuning = dict(
@@ -115,7 +115,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             "l1-sparse": dict(
                 learning_rates=(0.01, 0.02, 0.04, 0.08), knob_values=(1e-4, 5e-4, 2e-3)
             ),
+            "BS": dict(learning_rates=(2.5e-4, 5e-4, 1e-3, 2e-3), knob_values=(2, 5, 10)),
             "SalUn": dict(learning_rates=(0.0025, 0.005, 0.01, 0.02), knob_values=(0.3, 0.5, 0.7)),
+            "SalUn-soft": dict(
+                learning_rates=(0.005, 0.01, 0.02, 0.04), knob_values=(0.3, 0.5, 0.7)
+            ),
         },
     )
     if variant == "tiny":

@@ -31,11 +31,9 @@ def fgsm_neighbour_labels(apply_fn, original_variables, images, labels, bound: f
     return jnp.argmax(apply_fn(original_variables, adversarial, train=False), axis=-1)
 
 
-def boundary_shrink(
-    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
-) -> UnlearnOutput:
-    """BS: on D_f only, train the model to predict the label the frozen original gives an FGSM
-    neighbour of each (augmented) forget image."""
+def boundary_shrink_loss(config: UnlearnConfig):
+    """BS's loss: CE towards the label the frozen original (the state's `extra` variables) gives
+    an FGSM neighbour of each (augmented) forget image."""
 
     def neighbour_labels(rng, images, labels, batch, state):
         del rng, batch
@@ -45,15 +43,22 @@ def boundary_shrink(
             )
         )
 
-    loss_fn = classification_loss(
+    return classification_loss(
         crop_padding=config.crop_padding, flip=config.flip, label_fn=neighbour_labels
     )
+
+
+def boundary_shrink(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
+) -> UnlearnOutput:
+    """BS: on D_f only, train the model to predict the label the frozen original gives an FGSM
+    neighbour of each (augmented) forget image."""
     output = run_unlearning_sgd(
         state.replace(extra=state.variables),
         task,
         config,
         rng,
-        loss_fn,
+        boundary_shrink_loss(config),
         [task.forget],
         mask=mask,
         desc="BS",

@@ -81,19 +81,11 @@ def soft_threshold(params, anchor, threshold):
     return jax.tree.map(leaf, params, anchor)
 
 
-def salun_soft(
-    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
-) -> UnlearnOutput:
-    """SalUn-soft: RL (concat variant, as upstream) + after every step a soft-thresholding of the
-    change since the start of the epoch. The threshold is the `ratio`-th smallest |change|, with
-    ratio = int(soft_mask_ratio * (total - (epoch * steps_per_epoch + 1)) / total * P), constant
-    within an epoch (the CIFAR-10 branch upstream). It takes no hard mask."""
-    if mask is not None:
-        raise ValueError("SalUn-soft does not take a mask (its soft threshold replaces it)")
-    phases = _phases(task, "concat")
-    steps = steps_per_epoch(phases, config.batch_size)
+def soft_threshold_hooks(config: UnlearnConfig, steps: int, num_params: int):
+    """SalUn-soft's (post-update, epoch-start) hooks: after each step, soft-threshold the change
+    since the epoch's start (held in `state.extra`) at the `ratio`-th smallest |change|; at each
+    epoch's start, snapshot the params into `extra`. Shared by `salun_soft` and populations."""
     total_steps = config.epochs * steps
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
 
     def post_update(new_state: TrainState) -> TrainState:
         epoch = (new_state.step - 1) // steps
@@ -114,9 +106,27 @@ def salun_soft(
         return new_state.replace(params=soft_threshold(new_state.params, anchor, threshold))
 
     def epoch_start(state_r: TrainState, epoch: int) -> TrainState:
+        del epoch
         # Snapshot taken at each epoch's start; a copy, since the step donates the state.
         return state_r.replace(extra=jax.tree.map(jnp.copy, state_r.params))
 
+    return post_update, epoch_start
+
+
+def salun_soft(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
+) -> UnlearnOutput:
+    """SalUn-soft: RL (concat variant, as upstream) + after every step a soft-thresholding of the
+    change since the start of the epoch. The threshold is the `ratio`-th smallest |change|, with
+    ratio = int(soft_mask_ratio * (total - (epoch * steps_per_epoch + 1)) / total * P), constant
+    within an epoch (the CIFAR-10 branch upstream). It takes no hard mask."""
+    if mask is not None:
+        raise ValueError("SalUn-soft does not take a mask (its soft threshold replaces it)")
+    phases = _phases(task, "concat")
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    post_update, epoch_start = soft_threshold_hooks(
+        config, steps_per_epoch(phases, config.batch_size), num_params
+    )
     output = run_unlearning_sgd(
         state.replace(extra=state.params),
         task,
