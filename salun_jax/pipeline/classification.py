@@ -284,16 +284,9 @@ def _train_and_evaluate(
                 model_code=original_run.code,
             )
         task = UnlearnTask(model, images, labels, split, dataset.num_classes)
+        retrain_dir = os.path.join(seed_dir, f"retrain_{hashes['Retrain']}")
         if "Retrain" in config.run_methods and ("Retrain", seed) not in done:
-            output = run_method(
-                "Retrain",
-                seed,
-                task,
-                None,
-                None,
-                None,
-                workdir=os.path.join(seed_dir, f"retrain_{hashes['Retrain']}"),
-            )
+            output = run_method("Retrain", seed, task, None, None, None, workdir=retrain_dir)
             metrics = evaluate(output.state.variables, split, seed)
             metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
             record("Retrain", seed, metrics, split, model_code=output.code, history=output.history)
@@ -360,15 +353,10 @@ def _train_and_evaluate(
         # against this seed's Retrain (salun_jax.tuning), then evaluated on the test set.
         pending = [m for m in grids if (m, seed) not in tuned_done]
         if pending:
+            # Restored from its checkpoint when it already ran.
             retrain_state = run_method(
-                "Retrain",
-                seed,
-                task,
-                None,
-                None,
-                None,
-                workdir=os.path.join(seed_dir, f"retrain_{hashes['Retrain']}"),
-            ).state  # restored from its checkpoint when it already ran
+                "Retrain", seed, task, None, None, None, workdir=retrain_dir
+            ).state
             val_split = tuning.validation_split(split, labels, dataset.test_labels)
             reference = tuning.validation_metrics(
                 predict_fn, retrain_state.variables, task, val_split, seed
