@@ -51,6 +51,10 @@ def test_config_grids_share_one_budget():
     assert list(grids) == ["FT", "GA", "RL", "l1-sparse", "BS", "SalUn", "SalUn-soft"]
     assert {g.size for g in grids.values()} == {12}
     assert tuning_grids(_config("")) == {}  # off by default: the main job does not tune
+    config.run_methods = ("FT", "GA")
+    with pytest.raises(UserError, match="against Retrain"):
+        tuning_grids(config)
+    config.run_methods = ("Retrain", "FT", "GA")
     config.tuning.grids.FT.learning_rates = (0.01,)
     with pytest.raises(UserError, match="same size"):
         tuning_grids(config)

@@ -32,6 +32,8 @@ def tuning_grids(config: ml_collections.ConfigDict) -> dict[str, tuning.TuningGr
             grids[method] = tuning.make_grid(method, grid.learning_rates, grid.knob_values)
         except (ValueError, AttributeError) as error:
             raise UserError(f"tuning.grids.{method}: {error}") from error
+    if "Retrain" not in config.run_methods:
+        raise UserError("tuning selects against Retrain: add 'Retrain' to run_methods")
     unknown = sorted(set(spec.grids) - set(tuning.KNOBS))
     if unknown:
         raise UserError(f"no tuning protocol for {unknown}; tunable: {', '.join(tuning.KNOBS)}")
