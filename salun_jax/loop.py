@@ -66,9 +66,11 @@ def replicate(tree: PyTree) -> PyTree:
 
 def unreplicate(tree: PyTree) -> PyTree:
     """Device 0's copy, placed plainly on that device (no pmap mesh in its type, so jitted code
-    fed it and fresh arrays does not retrace)."""
+    fed it, fresh arrays or a restored checkpoint does not retrace)."""
+    # Through the host: a slice of a pmap output keeps the `batch` mesh in its type
+    # (jax 0.10), and so would a device-to-device copy.
     device = jax.local_devices()[0]
-    return jax.tree.map(lambda x: jax.device_put(x[0], device), tree)
+    return jax.device_put(jax.device_get(jax.tree.map(lambda x: x[0], tree)), device)
 
 
 def is_primary() -> bool:

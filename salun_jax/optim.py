@@ -235,11 +235,14 @@ def multistep_sgd(
       >>> state = a.init(params)
       >>> for _ in range(3):
       ...     updates, state = a.update({"w": jnp.zeros(2)}, state, params)
-      >>> float(state.hyperparams["learning_rate"])
+      >>> round(float(state.hyperparams["learning_rate"]), 6)  # a value of the state
       0.1
     """
     counts = collections.Counter(int(m) for m in milestones)
     boundaries = sorted((m * int(steps_per_epoch), gamma**count) for m, count in counts.items())
+    # No milestone: one that is never reached, scale 1 (v * 1 + 0 * v = v exactly), since
+    # checkpoints cannot hold empty arrays.
+    boundaries = boundaries or [(np.iinfo(np.int32).max, 1.0)]
     use_momentum = bool(momentum)
     inner = _injected_multistep_sgd(
         learning_rate,
