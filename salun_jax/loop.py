@@ -14,6 +14,7 @@ the step's collectives span all processes. Checkpoints are saved by all processe
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -128,8 +129,10 @@ def parallel_step(step: Callable) -> Callable:
 # Compiled pmapped steps of this process: (step, the arguments' tree structure, avals and
 # shardings) -> executable. A run whose step and argument types match an earlier one's (another
 # seed, method or learning rate: values live in the state) reuses its executable: no tracing,
-# no compilation, 0 s of compile time.
-_EXECUTABLES: dict[tuple, Callable] = {}
+# no compilation, 0 s of compile time. The least recently used are dropped past
+# _MAX_EXECUTABLES (a long process, e.g. a test session, builds many distinct steps).
+_EXECUTABLES: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+_MAX_EXECUTABLES = 64
 
 
 def _signature(tree: PyTree) -> tuple:
@@ -144,10 +147,13 @@ def compiled_step(step: Callable, *args) -> tuple[Callable, float]:
     key = (step, _signature(args))
     compiled = _EXECUTABLES.get(key)
     if compiled is not None:
+        _EXECUTABLES.move_to_end(key)
         return compiled, 0.0
     start = time.perf_counter()
     compiled = parallel_step(step).lower(*args).compile()
     _EXECUTABLES[key] = compiled
+    while len(_EXECUTABLES) > _MAX_EXECUTABLES:
+        _EXECUTABLES.popitem(last=False)
     return compiled, time.perf_counter() - start
 
 
