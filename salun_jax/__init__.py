@@ -19,7 +19,13 @@ from salun_jax.data.splits import Split, load_split, make_split, save_split
 from salun_jax.evaluation.classification import evaluate
 from salun_jax.loop import RunOutput, TrainingDivergedError, run
 from salun_jax.models import create_model
-from salun_jax.optim import make_adam, make_sgd, multistep_schedule, saliency_masked
+from salun_jax.optim import (
+    make_adam,
+    make_sgd,
+    multistep_schedule,
+    multistep_sgd,
+    saliency_masked,
+)
 from salun_jax.saliency import (
     gradient_saliency,
     load_mask,
@@ -72,6 +78,7 @@ __all__ = [
     "mask_stats",
     "mask_sweep",
     "multistep_schedule",
+    "multistep_sgd",
     "run",
     "saliency_masked",
     "salun_mask",

@@ -135,7 +135,8 @@ class Checkpointer:
             fails is left in place and the failure raised.
 
         Returns:
-          (state, meta, epoch), or None if there is no readable checkpoint.
+          (state, meta, epoch), or None if there is no readable checkpoint; the state's arrays
+          on this process's first device.
 
         Raises:
           ValueError: with move_aside=False, the newest checkpoint fails (one line, naming it).
@@ -165,7 +166,11 @@ class Checkpointer:
                 warnings.warn(message, stacklevel=2)
                 logging.warning(message)
                 continue
-            return restored.state, dict(restored.meta or {}), epoch
+            # Placed as a run's own output is (`loop.unreplicate`: committed to this process's
+            # first device), not as the numpy arrays orbax gives: jitted code fed a restored
+            # state then reuses what a trained one compiled.
+            state = jax.device_put(restored.state, jax.local_devices()[0])
+            return state, dict(restored.meta or {}), epoch
         return None
 
     def close(self) -> None:

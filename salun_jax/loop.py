@@ -14,6 +14,8 @@ the step's collectives span all processes. Checkpoints are saved by all processe
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import logging
 import os
@@ -65,9 +67,11 @@ def replicate(tree: PyTree) -> PyTree:
 
 def unreplicate(tree: PyTree) -> PyTree:
     """Device 0's copy, placed plainly on that device (no pmap mesh in its type, so jitted code
-    fed it and fresh arrays does not retrace)."""
+    fed it, fresh arrays or a restored checkpoint does not retrace)."""
+    # Through the host: a slice of a pmap output keeps the `batch` mesh in its type
+    # (jax 0.10), and so would a device-to-device copy.
     device = jax.local_devices()[0]
-    return jax.tree.map(lambda x: jax.device_put(x[0], device), tree)
+    return jax.device_put(jax.device_get(jax.tree.map(lambda x: x[0], tree)), device)
 
 
 def is_primary() -> bool:
@@ -108,6 +112,7 @@ def _gather(data: dict, indices, weights) -> dict:
     return batch
 
 
+@functools.cache
 def parallel_step(step: Callable) -> Callable:
     """pmaps a step built with `axis_name=AXIS`: (replicated state, replicated data, indices,
     weights, rng) -> (state, metrics), gathering each device's batch from its copy of the data."""
@@ -119,6 +124,37 @@ def parallel_step(step: Callable) -> Callable:
         in_axes=(0, 0, 0, 0, None),
         donate_argnums=(0,),
     )
+
+
+# Compiled pmapped steps of this process: (step, the arguments' tree structure, avals and
+# shardings) -> executable. A run whose step and argument types match an earlier one's (another
+# seed, method or learning rate: values live in the state) reuses its executable: no tracing,
+# no compilation, 0 s of compile time. The least recently used are dropped past
+# _MAX_EXECUTABLES (a long process, e.g. a test session, builds many distinct steps).
+_EXECUTABLES: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+_MAX_EXECUTABLES = 64
+
+
+def _signature(tree: PyTree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
+
+
+def compiled_step(step: Callable, *args) -> tuple[Callable, float]:
+    """The executable of `parallel_step(step)` for arguments like `args`, compiled ahead of time
+    on the first call with such arguments and reused after; returns it and the seconds spent
+    compiling now (0 on reuse)."""
+    key = (step, _signature(args))
+    compiled = _EXECUTABLES.get(key)
+    if compiled is not None:
+        _EXECUTABLES.move_to_end(key)
+        return compiled, 0.0
+    start = time.perf_counter()
+    compiled = parallel_step(step).lower(*args).compile()
+    _EXECUTABLES[key] = compiled
+    while len(_EXECUTABLES) > _MAX_EXECUTABLES:
+        _EXECUTABLES.popitem(last=False)
+    return compiled, time.perf_counter() - start
 
 
 @jax.pmap
@@ -172,8 +208,10 @@ def run(
 
     Epoch e draws its batches as `batches_fn(e, np.random.default_rng([seed, e]))` and its key as
     `fold_in(key, e)`, so a resumed run (same seed) ends with the same parameters as an
-    uninterrupted one. The step is compiled ahead of time; its seconds are reported apart
-    (with several processes it compiles on its first call, inside the first epoch's seconds).
+    uninterrupted one. The step is compiled ahead of time, once per process for each step and
+    argument types (`compiled_step`); its seconds are reported apart, 0 when an earlier run's
+    executable is reused (with several processes it compiles on its first call, inside the
+    first epoch's seconds).
 
     With a `workdir`, a checkpoint is saved every `checkpoint_every` epochs (and after the last)
     under `workdir/checkpoints`, then the saved epochs' records are appended to
@@ -230,7 +268,6 @@ def run(
     try:
         if start_epoch >= num_epochs:
             return RunOutput(state, history, compile_seconds, run_seconds, code)
-        p_step = parallel_step(step)
         state_r = replicate(state)
         data_r = replicate({name: np.asarray(values) for name, values in data.items()})
         compiled = None
@@ -243,11 +280,12 @@ def run(
                 # A multi-process pmap lowers for the global device count, and its AOT
                 # executable then rejects the local arrays: compile on the first call instead
                 # (its seconds count in the first epoch's run time, not in compile_seconds).
-                compiled = p_step
+                compiled = parallel_step(step)
             if compiled is None:
-                start = time.perf_counter()
-                compiled = p_step.lower(state_r, data_r, first, weights[0], epoch_key).compile()
-                compile_seconds += time.perf_counter() - start
+                compiled, seconds = compiled_step(
+                    step, state_r, data_r, first, weights[0], epoch_key
+                )
+                compile_seconds += seconds
             start = time.perf_counter()
             if epoch_start_fn is not None:
                 state_r = epoch_start_fn(state_r, epoch)

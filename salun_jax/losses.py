@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -71,6 +72,7 @@ def random_other_labels(rng: jax.Array, labels: jax.Array, num_classes: int) -> 
 # 1. Classification.
 
 
+@functools.cache
 def classification_loss(
     *,
     example_loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = softmax_cross_entropy,
@@ -93,6 +95,10 @@ def classification_loss(
       carries the per-example `accuracy` metric (against the labels the loss used) and the new
       BatchNorm statistics, taken over the real (weight > 0) examples only: the model's
       `__call__` takes `batch_mask` [B].
+
+    Cached: the same arguments give the same function object (so `make_step` and the loop reuse
+    its compiled step); pass hashable, long-lived `label_fn` / `penalty_fn` (module-level or
+    cached factories) whose values come from the state, not from closures.
     """
 
     def loss_fn(params, batch, rng, state):
@@ -127,6 +133,7 @@ def classification_loss(
     return loss_fn
 
 
+@functools.cache
 def relabel_forget_fn(num_classes: int, exclude_true_label: bool) -> Callable:
     """A `label_fn` giving forget examples (batch["forget"]) random labels, drawn per step.
 

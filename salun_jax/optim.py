@@ -8,11 +8,13 @@ References: upstream `Classification/unlearn/impl.py` (optimizer), `generate_mas
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from salun_jax.saliency import check_mask
@@ -23,6 +25,25 @@ MASK_MODES = ("hard", "paper")
 
 class SaliencyMaskState(NamedTuple):
     inner_state: optax.OptState
+    mask: PyTree = None  # the mask, a value of the state: steps with other masks share a compile
+
+
+class SharedTransform(optax.GradientTransformation):
+    """A transformation whose values all live in its state (what its `init` puts there), so
+    two with the same `update` function are the same computation: equality and hash follow
+    `update` alone. A `TrainState` holding one then has the same tree structure whatever the
+    learning rate or mask, and a compiled step serves them all (`multistep_sgd`)."""
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return isinstance(other, optax.GradientTransformation) and self.update == other.update
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash(self.update)
 
 
 def _is_whole_leaf(leaf) -> bool:
@@ -74,25 +95,34 @@ def saliency_masked(
         # Whole frozen leaves: optax.freeze zeroes them after `inner`.
         inner = optax.chain(inner, optax.freeze(frozen))
 
-    def apply_mask(tree):
-        def leaf(m, u):
-            return u if _is_whole_leaf(m) else jnp.where(m.astype(bool), u, 0).astype(u.dtype)
-
-        return jax.tree.map(leaf, mask, tree)
-
     def init_fn(params):
         # The first use checks the mask against the params: structure, shapes and a 0/1 dtype
         # (a leaf of shape (C,) would broadcast over a kernel, a score tree would move all).
         check_mask(mask, params)
-        return SaliencyMaskState(inner.init(params))
+        return SaliencyMaskState(inner.init(params), mask)
 
+    # The update reads the mask from the state: one function per (inner update, mode).
+    return SharedTransform(init_fn, _masked_update(inner.update, mode))
+
+
+def _apply_mask(mask: PyTree, tree: PyTree) -> PyTree:
+    def leaf(m, u):
+        return u if _is_whole_leaf(m) else jnp.where(m.astype(bool), u, 0).astype(u.dtype)
+
+    return jax.tree.map(leaf, mask, tree)
+
+
+@functools.cache
+def _masked_update(inner_update, mode: str):
     def update_fn(updates, state, params=None):
-        updates, inner_state = inner.update(apply_mask(updates), state.inner_state, params)
+        updates, inner_state = inner_update(
+            _apply_mask(state.mask, updates), state.inner_state, params
+        )
         if mode == "hard":
-            updates = apply_mask(updates)
-        return updates, SaliencyMaskState(inner_state)
+            updates = _apply_mask(state.mask, updates)
+        return updates, SaliencyMaskState(inner_state, state.mask)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return update_fn
 
 
 def multistep_schedule(
@@ -142,3 +172,85 @@ def make_adam(
     if clip_norm is None:
         return adam
     return optax.chain(optax.clip_by_global_norm(clip_norm), adam)
+
+
+def _multistep_sgd_factory(learning_rate, momentum, weight_decay, boundaries, scales, use_momentum):
+    """`make_sgd(multistep_schedule(...))` of (traced) values; `boundaries` [M] int32 steps and
+    `scales` [M] the factor applied at each (gamma ** repeats), in increasing order."""
+
+    def schedule(count):
+        # optax.piecewise_constant_schedule's arithmetic, value for value.
+        value = learning_rate
+        for i in range(boundaries.shape[0]):
+            indicator = jnp.maximum(0.0, jnp.sign(boundaries[i] - count))
+            value = value * indicator + (1 - indicator) * scales[i] * value
+        return value
+
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(schedule, momentum=momentum if use_momentum else None),
+    )
+
+
+_injected_multistep_sgd = optax.inject_hyperparams(
+    _multistep_sgd_factory, static_args=("use_momentum",)
+)
+
+
+@functools.cache
+def _shared_multistep_sgd_update(use_momentum: bool):
+    # inject_hyperparams' update reads every value from the state (the ones given here only
+    # shape `init`), so one update serves all values.
+    empty = np.zeros(0, np.float32)
+    return _injected_multistep_sgd(
+        0.0, 0.0, 0.0, empty.astype(np.int32), empty, use_momentum=use_momentum
+    ).update
+
+
+def multistep_sgd(
+    learning_rate: float,
+    milestones: Sequence[int],
+    gamma: float,
+    steps_per_epoch: int,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    mask: PyTree | None = None,
+    mask_mode: str = "hard",
+) -> SharedTransform:
+    """`make_sgd(multistep_schedule(learning_rate, milestones, gamma, steps_per_epoch), momentum,
+    weight_decay, mask, mask_mode)` with every value in the optimizer state
+    (`optax.inject_hyperparams`; the mask in `SaliencyMaskState`): same updates, float for float.
+
+    Its `update` is one function per (momentum on or off, mask or none, mask mode) in a process,
+    so training runs that differ only in these values (another seed, method or learning rate)
+    share one compiled step; the number of distinct milestones is a shape, also shared when equal.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> a = multistep_sgd(0.1, (2,), 0.1, steps_per_epoch=1)
+      >>> b = multistep_sgd(0.5, (3,), 0.2, steps_per_epoch=4, weight_decay=0.0)
+      >>> a == b  # the same computation: a step built with one serves the other
+      True
+      >>> params = {"w": jnp.ones(2)}
+      >>> state = a.init(params)
+      >>> for _ in range(3):
+      ...     updates, state = a.update({"w": jnp.zeros(2)}, state, params)
+      >>> round(float(state.hyperparams["learning_rate"]), 6)  # a value of the state
+      0.1
+    """
+    counts = collections.Counter(int(m) for m in milestones)
+    boundaries = sorted((m * int(steps_per_epoch), gamma**count) for m, count in counts.items())
+    # No milestone: one that is never reached, scale 1 (v * 1 + 0 * v = v exactly), since
+    # checkpoints cannot hold empty arrays.
+    boundaries = boundaries or [(np.iinfo(np.int32).max, 1.0)]
+    use_momentum = bool(momentum)
+    inner = _injected_multistep_sgd(
+        learning_rate,
+        momentum,
+        weight_decay,
+        np.array([b for b, _ in boundaries], np.int32),
+        np.array([s for _, s in boundaries], np.float64),  # rounded to the params' float type
+        use_momentum=use_momentum,
+    )
+    tx = SharedTransform(inner.init, _shared_multistep_sgd_update(use_momentum))
+    return tx if mask is None else saliency_masked(tx, mask, mask_mode)

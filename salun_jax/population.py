@@ -55,10 +55,16 @@ from salun_jax.saliency import mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
 from salun_jax.train import TrainConfig
 from salun_jax.types import PyTree
-from salun_jax.unlearn.boundary import boundary_shrink_loss
+from salun_jax.unlearn.boundary import boundary_shrink_loss, boundary_shrink_values
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask, steps_per_epoch
 from salun_jax.unlearn.finetune import l1_schedule
-from salun_jax.unlearn.relabel import _phases, _relabel_loss, soft_threshold_hooks
+from salun_jax.unlearn.relabel import (
+    _phases,
+    _relabel_loss,
+    salun_soft_values,
+    snapshot_anchor,
+    soft_threshold_update,
+)
 
 STRATEGIES = ("auto", "vmap", "map", "unroll")
 POPULATION_METHODS = ("FT", "GA", "RL", "l1-sparse", "BS", "SalUn", "SalUn-soft")
@@ -340,11 +346,20 @@ class _MethodPieces(NamedTuple):
     epoch_start_fn: Callable | None = None
 
 
-def _method_pieces(
-    method: str, task: UnlearnTask, config: UnlearnConfig, num_params: int
-) -> _MethodPieces:
-    """The loss, index phases and hooks of an SGD method, built as in `salun_jax.unlearn`
-    (`num_params`: one member's parameter count)."""
+def _per_member(values: dict, num_members: int) -> dict:
+    """A method's `extra` values with its scalars broadcast to [N]; pytree values (e.g. the
+    frozen originals) are the population's own, already [N, ...]."""
+
+    def member_axis(value):
+        if isinstance(value, (np.ndarray, np.generic, int, float)) and np.ndim(value) == 0:
+            return np.full(num_members, value, np.asarray(value).dtype)
+        return value
+
+    return {key: member_axis(value) for key, value in values.items()}
+
+
+def _method_pieces(method: str, task: UnlearnTask, config: UnlearnConfig) -> _MethodPieces:
+    """The loss, index phases and hooks of an SGD method, built as in `salun_jax.unlearn`."""
     augment = {"crop_padding": config.crop_padding, "flip": config.flip}
     if method == "FT":
         return _MethodPieces(classification_loss(**augment), [task.retain])
@@ -362,19 +377,23 @@ def _method_pieces(
         return _MethodPieces(_relabel_loss(task, config), _phases(task, config.rl_variant))
     if method == "BS":  # each member's own original, frozen in `extra`
         return _MethodPieces(
-            boundary_shrink_loss(config), [task.forget], extra_fn=lambda state: state.variables
+            boundary_shrink_loss(config),
+            [task.forget],
+            extra_fn=lambda states: _per_member(
+                boundary_shrink_values(states.variables, config), states.step.shape[0]
+            ),
         )
     if method == "SalUn-soft":
         phases = _phases(task, "concat")
-        post_update, epoch_start = soft_threshold_hooks(
-            config, steps_per_epoch(phases, config.batch_size), num_params
-        )
+        steps = steps_per_epoch(phases, config.batch_size)
         return _MethodPieces(
             _relabel_loss(task, config),
             phases,
-            extra_fn=lambda state: state.params,
-            post_update_fn=post_update,
-            epoch_start_fn=epoch_start,
+            extra_fn=lambda states: _per_member(
+                salun_soft_values(states.params, config, steps), states.step.shape[0]
+            ),
+            post_update_fn=soft_threshold_update,
+            epoch_start_fn=snapshot_anchor,
         )
     raise ValueError(f"no population version of {method!r}; known: {', '.join(POPULATION_METHODS)}")
 
@@ -446,8 +465,7 @@ def population_unlearn(
         raise ValueError("SalUn needs a saliency mask (salun_jax.salun_mask)")
     if method_name == "SalUn-soft" and mask is not None:
         raise ValueError("SalUn-soft does not take a mask (its soft threshold replaces it)")
-    num_params = sum(x[0].size for x in jax.tree.leaves(states.params))
-    pieces = _method_pieces(method_name, task, config, num_params)
+    pieces = _method_pieces(method_name, task, config)
     phases = pieces.phases
     for ix in phases:
         warn_if_padded(len(ix), config.batch_size)

@@ -89,6 +89,7 @@ def accumulate_gradients(
     batches: dict,
     rng: jax.Array,
     clip_norm: float | None = None,
+    context: PyTree = None,
 ) -> PyTree:
     """Sum over batches of grad(batch loss) (signed); see `gradient_saliency` for the arguments.
 
@@ -103,7 +104,7 @@ def accumulate_gradients(
     for index in range(num_batches):
         batch = jax.tree.map(lambda x, i=index: x[i], batches)
         total = _accumulate_step(
-            batch_loss_fn, clip_norm, total, params, batch, jax.random.fold_in(rng, index)
+            batch_loss_fn, clip_norm, total, params, batch, jax.random.fold_in(rng, index), context
         )
     return total
 
@@ -114,6 +115,7 @@ def gradient_saliency(
     batches: dict,
     rng: jax.Array,
     clip_norm: float | None = None,
+    context: PyTree = None,
 ) -> PyTree:
     """|sum over batches of grad(batch loss)| per weight.
 
@@ -126,17 +128,24 @@ def gradient_saliency(
       rng: key; batch i uses fold_in(rng, i).
       clip_norm: clip each batch's gradient to this global norm before accumulating (the DDPM
         mask does this upstream, `generate_mask` of the DDPM runner); None for classification.
+      context: None, or arrays the loss takes as a 4th argument,
+        `batch_loss_fn(params, batch, rng, context)` (e.g. the model's BatchNorm statistics):
+        values that differ between calls belong here, not in the loss's closure, so that one
+        compiled step serves every call.
 
     Returns:
       A scores pytree with the params' structure (float32, >= 0).
     """
     return jax.tree.map(
-        jnp.abs, accumulate_gradients(batch_loss_fn, params, batches, rng, clip_norm)
+        jnp.abs, accumulate_gradients(batch_loss_fn, params, batches, rng, clip_norm, context)
     )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def _accumulate_step(batch_loss_fn, clip_norm, total, params, batch, rng):
+def _accumulate_step(batch_loss_fn, clip_norm, total, params, batch, rng, context):
+    if context is not None:
+        loss_fn = batch_loss_fn
+        batch_loss_fn = lambda p, b, r: loss_fn(p, b, r, context)  # noqa: E731
     grads = jax.grad(batch_loss_fn)(params, batch, rng)
     if clip_norm is not None:
         scale = jnp.minimum(1.0, clip_norm / (optax.tree.norm(grads) + 1e-6))
@@ -161,11 +170,29 @@ def classification_scores(
     Batches: `images[forget_indices]` shuffled by `np.random.default_rng(seed)`, the last one
     padded; batch i's augmentation uses fold_in(key(seed), i).
     """
-    loss_fn = classification_forget_loss(state.apply_fn, state.batch_stats, crop_padding, flip)
     batches = gather_batches(
         {"image": images, "label": labels}, forget_indices, batch_size, np.random.default_rng(seed)
     )
-    return gradient_saliency(loss_fn, state.params, batches, jax.random.key(seed))
+    return gradient_saliency(
+        _forget_loss_given_stats(state.apply_fn, crop_padding, flip),
+        state.params,
+        batches,
+        jax.random.key(seed),
+        context=state.batch_stats,
+    )
+
+
+@functools.cache
+def _forget_loss_given_stats(apply_fn, crop_padding: int, flip: bool):
+    """`classification_forget_loss` with the BatchNorm statistics as an argument (the
+    `context` of `gradient_saliency`): one compiled step for every model of this shape."""
+
+    def loss_fn(params, batch, rng, batch_stats):
+        return classification_forget_loss(apply_fn, batch_stats, crop_padding, flip)(
+            params, batch, rng
+        )
+
+    return loss_fn
 
 
 def _check_fraction(fraction: float) -> None:

@@ -9,6 +9,7 @@ any, lives in the optimizer: `salun_jax.optim`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -83,9 +84,27 @@ class TrainState(struct.PyTreeNode):
         return self.replace(tx=tx, opt_state=tx.init(self.params), step=jnp.zeros((), jnp.int32))
 
 
+_MODULES: dict[nn.Module, nn.Module] = {}
+
+
+def canonical_module(model: nn.Module) -> nn.Module:
+    """The first module of this process equal to `model` (same class and fields).
+
+    `model.apply` is a bound method, and bound methods of two equal but distinct modules compare
+    unequal; jitted code keyed on the apply function (a `TrainState`'s tree structure, a predict
+    function) would then compile once per module object. Models built through this share it.
+    """
+    return _MODULES.setdefault(model, model)
+
+
+@functools.cache
+def _jitted_init(model: nn.Module, image_shape: tuple[int, ...]) -> Callable:
+    return jax.jit(lambda r: model.init(r, jnp.zeros((1, *image_shape)), train=False))
+
+
 def init_variables(model: nn.Module, rng: jax.Array, image_shape: tuple[int, ...]) -> dict:
     """Initialises a classifier; returns {"params", "batch_stats"}."""
-    variables = jax.jit(lambda r: model.init(r, jnp.zeros((1, *image_shape)), train=False))(rng)
+    variables = _jitted_init(canonical_module(model), tuple(image_shape))(rng)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
@@ -99,7 +118,7 @@ def create_train_state(
     """A fresh classifier state (params and BatchNorm statistics from `model.init`)."""
     variables = init_variables(model, rng, image_shape)
     return TrainState.create(
-        apply_fn=model.apply,
+        apply_fn=canonical_module(model).apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         tx=tx,
@@ -115,6 +134,11 @@ def make_step(
     post_update_fn: Callable[[TrainState], TrainState] | None = None,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Builds the pure step `(state, batch, rng) -> (state, metrics)` of a per-example loss.
+
+    Memoised: the same arguments (the same loss and post-update function objects) give the same
+    step object, so `salun_jax.loop.run` reuses its compiled executable. Build losses with
+    the cached factories of `salun_jax.losses` and keep values that vary between runs in the
+    state (`TrainState.extra`, the optimizer state), not in closures.
 
     The loss is the mean over the real examples of the GLOBAL batch: each device sums its
     weighted per-example losses and divides by the global weight, then gradients are psum-ed (a
@@ -134,6 +158,11 @@ def make_step(
       (global, before any clipping in the optimizer).
     """
 
+    return _make_step(loss_fn, axis_name, update_batch_stats, post_update_fn)
+
+
+@functools.cache
+def _make_step(loss_fn, axis_name, update_batch_stats, post_update_fn):
     def step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
         if axis_name is not None:

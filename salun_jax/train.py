@@ -74,10 +74,15 @@ def train_classifier(
       salun_jax.loop.TrainingDivergedError: the loss became non-finite.
     """
     steps_per_epoch = math.ceil(len(train_indices) / config.batch_size)
-    schedule = optim.multistep_schedule(
-        config.learning_rate, config.milestones, config.gamma, steps_per_epoch
+    # Values in the optimizer state: seeds and Retrain share the compiled step.
+    tx = optim.multistep_sgd(
+        config.learning_rate,
+        config.milestones,
+        config.gamma,
+        steps_per_epoch,
+        config.momentum,
+        config.weight_decay,
     )
-    tx = optim.make_sgd(schedule, config.momentum, config.weight_decay)
     state = create_train_state(model, jax.random.key(config.seed), images.shape[1:], tx)
     step = make_step(classification_loss(crop_padding=config.crop_padding, flip=config.flip))
     return loop.run(

@@ -117,3 +117,17 @@ def test_changed_training_config_refused_in_same_workdir(run, tmp_path):
     assert run("train.py", "digits.py", tmp_path, "--config.train.epochs=1").returncode == 0
     result = run("train.py", "digits.py", tmp_path, "--config.train.width=0.25")
     assert result.returncode == 2 and "different train config" in result.stderr
+
+
+def test_compilation_cache_goes_to_the_data_cache_directory(tmp_path):
+    import jax
+
+    from salun_jax.pipeline.cli import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        directory = enable_compilation_cache(cache_dir=str(tmp_path))
+        assert directory == os.path.join(str(tmp_path), "jax_compilation")
+        assert jax.config.jax_compilation_cache_dir == directory
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

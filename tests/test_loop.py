@@ -169,6 +169,41 @@ def test_nan_weights_with_a_finite_loss_are_caught(digits, tmp_path):
     chex.assert_tree_all_finite(restored[0].batch_stats)
 
 
+def test_runs_that_differ_in_values_trace_and_compile_the_step_once(digits):
+    # Another seed (init, batch order, keys), learning rate and schedule: the same shapes, so
+    # one trace and one compile; the later runs reuse the executable and report 0 s compiling.
+    # The learning rate is a value of the state and really used: 0 leaves the weights as they
+    # were (momentum and weight decay only ever scale a zero step), 0.1 and 0.05 differ.
+    model = create_model("small_cnn", 10, digits.mean, digits.std, 0.25)
+    loss_fn = chex.assert_max_traces(classification_loss(crop_padding=0, flip=False), n=1)
+    step = make_step(loss_fn)
+    data = {"image": digits.train_images, "label": digits.train_labels}
+    runs = {}
+    for seed, lr, milestones in ((0, 0.1, (1,)), (1, 0.05, (1,)), (0, 0.05, (2,)), (0, 0.0, (1,))):
+        tx = optim.multistep_sgd(lr, milestones, 0.1, steps_per_epoch=3)
+        state = create_train_state(model, jax.random.key(seed), digits.image_shape, tx)
+        runs[seed, lr] = (
+            state.params,
+            loop.run(
+                state,
+                step,
+                data,
+                index_batches(np.arange(300), 100),
+                num_epochs=2,
+                key=jax.random.key(seed),
+                seed=seed,
+                progress=False,
+            ),
+        )
+    compile_seconds = [out.compile_seconds for _, out in runs.values()]
+    assert compile_seconds[0] > 0 and compile_seconds[1:] == [0.0, 0.0, 0.0], compile_seconds
+    start, frozen = runs[0, 0.0]
+    chex.assert_trees_all_equal(frozen.state.params, start)
+    moved_fast, moved_slow = runs[0, 0.1][1].state.params, runs[0, 0.05][1].state.params
+    assert not np.allclose(jax.tree.leaves(moved_fast)[0], jax.tree.leaves(start)[0])
+    assert not np.allclose(jax.tree.leaves(moved_fast)[0], jax.tree.leaves(moved_slow)[0])
+
+
 def test_run_reports_compile_and_run_time_and_keeps_them_across_resume(digits, tmp_path):
     _, state, data = _setup(digits)
     first = loop.run(

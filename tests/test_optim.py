@@ -227,3 +227,44 @@ def test_make_sgd_follows_the_schedule():
 def test_multistep_schedule_counts_every_milestone(milestones, epoch, factor):
     schedule = optim.multistep_schedule(1.0, milestones, 0.1, steps_per_epoch=4)
     assert float(schedule(4 * epoch)) == pytest.approx(factor, rel=1e-6)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("mode", optim.MASK_MODES)
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_multistep_sgd_equals_make_sgd_bit_for_bit(masked, mode, momentum):
+    # Values in the state (inject_hyperparams, the mask in SaliencyMaskState) change no bit:
+    # repeated and passed milestones included (steps 6 and 12 of 50, 3 steps per epoch).
+    params, mask, grads = _params_mask_grads()
+    mask = mask if masked else None
+    schedule = optim.multistep_schedule(0.05, (2, 2, 4), 0.1, 3)
+    old = optim.make_sgd(schedule, momentum, 5e-4, mask, mode)
+    new = optim.multistep_sgd(0.05, (2, 2, 4), 0.1, 3, momentum, 5e-4, mask, mode)
+    chex.assert_trees_all_equal(_run(old, params, grads), _run(new, params, grads))
+
+
+def test_multistep_sgd_without_milestones_is_constant_and_has_no_empty_array():
+    # Checkpoints cannot hold empty arrays: no milestone is one never reached.
+    params, _, grads = _params_mask_grads()
+    old = optim.make_sgd(0.05, 0.9, 5e-4)
+    new = optim.multistep_sgd(0.05, (), 0.1, 3, 0.9, 5e-4)
+    chex.assert_trees_all_equal(_run(old, params, grads), _run(new, params, grads))
+    assert all(np.size(x) > 0 for x in jax.tree.leaves(new.init(params)))
+
+
+def test_multistep_sgd_is_one_computation_for_all_values():
+    # Equal (and equally hashed) whatever the values, so a TrainState holding either has one
+    # tree structure; momentum on/off and mask/no mask are other computations.
+    params, mask, _ = _params_mask_grads()
+    a = optim.multistep_sgd(0.1, (2,), 0.1, 5)
+    b = optim.multistep_sgd(0.7, (3, 9), 0.5, 2, momentum=0.5, weight_decay=0.0)
+    assert a == b and hash(a) == hash(b)
+    assert a != optim.multistep_sgd(0.1, (2,), 0.1, 5, momentum=0.0)
+    masked = optim.multistep_sgd(0.1, (2,), 0.1, 5, mask=mask)
+    other_mask = jax.tree.map(lambda m: ~m, mask)
+    assert masked != a and masked == optim.multistep_sgd(0.2, (), 0.1, 5, mask=other_mask)
+    assert masked != optim.multistep_sgd(0.1, (2,), 0.1, 5, mask=mask, mask_mode="paper")
+    # The values are in the state: the learning rate, and the mask.
+    state = masked.init(params)
+    chex.assert_trees_all_equal(state.mask, mask)
+    assert float(state.inner_state.hyperparams["learning_rate"]) == pytest.approx(0.1)

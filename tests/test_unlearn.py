@@ -168,6 +168,22 @@ def test_each_method_runs_and_changes_finite_params(setup, run, name):
         assert all(np.isfinite(h["loss"]) for h in out.history)
 
 
+@pytest.mark.parametrize("name", [name for name in UNLEARNING if name != "IU"])
+def test_another_learning_rate_or_key_reuses_the_compiled_step(setup, run, name):
+    # Values live in the state, not in the step: another learning rate, then also another key
+    # (seed), run the first run's executable (0 s compiling), and the learning rate is used.
+    mask = setup.mask if name == "SalUn" else None
+    first = run(name, with_mask=mask is not None)
+    values = {**BASE, **DEFAULTS.get(name, {})}
+    slower = UnlearnConfig(**{**values, "learning_rate": 0.5 * LEARNING_RATES[name]})
+    method = get_method(name)
+    same_key = method(setup.state, setup.task, slower, jax.random.key(1), mask=mask)
+    other_key = method(setup.state, setup.task, slower, jax.random.key(2), mask=mask)
+    assert same_key.compile_seconds == 0.0 and other_key.compile_seconds == 0.0
+    for a, b in ((first, same_key), (same_key, other_key)):
+        assert not np.allclose(_flat(a.state.params), _flat(b.state.params))
+
+
 def test_original_model_is_good(setup, predict_fn):
     # The checks below need an original that fits the forget set.
     assert _unlearning_accuracy(setup, predict_fn, setup.state) < 15
@@ -392,12 +408,12 @@ def test_woodfisher_matches_a_numpy_reference():
     v = rng.standard_normal(5).astype(np.float32)
     n = 4.0
 
-    def per_sample_loss(p, batch, key):  # gradient = the sample's x (times its weight)
-        del key
+    def per_sample_loss(p, batch, key, batch_stats):  # gradient = the sample's x (times its weight)
+        del key, batch_stats
         return jnp.sum(p["w"] * batch["x"][0]) * batch["label"][0]
 
     samples = {"x": jnp.asarray(x), "label": jnp.ones(6, jnp.float32)}
-    got = _woodfisher(per_sample_loss, params, samples, jax.random.key(0), jnp.asarray(v), n)
+    got = _woodfisher(per_sample_loss, params, {}, samples, jax.random.key(0), jnp.asarray(v), n)
     k, o = v.astype(np.float64), x[0].astype(np.float64)
     for g in x[1:].astype(np.float64):
         tmp = o @ g

@@ -4,6 +4,7 @@ MIA-Efficacy (SalUn Sec. 5; upstream `Classification/main_forget.py` evaluation)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,8 +18,12 @@ from salun_jax.evaluation.mia import from_logits, stratified_shadow_indices, svc
 from salun_jax.evaluation.mia import loss_mia as _loss_mia
 
 
+@functools.cache
 def make_predict_fn(apply_fn: Callable, return_features: bool = False) -> Callable:
-    """Jitted eval-mode forward on uint8 images: (variables, images) -> logits [, features]."""
+    """Jitted eval-mode forward on uint8 images: (variables, images) -> logits [, features].
+
+    Cached: the same `apply_fn` (see `salun_jax.step.canonical_module`) gives the same jitted
+    function, compiled once per input shape in a process."""
 
     @jax.jit
     def predict_fn(variables, images):

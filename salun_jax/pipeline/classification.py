@@ -45,6 +45,7 @@ from salun_jax.pipeline.common import (
 from salun_jax.pipeline.tuning import chosen_table, tuning_grids, tuning_hash
 from salun_jax.pipeline.workdir import locked
 from salun_jax.provenance import code_version
+from salun_jax.step import canonical_module
 from salun_jax.train import TrainConfig, train_classifier
 from salun_jax.unlearn import MASKED_METHODS, UnlearnConfig, UnlearnTask, get_method
 
@@ -132,8 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def _model(config: TrainConfig, dataset):
     try:
-        return create_model(
-            config.model, dataset.num_classes, dataset.mean, dataset.std, config.width
+        # One module object for equal models: both scenarios' runs share compiled programs.
+        return canonical_module(
+            create_model(config.model, dataset.num_classes, dataset.mean, dataset.std, config.width)
         )
     except ValueError as error:
         raise UserError(f"bad train config: {error}") from error

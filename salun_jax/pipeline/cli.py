@@ -21,15 +21,16 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def enable_compilation_cache(directory: str | None = None) -> str:
+def enable_compilation_cache(directory: str | None = None, cache_dir: str | None = None) -> str:
     """Turns on JAX's persistent compilation cache (default: `jax_compilation/` in the data
-    cache directory), so identical programs (the same step for another seed, a rerun) compile
-    once per machine. Returns the directory."""
+    cache directory, `cache_dir` or else $SALUN_JAX_CACHE or ~/.cache/salun_jax), so a rerun
+    compiles nothing (within a process, `salun_jax.loop` compiles each step once). Returns the
+    directory."""
     import jax
 
     from salun_jax.data.sources import resolve_cache_dir
 
-    directory = directory or os.path.join(resolve_cache_dir(), "jax_compilation")
+    directory = directory or os.path.join(resolve_cache_dir(cache_dir), "jax_compilation")
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return directory
@@ -86,8 +87,9 @@ def run(main: Callable, config_flag) -> None:
     cache_flag = flags.DEFINE_bool(
         "compilation_cache",
         True,
-        "Keep compiled programs in the persistent JAX cache "
-        "($SALUN_JAX_CACHE or ~/.cache/salun_jax, jax_compilation/): reruns compile nothing.",
+        "Keep compiled programs in the persistent JAX cache (jax_compilation/ in the data "
+        "cache: --config.cache_dir, else $SALUN_JAX_CACHE or ~/.cache/salun_jax): reruns "
+        "compile nothing. --nocompilation_cache turns it off.",
     )
     coordinator_flag = flags.DEFINE_string(
         "coordinator_address",
@@ -141,7 +143,10 @@ def run(main: Callable, config_flag) -> None:
         except (ValueError, RuntimeError) as error:
             fail(f"cannot join the multi-process run: {error}")
         if cache_flag.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-            enable_compilation_cache()
+            config = config_flag.value
+            enable_compilation_cache(
+                cache_dir=(config.get("cache_dir") or None) if config else None
+            )
         try:
             main(argv)
         except UserError as error:

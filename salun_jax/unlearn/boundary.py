@@ -7,13 +7,16 @@ never removes; our default does).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from salun_jax.losses import classification_loss
 from salun_jax.models.resnet import torch_uniform_init
-from salun_jax.step import TrainState
+from salun_jax.step import TrainState, canonical_module
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask, run_unlearning_sgd
 
 
@@ -31,21 +34,27 @@ def fgsm_neighbour_labels(apply_fn, original_variables, images, labels, bound: f
     return jnp.argmax(apply_fn(original_variables, adversarial, train=False), axis=-1)
 
 
-def boundary_shrink_loss(config: UnlearnConfig):
-    """BS's loss: CE towards the label the frozen original (the state's `extra` variables) gives
-    an FGSM neighbour of each (augmented) forget image."""
-
-    def neighbour_labels(rng, images, labels, batch, state):
-        del rng, batch
-        return jax.lax.stop_gradient(
-            fgsm_neighbour_labels(
-                state.apply_fn, state.extra, images, labels, config.boundary_bound
-            )
-        )
-
-    return classification_loss(
-        crop_padding=config.crop_padding, flip=config.flip, label_fn=neighbour_labels
+def _neighbour_labels(rng, images, labels, batch, state):
+    """BS's `label_fn`: the frozen original and the FGSM bound come from `state.extra`."""
+    del rng, batch
+    original = state.extra["original"]
+    return jax.lax.stop_gradient(
+        fgsm_neighbour_labels(state.apply_fn, original, images, labels, state.extra["bound"])
     )
+
+
+def boundary_shrink_loss(config: UnlearnConfig):
+    """BS's loss: CE towards the label the frozen original gives an FGSM neighbour of each
+    (augmented) forget image; the original and the bound come from `state.extra`
+    (`boundary_shrink_values`)."""
+    return classification_loss(
+        crop_padding=config.crop_padding, flip=config.flip, label_fn=_neighbour_labels
+    )
+
+
+def boundary_shrink_values(variables, config: UnlearnConfig) -> dict:
+    """BS's `extra`: the frozen original's variables and the FGSM bound."""
+    return {"original": variables, "bound": np.float32(config.boundary_bound)}
 
 
 def boundary_shrink(
@@ -54,7 +63,7 @@ def boundary_shrink(
     """BS: on D_f only, train the model to predict the label the frozen original gives an FGSM
     neighbour of each (augmented) forget image."""
     output = run_unlearning_sgd(
-        state.replace(extra=state.variables),
+        state.replace(extra=boundary_shrink_values(state.variables, config)),
         task,
         config,
         rng,
@@ -83,6 +92,12 @@ def _extend_head(params, num_classes: int, rng: jax.Array):
     return {**params, "fc": jax.tree.unflatten(jax.tree.structure(fc), new)}
 
 
+@functools.cache
+def _shadow_labels(shadow: int):
+    """BE's `label_fn`: every example to the shadow class."""
+    return lambda rng, images, labels, batch, state: jnp.full_like(labels, shadow)
+
+
 def _drop_last_output(params):
     return {**params, "fc": jax.tree.map(lambda x: x[..., :-1], params["fc"])}
 
@@ -97,7 +112,7 @@ def boundary_expanding(
         raise ValueError("boundary expanding needs a classifier head named 'fc'")
     if mask is not None:
         raise ValueError("boundary expanding does not take a mask (its head changes shape)")
-    wide_model = task.model.clone(num_classes=task.num_classes + 1)
+    wide_model = canonical_module(task.model.clone(num_classes=task.num_classes + 1))
     init_rng, rng = jax.random.split(rng)
     wide = TrainState.create(
         apply_fn=wide_model.apply,
@@ -105,11 +120,10 @@ def boundary_expanding(
         batch_stats=state.batch_stats,
         tx=optax.identity(),
     )
-    shadow = task.num_classes
     loss_fn = classification_loss(
         crop_padding=config.crop_padding,
         flip=config.flip,
-        label_fn=lambda rng, images, labels, batch, state: jnp.full_like(labels, shadow),
+        label_fn=_shadow_labels(task.num_classes),
     )
     output = run_unlearning_sgd(
         wide, task, config, rng, loss_fn, [task.forget], desc="BE", **run_options

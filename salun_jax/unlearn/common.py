@@ -136,11 +136,19 @@ def run_unlearning_sgd(
     for ix in phases:
         warn_if_padded(len(ix), config.batch_size)
     steps = steps_per_epoch(phases, config.batch_size)
-    schedule = optim.multistep_schedule(
-        config.learning_rate, config.milestones, config.gamma, steps
-    )
+    # Every value (learning rate, schedule, momentum, weight decay, mask) in the optimizer
+    # state: methods and seeds that differ only in them share one compiled step.
     state = state.with_optimizer(
-        optim.make_sgd(schedule, config.momentum, config.weight_decay, mask, config.mask_mode)
+        optim.multistep_sgd(
+            config.learning_rate,
+            config.milestones,
+            config.gamma,
+            steps,
+            config.momentum,
+            config.weight_decay,
+            mask,
+            config.mask_mode,
+        )
     )
 
     def batches_fn(epoch, np_rng):

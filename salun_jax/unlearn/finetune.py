@@ -6,8 +6,11 @@ Jia et al. 2023 (model sparsity, l1-sparse unlearning).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from salun_jax.losses import classification_loss, negative_cross_entropy
 from salun_jax.unlearn.common import (
@@ -41,32 +44,60 @@ def gradient_ascent(
     )
 
 
+def _l1_coefficient(step, coefficient, l1_epochs, steps):
+    epoch = step // steps
+    return jnp.where(
+        epoch < l1_epochs, coefficient * (1.0 - epoch / jnp.maximum(l1_epochs, 1)), 0.0
+    )
+
+
 def l1_schedule(config: UnlearnConfig, steps: int):
     """step -> the l1 coefficient alpha * (1 - epoch / (E - no_l1_epochs)), and 0 for the last
     `no_l1_epochs` epochs (upstream `FT_l1`: decayed per epoch)."""
     l1_epochs = config.epochs - config.no_l1_epochs
+    return lambda step: _l1_coefficient(step, config.l1_coefficient, l1_epochs, steps)
 
-    def coefficient(step):
-        epoch = step // steps
-        return jnp.where(
-            epoch < l1_epochs, config.l1_coefficient * (1.0 - epoch / max(l1_epochs, 1)), 0.0
+
+def _l1_values(config: UnlearnConfig, steps: int) -> dict:
+    """`l1_schedule`'s values, carried in `TrainState.extra` (one compiled step for all)."""
+    return {
+        "l1_coefficient": np.float32(config.l1_coefficient),
+        "l1_epochs": np.int32(config.epochs - config.no_l1_epochs),
+        "steps_per_epoch": np.int32(steps),
+    }
+
+
+@functools.cache
+def _l1_sparse_loss(crop_padding: int, flip: bool):
+    """CE + the l1 term, its coefficient from `state.extra` (`_l1_values`)."""
+    ce_loss = classification_loss(crop_padding=crop_padding, flip=flip)
+
+    def loss_fn(params, batch, rng, state):
+        per_example, aux = ce_loss(params, batch, rng, state)
+        values = state.extra
+        coefficient = _l1_coefficient(
+            state.step, values["l1_coefficient"], values["l1_epochs"], values["steps_per_epoch"]
         )
+        penalty = coefficient * sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params))
+        return per_example, {**aux, "penalty": penalty}
 
-    return coefficient
+    return loss_fn
 
 
 def l1_sparse(
     state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
 ) -> UnlearnOutput:
     """l1-sparse: CE on D_r + alpha_t * ||theta||_1 over all params (`l1_schedule`)."""
-    coefficient = l1_schedule(config, steps_per_epoch([task.retain], config.batch_size))
-
-    def penalty(params, step):
-        return coefficient(step) * sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params))
-
-    loss_fn = classification_loss(
-        crop_padding=config.crop_padding, flip=config.flip, penalty_fn=penalty
+    values = _l1_values(config, steps_per_epoch([task.retain], config.batch_size))
+    output = run_unlearning_sgd(
+        state.replace(extra=values),
+        task,
+        config,
+        rng,
+        _l1_sparse_loss(config.crop_padding, config.flip),
+        [task.retain],
+        mask=mask,
+        desc="l1-sparse",
+        **run_options,
     )
-    return run_unlearning_sgd(
-        state, task, config, rng, loss_fn, [task.retain], mask=mask, desc="l1-sparse", **run_options
-    )
+    return output._replace(state=output.state.replace(extra=None))

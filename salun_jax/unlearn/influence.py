@@ -22,40 +22,52 @@ from salun_jax.saliency import accumulate_gradients
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask
 
 
-def _summed_ce_loss(apply_fn, batch_stats, config: UnlearnConfig):
-    """Sum (not mean) of per-example CE in eval mode: sum_b n_b * mean-grad_b upstream. With
-    `iu_augment` the images get the run's train augmentation (crop_padding, flip)."""
-    padding, flip = (config.crop_padding, config.flip) if config.iu_augment else (0, False)
-    ce_fn = eval_mode_ce(apply_fn, batch_stats, padding, flip)
-    return lambda params, batch, rng: jnp.sum(ce_fn(params, batch, rng) * batch["weight"])
+@functools.cache
+def _summed_ce_loss(apply_fn, crop_padding: int, flip: bool):
+    """Sum (not mean) of per-example CE in eval mode: sum_b n_b * mean-grad_b upstream; the
+    BatchNorm statistics are an argument (one compiled program for every model)."""
+
+    def loss_fn(params, batch, rng, batch_stats):
+        ce_fn = eval_mode_ce(apply_fn, batch_stats, crop_padding, flip)
+        return jnp.sum(ce_fn(params, batch, rng) * batch["weight"])
+
+    return loss_fn
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _flat_grad(per_sample_loss, params, sample, rng):
-    grads = jax.grad(per_sample_loss)(params, jax.tree.map(lambda x: x[None], sample), rng)
+def _flat_grad(per_sample_loss, params, sample, rng, batch_stats):
+    sample = jax.tree.map(lambda x: x[None], sample)
+    grads = jax.grad(per_sample_loss)(params, sample, rng, batch_stats)
     return ravel_pytree(grads)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1, 2))
-def _woodfisher_step(per_sample_loss, k, o, params, sample, rng, n):
+def _woodfisher_step(per_sample_loss, k, o, params, sample, rng, n, batch_stats):
     """tmp = o.g; k -= (k.g / (N + tmp)) o; o -= (tmp / (N + tmp)) o (upstream, literally)."""
-    g = _flat_grad(per_sample_loss, params, sample, rng)
+    g = _flat_grad(per_sample_loss, params, sample, rng, batch_stats)
     tmp = jnp.dot(o, g)
     k = k - (jnp.dot(k, g) / (n + tmp)) * o
     o = o - (tmp / (n + tmp)) * o
     return k, o
 
 
-def _woodfisher(per_sample_loss, params, samples, rng, v, n):
+def _woodfisher(per_sample_loss, params, batch_stats, samples, rng, v, n):
     """k = v; o = g_0; then one rank-one update per later sample. A Python loop of jitted steps
     (XLA:CPU runs gradients inside `lax.scan` far slower than stepped; see saliency.py)."""
     _, unravel = ravel_pytree(params)
     take = lambda i: jax.tree.map(lambda x: x[i], samples)  # noqa: E731
-    o = _flat_grad(per_sample_loss, params, take(0), jax.random.fold_in(rng, 0))
+    o = _flat_grad(per_sample_loss, params, take(0), jax.random.fold_in(rng, 0), batch_stats)
     k = v
     for index in range(1, len(samples["label"])):
         k, o = _woodfisher_step(
-            per_sample_loss, k, o, params, take(index), jax.random.fold_in(rng, index), n
+            per_sample_loss,
+            k,
+            o,
+            params,
+            take(index),
+            jax.random.fold_in(rng, index),
+            n,
+            batch_stats,
         )
     return unravel(k)
 
@@ -69,15 +81,18 @@ def influence_unlearning(
     del run_options
     start = time.perf_counter()
     arrays = {"image": task.images, "label": task.labels}
-    loss_fn = _summed_ce_loss(state.apply_fn, state.batch_stats, config)
+    # With `iu_augment` the images get the run's train augmentation (crop_padding, flip).
+    padding, flip = (config.crop_padding, config.flip) if config.iu_augment else (0, False)
+    loss_fn = _summed_ce_loss(state.apply_fn, padding, flip)
     n_f, n_r = len(task.forget), len(task.retain)
     forget_rng, retain_rng, fisher_rng = jax.random.split(rng, 3)
-    forget_sum = accumulate_gradients(
-        loss_fn, state.params, gather_batches(arrays, task.forget, config.batch_size), forget_rng
-    )
-    retain_sum = accumulate_gradients(
-        loss_fn, state.params, gather_batches(arrays, task.retain, config.batch_size), retain_rng
-    )
+
+    def gradient_sum(indices, key):
+        batches = gather_batches(arrays, indices, config.batch_size)
+        return accumulate_gradients(loss_fn, state.params, batches, key, context=state.batch_stats)
+
+    forget_sum = gradient_sum(task.forget, forget_rng)
+    retain_sum = gradient_sum(task.retain, retain_rng)
     v = jax.tree.map(
         lambda f, r: f / (n_f + n_r) - r * n_f / ((n_f + n_r) * n_r), forget_sum, retain_sum
     )
@@ -93,6 +108,7 @@ def influence_unlearning(
     k = _woodfisher(
         loss_fn,
         state.params,
+        state.batch_stats,
         samples,
         fisher_rng,
         ravel_pytree(v)[0],

@@ -81,36 +81,42 @@ def soft_threshold(params, anchor, threshold):
     return jax.tree.map(leaf, params, anchor)
 
 
-def soft_threshold_hooks(config: UnlearnConfig, steps: int, num_params: int):
-    """SalUn-soft's (post-update, epoch-start) hooks: after each step, soft-threshold the change
-    since the epoch's start (held in `state.extra`) at the `ratio`-th smallest |change|; at each
-    epoch's start, snapshot the params into `extra`. Shared by `salun_soft` and populations."""
-    total_steps = config.epochs * steps
+def soft_threshold_update(new_state: TrainState) -> TrainState:
+    """SalUn-soft's post-update step; its values (anchor, ratio, steps) come from `extra`."""
+    values = new_state.extra
+    anchor, steps, total_steps = values["anchor"], values["steps"], values["total_steps"]
+    num_params = sum(x.size for x in jax.tree.leaves(new_state.params))
+    epoch = (new_state.step - 1) // steps
+    ratio = (
+        values["soft_mask_ratio"] * (total_steps - (epoch * steps + 1)) / total_steps * num_params
+    ).astype(jnp.int32)
+    flat_diff = jnp.concatenate(
+        [
+            jnp.abs(p - a).ravel()
+            for p, a in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(anchor), strict=True)
+        ]
+    )
+    kth = jnp.sort(flat_diff)[jnp.clip(ratio - 1, 0, num_params - 1)]
+    threshold = jnp.where(ratio > 0, kth, 0.0)
+    return new_state.replace(params=soft_threshold(new_state.params, anchor, threshold))
 
-    def post_update(new_state: TrainState) -> TrainState:
-        epoch = (new_state.step - 1) // steps
-        ratio = (
-            config.soft_mask_ratio * (total_steps - (epoch * steps + 1)) / total_steps * num_params
-        ).astype(jnp.int32)
-        anchor = new_state.extra
-        flat_diff = jnp.concatenate(
-            [
-                jnp.abs(p - a).ravel()
-                for p, a in zip(
-                    jax.tree.leaves(new_state.params), jax.tree.leaves(anchor), strict=True
-                )
-            ]
-        )
-        kth = jnp.sort(flat_diff)[jnp.clip(ratio - 1, 0, num_params - 1)]
-        threshold = jnp.where(ratio > 0, kth, 0.0)
-        return new_state.replace(params=soft_threshold(new_state.params, anchor, threshold))
 
-    def epoch_start(state_r: TrainState, epoch: int) -> TrainState:
-        del epoch
-        # Snapshot taken at each epoch's start; a copy, since the step donates the state.
-        return state_r.replace(extra=jax.tree.map(jnp.copy, state_r.params))
+def snapshot_anchor(state_r: TrainState, epoch: int) -> TrainState:
+    # Snapshot taken at each epoch's start; a copy, since the step donates the state.
+    del epoch
+    anchor = jax.tree.map(jnp.copy, state_r.params)
+    return state_r.replace(extra={**state_r.extra, "anchor": anchor})
 
-    return post_update, epoch_start
+
+def salun_soft_values(params, config: UnlearnConfig, steps: int) -> dict:
+    """SalUn-soft's values in the state (not in closures: seeds and ratios share one compiled
+    step): the anchor (the params at the epoch's start), the ratio and the step counts."""
+    return {
+        "anchor": params,
+        "soft_mask_ratio": np.float32(config.soft_mask_ratio),
+        "steps": np.int32(steps),
+        "total_steps": np.int32(config.epochs * steps),
+    }
 
 
 def salun_soft(
@@ -123,12 +129,9 @@ def salun_soft(
     if mask is not None:
         raise ValueError("SalUn-soft does not take a mask (its soft threshold replaces it)")
     phases = _phases(task, "concat")
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    post_update, epoch_start = soft_threshold_hooks(
-        config, steps_per_epoch(phases, config.batch_size), num_params
-    )
+    values = salun_soft_values(state.params, config, steps_per_epoch(phases, config.batch_size))
     output = run_unlearning_sgd(
-        state.replace(extra=state.params),
+        state.replace(extra=values),
         task,
         config,
         rng,
@@ -136,7 +139,7 @@ def salun_soft(
         phases,
         desc="SalUn-soft",
         **run_options,
-        post_update_fn=post_update,
-        epoch_start_fn=epoch_start,
+        post_update_fn=soft_threshold_update,
+        epoch_start_fn=snapshot_anchor,
     )
     return output._replace(state=output.state.replace(extra=None))
