@@ -20,7 +20,7 @@ change. ``conv_impl``: ``"xla"`` (XLA's own everywhere), ``"custom"`` (fixed: XL
 gradient as a forward convolution, weight gradient by im2col), ``"auto"`` (per shape: each
 candidate timed once, jitted, median of a few runs, the choice cached in memory and in
 ``conv_plans.json`` in the data cache directory, keyed by shape, jax version, backend, device
-kind and XLA_FLAGS). On GPU/TPU ``"auto"`` always means XLA's own.
+kind, usable CPU count and XLA_FLAGS). On GPU/TPU ``"auto"`` always means XLA's own.
 
 References: the convolution-gradient identities of Dumoulin & Visin 2016 ("A guide to
 convolution arithmetic"), section 4 (transposed convolution as a direct convolution).
@@ -71,6 +71,7 @@ class ConvPlan:
 
 XLA_PLAN = ConvPlan()
 CUSTOM_PLAN = ConvPlan("xla", "conv", "im2col")
+PLAN_PARTS = ("forward", "input_grad", "weight_grad")
 FORWARD_CANDIDATES = ("xla", "im2col")
 INPUT_GRAD_CANDIDATES = ("xla", "conv")
 WEIGHT_GRAD_CANDIDATES = ("xla", "im2col", "swap")
@@ -328,7 +329,12 @@ def plan_from_times(times: dict[str, dict[str, float]], min_gain: float = _MIN_G
 def _environment_key() -> str:
     device = jax.devices()[0]
     flags = os.environ.get("XLA_FLAGS", "").strip()
-    return f"jax{jax.__version__}|{jax.default_backend()}|{device.device_kind}|flags={flags}"
+    # The CPUs this process may use (taskset, cgroups): one core and two choose differently.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"jax{jax.__version__}|{jax.default_backend()}|{device.device_kind}|cpus={cpus}"
+        f"|flags={flags}"
+    )
 
 
 class PlanCache:
@@ -522,3 +528,33 @@ class Conv(nn.Conv):
                 self, "conv_general_dilated", make_conv_general_dilated(self.conv_impl)
             )
         super().__post_init__()
+
+
+def conv_layer_shapes(model: nn.Module, x: jax.Array) -> list[tuple[str, ConvShape]]:
+    """(module path, ConvShape) of every 2-D `nn.Conv` (or `Conv`) call of `model.init(key, x)`,
+    found by abstract evaluation (nothing is computed)."""
+    found = []
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, nn.Conv) and context.method_name == "__call__":
+            inputs = args[0]
+            kernel_size = tuple(module.kernel_size)
+            if inputs.ndim == 4 and len(kernel_size) == 2:
+                strides = module.strides or 1
+                strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+                kernel_shape = (*kernel_size, inputs.shape[-1], module.features)
+                padding = nn.linear.canonicalize_padding(module.padding, 2)
+                shape = ConvShape(
+                    tuple(inputs.shape),
+                    kernel_shape,
+                    strides,
+                    _canonical_padding(padding, inputs.shape, kernel_shape, strides),
+                    jnp.dtype(inputs.dtype).name,
+                )
+                found.append(("/".join(module.path), shape))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), x)
+    return found
