@@ -379,10 +379,6 @@ def _per_model(values: list[str], count: int, name: str, cast: Callable) -> list
 
 def run_benchmark() -> dict:
     """Runs the benchmark as the flags say, prints the table; returns the JSON record."""
-    if _QUICK.value:
-        for name, value in _QUICK_VALUES.items():
-            if not flags.FLAGS[name].present:
-                flags.FLAGS[name].value = value
     models = _MODELS.value
     widths = _per_model(_WIDTHS.value, len(models), "widths", float)
     steps = _per_model(_STEPS.value, len(models), "steps", int)
@@ -496,15 +492,18 @@ def _torch_resnet(stage_sizes, width: float, num_classes: int, mean, std):
     return Net()
 
 
+_TORCH_STAGES = {"resnet18": (2, 2, 2, 2), "resnet8": (1, 1, 1)}
+
+
 def _torch_step_fn(model_name: str, width: float, batch: dict, channels_last: bool):
-    """One PyTorch train step (SGD, momentum 0.9, wd 5e-4, cross-entropy) on a fixed batch."""
+    """One PyTorch train step (SGD, momentum 0.9, wd 5e-4, cross-entropy) on a fixed batch;
+    None for a model without a PyTorch twin here."""
     import torch  # noqa: PLC0415 (optional)
 
-    stages = {"resnet18": (2, 2, 2, 2), "resnet8": (1, 1, 1)}
-    if model_name not in stages:
-        raise app.UsageError(f"no PyTorch twin for {model_name!r}; known: {sorted(stages)}")
+    if model_name not in _TORCH_STAGES:
+        return None
     torch.manual_seed(0)
-    net = _torch_resnet(stages[model_name], width, _NUM_CLASSES, (0.5,) * 3, (0.25,) * 3)
+    net = _torch_resnet(_TORCH_STAGES[model_name], width, _NUM_CLASSES, (0.5,) * 3, (0.25,) * 3)
     images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
     images = images.float() / 255.0
     if channels_last:
@@ -519,7 +518,7 @@ def _torch_step_fn(model_name: str, width: float, batch: dict, channels_last: bo
         loss = torch.nn.functional.cross_entropy(net(images), labels)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -628,6 +627,9 @@ def bench_conv_impls(
     if torch_version is not None:
         for layout, channels_last in (("NCHW", False), ("channels_last", True)):
             torch_step = _torch_step_fn(name, width, batch, channels_last)
+            if torch_step is None:
+                print(f"  no PyTorch twin of {name}: PyTorch rows skipped", flush=True)
+                break
             runners[f"torch {layout}"] = lambda count, f=torch_step: [f() for _ in range(count)]
     for run in runners.values():
         run(1)  # warm up
@@ -783,6 +785,10 @@ def run_conv_comparison() -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _QUICK.value:
+        for name, value in _QUICK_VALUES.items():
+            if not flags.FLAGS[name].present:
+                flags.FLAGS[name].value = value
     if _CONV_IMPLS.value:
         output = run_conv_comparison()
         if _JSON_OUT.value:
