@@ -37,6 +37,33 @@ gave 0.327 / 0.340 / 0.334 / 0.330 s per step: the loop adds no systematic overh
 FAIL at ~0.9 on a loaded machine is noise. Judge the ratio on an idle machine or a GPU.
 
 `--quick` runs a tiny SmallCNN on 8x8 images in seconds (the test's configuration).
+
+Convolution formulations and PyTorch (`--conv_impls`, replaces the loop check):
+
+    taskset -c 1 python experiments/bench_train.py --conv_impls=xla,auto --models=resnet18 \
+        --widths=0.25 --steps=3 --rounds=5
+
+times the bare step of each `conv_impl` (salun_jax.models.conv) and, when torch is importable
+(`pip install -e .[bench]`), the same ResNet in PyTorch (NCHW and channels_last), rotating the
+order each round; prints img/s, per-round-median ratios and the per-layer choice of "auto"
+(isolated fwd + dx + dw medians of XLA's and the chosen formulation). `--epoch_dataset` adds
+whole `loop.run` epochs per conv_impl. Measured 2026-12 on the 2-core machine under a load average
+of 7-10 from other jobs (jax 0.10.2, torch 2.13.0+cpu), ResNet-18 x0.25, batch 128:
+
+    pinned to one core:   xla 90.5, auto 116.3 (per round: 1.08x xla), torch NCHW 124.2,
+                          channels_last 248.6 img/s; xla / NCHW 0.72x, auto / NCHW 0.66x,
+                          auto / channels_last 0.49x
+    one core, another run: xla / NCHW 0.65x, auto / NCHW 0.77x, auto / xla 1.07x
+    one core, XLA_FLAGS=--xla_cpu_use_onednn=true: xla / NCHW 0.71x (no gain over 0.72x)
+    both cores:           xla 70.5, custom 61.2, auto 68.8 img/s (custom / xla 0.77x,
+                          auto / xla 0.83x); torch 24-50 img/s (its threads suffer most
+                          under the load), so the PyTorch ratios of that run mean little
+
+"auto" wins per layer in isolation (1.09-1.23x summed over the conv layers; input gradient as a
+forward conv on the 16/32-channel layers, im2col weight gradients on 1x1 shortcuts and small
+spatial sizes) but only ~1.08x in the whole step at one core and loses on two, and wrapping even
+XLA's own formulas in a custom VJP cost ~13% of the step (0.87x): the default stays "xla". The
+target (>= PyTorch NCHW) is not met here.
 """
 
 from __future__ import annotations
