@@ -25,4 +25,8 @@ setup(
         "safetensors>=0.8.0",
         "regex",
     ],
+    extras_require={
+        # experiments/bench_train.py --conv_impls times PyTorch's step beside ours when present.
+        "bench": ["torch==2.13.0"],
+    },
 )

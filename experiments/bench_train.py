@@ -37,6 +37,38 @@ gave 0.327 / 0.340 / 0.334 / 0.330 s per step: the loop adds no systematic overh
 FAIL at ~0.9 on a loaded machine is noise. Judge the ratio on an idle machine or a GPU.
 
 `--quick` runs a tiny SmallCNN on 8x8 images in seconds (the test's configuration).
+
+Convolution formulations and PyTorch (`--conv_impls`, replaces the loop check):
+
+    taskset -c 1 python experiments/bench_train.py --conv_impls=xla,auto --models=resnet18 \
+        --widths=0.25 --steps=3 --rounds=5
+
+times the bare step of each `conv_impl` (salun_jax.models.conv) and, when torch is importable
+(`pip install -e .[bench]`), the same ResNet in PyTorch (NCHW and channels_last), rotating the
+order each round; prints img/s, per-round-median ratios and the per-layer choice of "auto"
+(isolated fwd + dx + dw medians of XLA's and the chosen formulation). `--epoch_dataset` adds
+whole `loop.run` epochs per conv_impl. Measured 2026-12 on the 2-core machine under a load average
+of 7-10 from other jobs (jax 0.10.2, torch 2.13.0+cpu), ResNet-18 x0.25, batch 128:
+
+    pinned to one core:   xla 90.5, auto 116.3 (per round: 1.08x xla), torch NCHW 124.2,
+                          channels_last 248.6 img/s; xla / NCHW 0.72x, auto / NCHW 0.66x,
+                          auto / channels_last 0.49x
+    one core, another run: xla / NCHW 0.65x, auto / NCHW 0.77x, auto / xla 1.07x
+    one core, XLA_FLAGS=--xla_cpu_use_onednn=true: xla / NCHW 0.71x (no gain over 0.72x)
+    both cores:           xla 70.5, custom 61.2, auto 68.8 img/s (custom / xla 0.77x,
+                          auto / xla 0.83x); torch 24-50 img/s (its threads suffer most
+                          under the load), so the PyTorch ratios of that run mean little
+
+    epochs (--epoch_dataset=<CIFAR-10 zip> --epoch_per_class=200 --epoch_rounds=2, one core,
+                          16 steps of 128): xla 22.1 / 19.2 s, auto 18.0 / 18.8 s: auto 1.12x
+                          (about 93 vs 83 s for the CIFAR CPU config's 9,000-image epoch at this
+                          load; 44.7 s was measured for xla on a calmer machine)
+
+"auto" wins per layer in isolation (1.09-1.23x summed over the conv layers; input gradient as a
+forward conv on the 16/32-channel layers, im2col weight gradients on 1x1 shortcuts and small
+spatial sizes) but only ~1.08x in the whole step at one core and loses on two, and wrapping even
+XLA's own formulas in a custom VJP cost ~13% of the step (0.87x): the default stays "xla". The
+target (>= PyTorch NCHW) is not met here.
 """
 
 from __future__ import annotations
@@ -56,6 +88,7 @@ from absl import app, flags
 
 from salun_jax import loop
 from salun_jax.losses import classification_loss
+from salun_jax.models import conv as conv_lib
 from salun_jax.models import create_model
 from salun_jax.optim import make_sgd
 from salun_jax.step import create_train_state, make_step
@@ -84,6 +117,23 @@ _NUMPY_REFERENCE = flags.DEFINE_bool("numpy_reference", True, "Also time numpy's
 _MIN_RATIO = flags.DEFINE_float("min_ratio", 0.9, "Loop/bare throughput needed to pass.")
 _STRICT = flags.DEFINE_bool("strict", False, "Exit with status 1 if any model fails.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSON here.")
+_CONV_IMPLS = flags.DEFINE_list(
+    "conv_impls",
+    [],
+    "Compare the bare train step with these conv_impl settings (xla, custom, auto; see "
+    "salun_jax.models.conv) and, when torch is importable, PyTorch's step (NCHW and "
+    "channels_last), interleaved; prints the per-layer choice table. Replaces the loop check.",
+)
+_TORCH = flags.DEFINE_bool("torch", True, "With --conv_impls: also time PyTorch if importable.")
+_EPOCH_DATASET = flags.DEFINE_string(
+    "epoch_dataset",
+    None,
+    "With --conv_impls: also time whole `loop.run` epochs on this data set (e.g. the CIFAR-10 "
+    "zip; its first --epoch_per_class images per class, the CIFAR CPU config's train subset), "
+    "one epoch per conv_impl per round, interleaved.",
+)
+_EPOCH_PER_CLASS = flags.DEFINE_integer("epoch_per_class", 900, "Images per class per epoch.")
+_EPOCH_ROUNDS = flags.DEFINE_integer("epoch_rounds", 1, "Interleaved epoch rounds.")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Tiny configuration (seconds; for the tests). Flags given explicitly still win."
 )
@@ -361,10 +411,6 @@ def _per_model(values: list[str], count: int, name: str, cast: Callable) -> list
 
 def run_benchmark() -> dict:
     """Runs the benchmark as the flags say, prints the table; returns the JSON record."""
-    if _QUICK.value:
-        for name, value in _QUICK_VALUES.items():
-            if not flags.FLAGS[name].present:
-                flags.FLAGS[name].value = value
     models = _MODELS.value
     widths = _per_model(_WIDTHS.value, len(models), "widths", float)
     steps = _per_model(_STEPS.value, len(models), "steps", int)
@@ -429,9 +475,359 @@ def run_benchmark() -> dict:
     return output
 
 
+# 6. Convolution formulations, PyTorch's step, whole epochs.
+
+
+def _torch_resnet(stage_sizes, width: float, num_classes: int, mean, std):
+    """The same CIFAR ResNet in PyTorch (upstream SalUn's layout and PyTorch's default init)."""
+    import torch  # noqa: PLC0415 (optional)
+    from torch import nn as tnn  # noqa: PLC0415
+
+    class Block(tnn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(cout)
+            self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = tnn.BatchNorm2d(cout)
+            self.shortcut = tnn.Sequential()
+            if stride != 1 or cin != cout:
+                self.shortcut = tnn.Sequential(
+                    tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
+                )
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+    class Net(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            base = max(1, int(round(64 * width)))
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+            self.conv1 = tnn.Conv2d(3, base, 3, 1, 1, bias=False)
+            self.bn1 = tnn.BatchNorm2d(base)
+            blocks, cin = [], base
+            for stage, count in enumerate(stage_sizes):
+                for block in range(count):
+                    stride = 2 if stage > 0 and block == 0 else 1
+                    blocks.append(Block(cin, base * 2**stage, stride))
+                    cin = base * 2**stage
+            self.layers = tnn.Sequential(*blocks)
+            self.fc = tnn.Linear(cin, num_classes)
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1((x - self.mean) / self.std)))
+            return self.fc(self.layers(x).mean(dim=(2, 3)))
+
+    return Net()
+
+
+_TORCH_STAGES = {"resnet18": (2, 2, 2, 2), "resnet8": (1, 1, 1)}
+
+
+def _torch_step_fn(model_name: str, width: float, batch: dict, channels_last: bool):
+    """One PyTorch train step (SGD, momentum 0.9, wd 5e-4, cross-entropy) on a fixed batch;
+    None for a model without a PyTorch twin here."""
+    import torch  # noqa: PLC0415 (optional)
+
+    if model_name not in _TORCH_STAGES:
+        return None
+    torch.manual_seed(0)
+    net = _torch_resnet(_TORCH_STAGES[model_name], width, _NUM_CLASSES, (0.5,) * 3, (0.25,) * 3)
+    images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+    images = images.float() / 255.0
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.from_numpy(batch["label"].astype(np.int64))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    net.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def conv_layer_table(model, image_shape, batch_size: int) -> list[dict]:
+    """Per distinct conv shape of `model`: its layers, the plan "auto" uses and the candidates'
+    times (from the plan cache; empty until an "auto" step has been compiled)."""
+    rows: dict[str, dict] = {}
+    cache = conv_lib.plan_cache()
+    x = jnp.zeros((batch_size, *image_shape))
+    for name, shape in conv_lib.conv_layer_shapes(model, x):
+        row = rows.setdefault(shape.key(), {"shape": shape.key(), "layers": [], "first": False})
+        row["layers"].append(name)
+        row["first"] = row["first"] or shape.input_shape[-1] == image_shape[-1]
+        plan, times = cache.get(shape), cache.times(shape)
+        row["plan"] = None if plan is None else str(plan)
+        row["times"] = times
+        if plan is not None and times:
+            # The stem's input gradient is never computed (the images need none).
+            parts = ("forward", "weight_grad") if row["first"] else conv_lib.PLAN_PARTS
+            row["xla_s"] = sum(times[p]["xla"] for p in parts)
+            row["chosen_s"] = sum(times[p][getattr(plan, p)] for p in parts)
+    return list(rows.values())
+
+
+def format_layer_table(rows: list[dict]) -> str:
+    header = (
+        f"{'conv shape (B x H x W x C, kernel, out, stride, pad)':<52}{'n':>3}  "
+        f"{'auto plan fwd/dx/dw':<20}{'xla ms':>8}{'auto ms':>8}{'speedup':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    total_xla = total_chosen = 0.0
+    for row in rows:
+        n = len(row["layers"])
+        if "xla_s" in row:
+            total_xla += n * row["xla_s"]
+            total_chosen += n * row["chosen_s"]
+            tail = (
+                f"{1e3 * row['xla_s']:>8.1f}{1e3 * row['chosen_s']:>8.1f}"
+                f"{row['xla_s'] / row['chosen_s']:>8.2f}"
+            )
+        else:
+            tail = "     (not timed)"
+        lines.append(f"{row['shape']:<52}{n:>3}  {row['plan'] or '-':<20}{tail}")
+    if total_chosen:
+        lines.append(
+            f"{'all conv layers (isolated fwd + dx + dw, x n)':<55}  {'':<20}"
+            f"{1e3 * total_xla:>8.1f}{1e3 * total_chosen:>8.1f}{total_xla / total_chosen:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def bench_conv_impls(
+    name: str,
+    width: float,
+    *,
+    impls: list[str],
+    batch_size: int,
+    steps: int,
+    rounds: int,
+    image_shape: tuple[int, ...],
+    with_torch: bool,
+) -> dict:
+    """Bare train steps of `name` with each conv_impl (and PyTorch's, NCHW and channels_last,
+    when importable), `steps` steps each per round, in rotating order over `rounds` rounds."""
+    data = _synthetic_data(batch_size, image_shape)
+    batch = {**data, "weight": np.ones(batch_size, np.float32)}
+    device_batch = jax.device_put(batch)
+    key = jax.random.key(1)
+    runners, compile_s, table = {}, {}, []
+    for impl in impls:
+        model = create_model(
+            name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1], width, impl
+        )
+        state = create_train_state(
+            model, jax.random.key(0), image_shape, make_sgd(0.01, momentum=0.9, weight_decay=5e-4)
+        )
+        start = time.perf_counter()  # for "auto" this includes timing new layer shapes once
+        compiled = (
+            jax.jit(make_step(classification_loss(), axis_name=None))
+            .lower(state, device_batch, key)
+            .compile()
+        )
+        compile_s[impl] = time.perf_counter() - start
+        print(
+            f"  {name} x{width:g} conv_impl={impl}: compiled in {compile_s[impl]:.1f} s", flush=True
+        )
+
+        def run_jax(count, compiled=compiled, state=state):
+            out = state
+            for _ in range(count):
+                out, metrics = compiled(out, device_batch, key)
+            jax.block_until_ready((out, metrics))
+
+        runners[f"jax {impl}"] = run_jax
+        if impl == "auto":
+            table = conv_layer_table(model, image_shape, batch_size)
+    torch_version = None
+    if with_torch:
+        try:
+            import torch  # noqa: PLC0415 (optional)
+
+            torch_version = torch.__version__
+        except ImportError:
+            print("  torch is not importable: PyTorch rows skipped", flush=True)
+    if torch_version is not None:
+        for layout, channels_last in (("NCHW", False), ("channels_last", True)):
+            torch_step = _torch_step_fn(name, width, batch, channels_last)
+            if torch_step is None:
+                print(f"  no PyTorch twin of {name}: PyTorch rows skipped", flush=True)
+                break
+            runners[f"torch {layout}"] = lambda count, f=torch_step: [f() for _ in range(count)]
+    for run in runners.values():
+        run(1)  # warm up
+    times = {label: [] for label in runners}
+    labels = list(runners)
+    for round_index in range(rounds):
+        # Rotate the order each round, so no setting always runs first (or last) in a round.
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            runners[label](steps)
+            times[label].append((time.perf_counter() - start) / steps)
+    rates = {label: batch_size / statistics.median(t) for label, t in times.items()}
+    ratios = {}
+    for label in rates:
+        for reference in ("torch NCHW", "torch channels_last", "jax xla"):
+            if reference in times and label != reference:
+                # Median over rounds of the per-round ratio (both ran within the same round).
+                ratios[f"{label} / {reference}"] = statistics.median(
+                    r / t for r, t in zip(times[reference], times[label], strict=True)
+                )
+    return {
+        "model": name,
+        "width": width,
+        "batch_size": batch_size,
+        "steps": steps,
+        "rounds": rounds,
+        "torch_version": torch_version,
+        "compile_s": compile_s,
+        "step_s_per_round": times,
+        "images_per_s": rates,
+        "ratios": ratios,
+        "layers": table,
+        "load_average": os.getloadavg(),
+    }
+
+
+def bench_epochs(
+    dataset_path: str, name: str, width: float, impls: list[str], per_class: int, rounds: int
+) -> dict:
+    """Seconds of whole `loop.run` epochs (batch 128, no augmentation) per conv_impl, on the
+    first `per_class` train images of each class of `dataset_path`, interleaved over rounds."""
+    from salun_jax.data.sources import load_dataset  # noqa: PLC0415
+
+    dataset = load_dataset(dataset_path)
+    labels = dataset.train_labels
+    indices = np.concatenate(
+        [np.flatnonzero(labels == c)[:per_class] for c in range(dataset.num_classes)]
+    )
+    data = {"image": dataset.train_images, "label": labels}
+    batches_fn = index_batches(indices, 128)
+    key = jax.random.key(1)
+    states = {}
+    for impl in impls:
+        model = create_model(
+            name, dataset.num_classes, dataset.mean, dataset.std, width, conv_impl=impl
+        )
+        states[impl] = create_train_state(
+            model,
+            jax.random.key(0),
+            dataset.image_shape,
+            make_sgd(0.05, momentum=0.9, weight_decay=5e-4),
+        )
+    seconds = {impl: [] for impl in impls}
+    losses = {impl: [] for impl in impls}
+    for round_index in range(rounds):
+        order = impls if round_index % 2 == 0 else impls[::-1]
+        for impl in order:
+            out = loop.run(
+                states[impl],
+                make_step(classification_loss()),
+                data,
+                batches_fn,
+                num_epochs=1,
+                key=key,
+                seed=round_index,
+                progress=False,
+            )
+            seconds[impl].append(out.run_seconds)
+            losses[impl].append(out.history[-1]["loss"])
+            print(
+                f"  epoch round {round_index}: conv_impl={impl} {out.run_seconds:.1f} s "
+                f"(compile {out.compile_seconds:.1f} s), loss {out.history[-1]['loss']:.4f}, "
+                f"load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+    ratios = {
+        f"{impl} / xla": statistics.median(
+            x / t for x, t in zip(seconds["xla"], seconds[impl], strict=True)
+        )
+        for impl in impls
+        if impl != "xla" and "xla" in seconds
+    }
+    return {
+        "dataset": dataset_path,
+        "images": int(len(indices)),
+        "epoch_s": seconds,
+        "loss": losses,
+        "speedup_over_xla": ratios,
+    }
+
+
+def run_conv_comparison() -> dict:
+    """--conv_impls: the comparison, printed; returns the JSON record."""
+    models = _MODELS.value
+    widths = _per_model(_WIDTHS.value, len(models), "widths", float)
+    steps = _per_model(_STEPS.value, len(models), "steps", int)
+    image_shape = (_IMAGE_SIZE.value, _IMAGE_SIZE.value, _CHANNELS.value)
+    print(
+        f"jax {jax.__version__}, backend {jax.default_backend()}, XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS', '')!r}, load average {os.getloadavg()}",
+        flush=True,
+    )
+    results = []
+    for name, width, num_steps in zip(models, widths, steps, strict=True):
+        record = bench_conv_impls(
+            name,
+            width,
+            impls=_CONV_IMPLS.value,
+            batch_size=_BATCH_SIZE.value,
+            steps=num_steps,
+            rounds=_ROUNDS.value,
+            image_shape=image_shape,
+            with_torch=_TORCH.value,
+        )
+        results.append(record)
+        print(f"\n{name} x{width:g}, batch {_BATCH_SIZE.value}: train step, median over rounds")
+        for label, rate in record["images_per_s"].items():
+            print(f"  {label:<22}{rate:>8.1f} img/s")
+        for label, ratio in record["ratios"].items():
+            print(f"  {label:<44}{ratio:>6.2f}x")
+        if record["layers"]:
+            print("\nper-layer choice of conv_impl=auto (isolated, jitted, medians):")
+            print(format_layer_table(record["layers"]))
+        print(f"load average {record['load_average']}", flush=True)
+    output = {"jax_version": jax.__version__, "conv_results": results}
+    if _EPOCH_DATASET.value:
+        output["epochs"] = bench_epochs(
+            _EPOCH_DATASET.value,
+            models[0],
+            widths[0],
+            _CONV_IMPLS.value,
+            _EPOCH_PER_CLASS.value,
+            _EPOCH_ROUNDS.value,
+        )
+        print(
+            f"epochs: {output['epochs']['epoch_s']}, speedup {output['epochs']['speedup_over_xla']}"
+        )
+    output["load_average_end"] = os.getloadavg()
+    return output
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _QUICK.value:
+        for name, value in _QUICK_VALUES.items():
+            if not flags.FLAGS[name].present:
+                flags.FLAGS[name].value = value
+    if _CONV_IMPLS.value:
+        output = run_conv_comparison()
+        if _JSON_OUT.value:
+            os.makedirs(os.path.dirname(os.path.abspath(_JSON_OUT.value)), exist_ok=True)
+            with open(_JSON_OUT.value, "w") as f:
+                json.dump(output, f, indent=2, sort_keys=True, default=str)
+        return
     output = run_benchmark()
     if _STRICT.value and not output["passed"]:
         sys.exit(1)

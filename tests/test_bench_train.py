@@ -46,3 +46,53 @@ def test_bench_train_quick(tmp_path):
     assert record["passed"] == (record["loop_over_bare"] >= output["min_ratio"])
     assert output["passed"] == record["passed"]
     assert record["finite"]
+
+
+def test_bench_train_conv_impls_quick(tmp_path):
+    json_out = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", SALUN_JAX_CACHE=str(tmp_path / "cache"))
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--quick",
+            "--conv_impls=xla,auto",
+            "--torch=false",
+            "--rounds=2",
+            f"--json_out={json_out}",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "per-layer choice of conv_impl=auto" in result.stdout
+    (record,) = json.loads(json_out.read_text())["conv_results"]
+    assert set(record["images_per_s"]) == {"jax xla", "jax auto"}
+    assert all(len(t) == 2 for t in record["step_s_per_round"].values())
+    # SmallCNN: three conv layers of three distinct shapes, each timed and given a plan.
+    assert [len(row["layers"]) for row in record["layers"]] == [1, 1, 1]
+    assert all(row["plan"] and row["xla_s"] > 0 for row in record["layers"])
+    assert (tmp_path / "cache" / "conv_plans.json").exists()
+
+
+def test_torch_twin_has_the_same_parameter_count():
+    torch = pytest.importorskip("torch")
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import bench_train
+    finally:
+        sys.path.pop(0)
+    from salun_jax.models import create_model
+
+    net = bench_train._torch_resnet((2, 2, 2, 2), 0.25, 10, (0.5,) * 3, (0.25,) * 3)
+    model = create_model("resnet18", 10, (0.5,) * 3, (0.25,) * 3, 0.25)
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    assert sum(p.numel() for p in net.parameters()) == sum(x.size for x in jax.tree.leaves(params))
+    assert isinstance(net(torch.zeros(2, 3, 32, 32)), torch.Tensor)

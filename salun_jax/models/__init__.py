@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 
+from salun_jax.models.conv import Conv, ConvImpl, default_conv_impl
 from salun_jax.models.resnet import ResNet, ResNet8, ResNet18, ResNet34, ResNet50
 from salun_jax.models.vgg import VGG, VGG16BN, SmallCNN
 
@@ -20,9 +21,17 @@ MODELS = {
 
 
 def create_model(
-    name: str, num_classes: int, mean: Sequence[float], std: Sequence[float], width: float = 1.0
+    name: str,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    width: float = 1.0,
+    conv_impl: ConvImpl | None = None,
 ) -> nn.Module:
     """Builds a classifier by name. Input to the model: float [0, 1] images [B, H, W, C].
+
+    `conv_impl` chooses how convolutions compute gradients ("xla", "custom", "auto"; None: the
+    default of `salun_jax.models.conv.default_conv_impl`); parameters do not depend on it.
 
     Raises:
       ValueError: unknown model name.
@@ -31,11 +40,15 @@ def create_model(
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
-    return MODELS[name](num_classes=num_classes, mean=tuple(mean), std=tuple(std), width=width)
+    return MODELS[name](
+        num_classes=num_classes, mean=tuple(mean), std=tuple(std), width=width, conv_impl=conv_impl
+    )
 
 
 __all__ = [
     "MODELS",
+    "Conv",
+    "ConvImpl",
     "ResNet",
     "ResNet8",
     "ResNet18",
@@ -45,4 +58,5 @@ __all__ = [
     "VGG",
     "VGG16BN",
     "create_model",
+    "default_conv_impl",
 ]
