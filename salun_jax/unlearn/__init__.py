@@ -16,6 +16,7 @@ from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask
 from salun_jax.unlearn.diffusion import (
     DiffusionTask,
     DiffusionUnlearnConfig,
+    ddpm_esd,
     ddpm_gradient_ascent,
     ddpm_random_label,
     ddpm_retrain,
@@ -59,6 +60,7 @@ METHODS: dict[str, dict[str, Callable[..., UnlearnOutput]]] = {
         "SalUn": ddpm_salun,
         "RL": ddpm_random_label,
         "GA": ddpm_gradient_ascent,
+        "ESD": ddpm_esd,
     },
 }
 MASKED_METHODS = ("SalUn",)
