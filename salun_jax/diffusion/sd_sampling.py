@@ -258,7 +258,8 @@ def sample(
       num_steps: sampler steps (SalUn's evaluation: LMS, 100).
       guidance_scale: s in eps_u + s (eps_c - eps_u) (SD: 7.5).
       eta: DDIM's stochasticity (0: deterministic); ignored by Euler/LMS.
-      batch_size: samples per device and call (the last chunk is padded).
+      batch_size: samples per device and call; every call runs whole chunks (the last one
+        padded), so one compiled program serves any number of samples.
       decode_fn: applied to each chunk's final x (e.g. a jitted VAE decode); None keeps x.
 
     Returns:
@@ -274,7 +275,9 @@ def sample(
     grid = {k: jnp.asarray(v) for k, v in grid.items()}
     num_devices = jax.local_device_count()
     total = contexts.shape[0]
-    chunk = min(batch_size, -(-total // num_devices)) * num_devices
+    # Every chunk has the full size (the last one padded), so calls with different numbers of
+    # samples share one compiled program.
+    chunk = batch_size * num_devices
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(total))
     uncond = jnp.asarray(uncond_context, jnp.float32)
     out = []
