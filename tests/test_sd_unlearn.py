@@ -1,9 +1,8 @@
 """Tests for text-to-image unlearning (salun_jax.unlearn.sd and the SD losses): ESD's target,
 FMN's attention loss on constructed maps, the trainable sets, the hard SalUn-SD mask, ESD-x and
-FMN on the tiny fixture UNet, and the registry."""
+FMN on a one-level SD UNet, and the registry."""
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ from salun_jax.losses import (
     text_attention_loss,
     text_forget_loss,
 )
-from salun_jax.models.sd import CLIPTokenizer, load_unet
+from salun_jax.models.sd import CLIPTokenizer, UNet2DConditionModel, UNetConfig
 from salun_jax.models.sd.layers import attention_probs
 from salun_jax.step import TrainState
 from salun_jax.unlearn import METHODS, get_method, unlearn
@@ -30,18 +29,34 @@ from salun_jax.unlearn.sd import (
     sd_esd,
     sd_fmn,
     sd_random_label,
-    sd_saliency_scores,
     sd_salun,
     trainable_fraction,
     trainable_params,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
 def unet_and_params():
-    return load_unet(os.path.join(REPO, "tests", "fixtures", "sd_tiny", "unet"))
+    # The SD UNet class at its smallest: one cross-attention level (down, mid, up), 4x4x2
+    # inputs; compiling its steps, not running them, is what these tests cost.
+    unet = UNet2DConditionModel(
+        UNetConfig(
+            sample_size=4,
+            in_channels=2,
+            out_channels=2,
+            block_out_channels=(8,),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",),
+            attention_head_dim=2,
+            cross_attention_dim=16,
+            norm_num_groups=4,
+        )
+    )
+    params = jax.jit(unet.init)(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 2)), jnp.zeros(1), jnp.zeros((1, 10, 16))
+    )
+    return unet, params["params"]
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +72,10 @@ def task(unet_and_params):
         scaled_linear_schedule(),
         contexts,
         ids,
-        forget_images=rng.normal(size=(6, 8, 8, 4)).astype(np.float32),
+        forget_images=rng.normal(size=(6, 4, 4, 2)).astype(np.float32),
         forget_prompt=np.ones(6, np.int32),
         pseudo_prompt=np.full(6, 2, np.int32),
-        retain_images=rng.normal(size=(6, 8, 8, 4)).astype(np.float32),
+        retain_images=rng.normal(size=(6, 4, 4, 2)).astype(np.float32),
         retain_prompt=np.full(6, 2, np.int32),
         concept_token_ids=tuple(tokenizer.encode("3")),
         eos_token_id=tokenizer.eos_id,
@@ -131,7 +146,7 @@ def test_attention_loss_reads_every_cross_attention_map(task, unet_and_params):
         *_noised(task, batch, jax.random.key(0)),
         jnp.asarray(task.contexts)[batch["prompt"]],
     )
-    assert plain.shape == (2, 8, 8, 4)
+    assert plain.shape == (2, 4, 4, 2)
     q = jnp.ones((1, 4, 6))
     np.testing.assert_allclose(attention_probs(q, jnp.zeros((1, 3, 6)), 2), 1 / 3, rtol=1e-6)
 
@@ -168,8 +183,12 @@ def test_trainable_sets(unet_and_params):
 
 def test_salun_sd_keeps_non_salient_weights_bit_identical(task, unet_and_params):
     unet, params = unet_and_params
-    scores = sd_saliency_scores(params, task, batch_size=4, guidance_scale=7.5)
-    mask = saliency.mask_from_scores(jax.device_get(scores), 0.5)
+    # Random scores: the mask's origin does not matter here (the pipeline test builds one with
+    # `sd_saliency_scores`).
+    leaves, treedef = jax.tree.flatten(jax.device_get(params))
+    rng = np.random.default_rng(0)
+    scores = jax.tree.unflatten(treedef, [rng.random(np.shape(x)) for x in leaves])
+    mask = saliency.mask_from_scores(scores, 0.5)
     config = SDUnlearnConfig(
         num_iterations=3, batch_size=2, learning_rate=1e-2, alpha=0.5, log_every=3
     )
@@ -244,18 +263,7 @@ def test_fmn_lowers_the_concept_attention(task, unet_and_params):
     )
     out = sd_fmn(_state(unet, params), task, config, jax.random.key(3), progress=False)
     assert out.history[-1]["loss"] < out.history[0]["loss"]
-    only = SDUnlearnConfig(
-        num_iterations=1,
-        batch_size=2,
-        learning_rate=1e-2,
-        fmn_only_cross_attention=True,
-        log_every=1,
-    )
-    out = sd_fmn(_state(unet, params), task, only, jax.random.key(3), progress=False)
-    selection = jax.tree.leaves(trainable_params(params, "xattn"))
-    for old, new, keep in zip(_leaves(params), _leaves(out.state.params), selection, strict=True):
-        if not keep:
-            np.testing.assert_array_equal(new, old)
+    only = SDUnlearnConfig(num_iterations=1, fmn_only_cross_attention=True)
     with pytest.raises(ValueError, match="concept's token ids"):
         sd_fmn(
             _state(unet, params),

@@ -14,12 +14,16 @@ classifier (UA is not computed here: no classifier weights on these machines). I
 this setting has not been run.
 
 `:tiny` - the meaningful CPU chain: the same SD UNet class (cross-attention, 8x8 pixel space,
-block channels 32/64), a tiny random frozen CLIP text encoder and a tiny tokenizer, trained
-here on the bundled digits with prompts "a photo of the digit {k}" (1500 iterations), then
+block channels 16/32), a tiny random frozen CLIP text encoder and a tiny tokenizer, trained
+here on the bundled digits with prompts "a photo of the digit {k}" (1200 iterations), then
 digit 3 forgotten with SalUn, ESD and FMN; UA and retained-digit accuracy by the library's
 digits classifier on 50 samples per prompt:
 
     python experiments/sd_unlearn.py --config experiments/configs/sd_imagenette.py:tiny --workdir runs/sd_tiny
+
+Measured on the shared 2-core CPU machine (load 8-9): 12 min 35 s wall, 7 min 15 s CPU
+(training 1200 iterations 202 s + 84 s compilation). Expected (UA / retained-digit accuracy, %):
+before 0 / 100; SalUn 100 / 100; ESD-u 100 / 70.4; FMN 64 / 94.2.
 
 `:test` - the same chain at seconds scale (the test suite).
 """

@@ -709,7 +709,7 @@ def _tiny_digits(config: ml_collections.ConfigDict, variant: str) -> None:
             norm_num_groups=8,
         ),
         train=dict(
-            num_iterations=1500,
+            num_iterations=1200,
             batch_size=64,
             learning_rate=2e-3,
             grad_clip=1.0,
@@ -755,12 +755,12 @@ def _tiny_digits(config: ml_collections.ConfigDict, variant: str) -> None:
             log_every=50,
         ),
         FMN=dict(
-            num_iterations=100,
+            num_iterations=35,
             batch_size=8,
-            learning_rate=1e-3,
+            learning_rate=1e-4,
             weight_decay=0.01,
             grad_clip=1.0,
-            log_every=50,
+            log_every=35,
         ),
     )
     config.sample = dict(
