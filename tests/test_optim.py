@@ -227,3 +227,11 @@ def test_make_sgd_follows_the_schedule():
 def test_multistep_schedule_counts_every_milestone(milestones, epoch, factor):
     schedule = optim.multistep_schedule(1.0, milestones, 0.1, steps_per_epoch=4)
     assert float(schedule(4 * epoch)) == pytest.approx(factor, rel=1e-6)
+
+
+def test_adam_weight_decay_is_decoupled_and_inside_the_hard_mask():
+    params = {"w": jnp.array([1.0, 2.0])}
+    tx = optim.make_adam(0.1, clip_norm=None, mask={"w": jnp.array([1, 0])}, weight_decay=0.5)
+    updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+    # A zero gradient leaves Adam's term at 0; AdamW's decay is -lr * wd * p, salient weights only.
+    np.testing.assert_allclose(updates["w"], [-0.05, 0.0])
