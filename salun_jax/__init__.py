@@ -33,6 +33,8 @@ from salun_jax.train import TrainConfig, train_classifier
 from salun_jax.unlearn import (
     DiffusionTask,
     DiffusionUnlearnConfig,
+    SDTask,
+    SDUnlearnConfig,
     UnlearnConfig,
     UnlearnOutput,
     UnlearnTask,
@@ -46,6 +48,8 @@ __all__ = [
     "DiffusionTask",
     "DiffusionUnlearnConfig",
     "RunOutput",
+    "SDTask",
+    "SDUnlearnConfig",
     "Split",
     "TrainConfig",
     "TrainState",
