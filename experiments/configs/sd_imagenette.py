@@ -21,8 +21,9 @@ digits classifier on 50 samples per prompt:
 
     python experiments/sd_unlearn.py --config experiments/configs/sd_imagenette.py:tiny --workdir runs/sd_tiny
 
-Measured on the shared 2-core CPU machine (load 8-9): 12 min 35 s wall, 7 min 15 s CPU
-(training 1200 iterations 202 s + 84 s compilation). Expected (UA / retained-digit accuracy, %):
+Measured on the shared 2-core CPU machine from a fresh work directory and compilation cache:
+7 min 36 s wall at load 3-5, 12 min 35 s at load 8-9 (training 1200 iterations: 146 s + 28 s
+compilation at the lower load). Expected (UA / retained-digit accuracy, %):
 before 0 / 100; SalUn 100 / 100; ESD-u 100 / 70.4; FMN 64 / 94.2.
 
 `:test` - the same chain at seconds scale (the test suite).
