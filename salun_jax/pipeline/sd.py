@@ -338,7 +338,7 @@ def results_markdown(results: dict) -> str:
     fmt = report.format_number
     classifier = results.get("classifier")
     lines = [f"{results['task']} forgetting: {results['forget']}."]
-    if classifier:
+    if classifier and results["task"] == "class":
         lines.append(
             f"Evaluation classifier {classifier['model']}, test accuracy "
             f"{classifier['test_accuracy']:.2f}%. UA = share of samples for the forgotten "
@@ -346,8 +346,9 @@ def results_markdown(results: dict) -> str:
         )
     else:
         lines.append(
-            "No classifier here: UA and accuracies are not computed; the samples are in "
-            "samples/<method>/ for an external classifier or NudeNet."
+            "No classifier for this task here: UA and accuracies are not computed; count "
+            "NudeNet detections or classify the samples in samples/<method>/ (pretrained "
+            "models) or look at grids/."
         )
     table = report.markdown(
         ["Method", "UA (%)", "Forget-prompt acc. (%)", "Retained acc. (%)", "Run time (s)"],
