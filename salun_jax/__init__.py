@@ -40,6 +40,8 @@ from salun_jax.train import TrainConfig, train_classifier
 from salun_jax.unlearn import (
     DiffusionTask,
     DiffusionUnlearnConfig,
+    SDTask,
+    SDUnlearnConfig,
     UnlearnConfig,
     UnlearnOutput,
     UnlearnTask,
@@ -55,6 +57,8 @@ __all__ = [
     "DiffusionTask",
     "DiffusionUnlearnConfig",
     "RunOutput",
+    "SDTask",
+    "SDUnlearnConfig",
     "Split",
     "TrainConfig",
     "TrainState",

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import optax
 
 from salun_jax.data.augment import random_crop_flip, random_flip, to_float
-from salun_jax.diffusion.samplers import guided_eps
+from salun_jax.diffusion.samplers import ddim_grid, ddim_partial_chain, guided_eps
 from salun_jax.diffusion.schedule import NoiseSchedule, q_sample
+from salun_jax.diffusion.sd_sampling import text_guided_eps
 from salun_jax.types import PyTree
 
 LossFn = Callable[[PyTree, dict, jax.Array, Any], tuple[jax.Array, dict]]
@@ -467,5 +468,323 @@ def diffusion_ascent_loss(
         forget = -diffusion_loss(noise, eps_all[:b], "per_example")
         retain = diffusion_loss(r_noise, eps_all[b:], "per_example")
         return forget + alpha * retain, {"metrics": {"forget_loss": forget, "retain_loss": retain}}
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------------
+# Erased Stable Diffusion (ESD) for the class-conditional DDPM and for SD, and the losses of
+# text-to-image (Stable Diffusion) unlearning.
+
+
+def esd_target(eps_null: jax.Array, eps_cond: jax.Array, negative_guidance: float) -> jax.Array:
+    """ESD's negatively guided target: eps(x_t, "") - eta (eps(x_t, c) - eps(x_t, "")).
+
+    Both inputs come from the frozen original model; training eps_theta(x_t, c) towards it
+    points the concept's score away from the concept (ESD Eq. 7).
+    """
+    return eps_null - negative_guidance * (eps_cond - eps_null)
+
+
+def _esd_draw(rng: jax.Array, batch: int, shape: tuple[int, ...], num_steps: int):
+    steps_rng, x_rng = jax.random.split(rng)
+    k = jax.random.randint(steps_rng, (batch,), 0, num_steps)  # DDIM steps to run, per example
+    return k, jax.random.normal(x_rng, (batch, *shape), jnp.float32)
+
+
+def ddpm_esd_loss(
+    apply_fn: Callable,
+    schedule: NoiseSchedule,
+    *,
+    image_shape: tuple[int, int, int],
+    negative_guidance: float = 1.0,
+    start_guidance: float = 2.0,
+    num_steps: int = 50,
+) -> LossFn:
+    """ESD for a class-conditional DDPM, with the learned null class as the "" prompt:
+
+        k ~ U{0..N-1}; x_k = k deterministic DDIM steps (guidance `start_guidance`) from
+        x_T ~ N(0, I) with the model being trained (no gradient); t = grid[k];
+        loss_i = mean over H, W, C of (eps_theta(x_k, t, c) - stop_grad esd_target(
+                 eps_0(x_k, t, null), eps_0(x_k, t, c), eta))^2
+
+    eps_0 is the frozen original (`state.extra["frozen"]`), in eval mode; the trained pass is in
+    train mode (dropout), as the other DDPM losses. The grid is upstream's "uniform" DDIM grid of
+    `num_steps` (`samplers.ddim_grid`); every UNet query sits at the level x_k has reached (the
+    consistent form of ESD's diffusers rewrite; the original script queried ~2 grid steps
+    noisier, ../shared/docs/reference-sd.md §5.1). `start_guidance` is the DDPM's own CFG weight
+    w in (1 + w) eps_c - w eps_null (w 2 = SD's s 3, ESD's default).
+
+    Returns:
+      `loss_fn(params, batch, rng, state)` reading `label` (the forget class of each example),
+      with the per-example `esd_steps` metric (k).
+
+    References:
+      Gandikota et al. 2023 (ESD) Eq. 7 and Alg. 1.
+    """
+    ts, a_t, a_next = ddim_grid(schedule, num_steps)
+
+    def loss_fn(params, batch, rng, state):
+        labels = batch["label"]
+        b = labels.shape[0]
+        draw_rng, dropout_rng = jax.random.split(rng)
+        k, x_init = _esd_draw(draw_rng, b, image_shape, ts.shape[0])
+        sampler_params = jax.lax.stop_gradient(params)
+        x_k = ddim_partial_chain(
+            lambda x, t: guided_eps(apply_fn, sampler_params, x, t, labels, start_guidance),
+            x_init,
+            ts,
+            a_t,
+            a_next,
+            k,
+        )
+        t = ts[k]
+        frozen = apply_fn(
+            {"params": state.extra["frozen"]},
+            jnp.concatenate([x_k, x_k]),
+            jnp.concatenate([t, t]),
+            jnp.concatenate([labels, labels]),
+            train=False,
+            null_mask=jnp.concatenate([jnp.ones(b, bool), jnp.zeros(b, bool)]),
+        )
+        target = jax.lax.stop_gradient(esd_target(frozen[:b], frozen[b:], negative_guidance))
+        eps = _eps(apply_fn, params, x_k, t, labels, None, dropout_rng)
+        loss = jnp.mean(jnp.square(eps - target).reshape(b, -1), axis=1)
+        return loss, {"metrics": {"esd_steps": k.astype(jnp.float32)}}
+
+    return loss_fn
+
+
+def _sd_x0(batch: dict, prefix: str, rng: jax.Array) -> jax.Array:
+    """The clean input of a text-to-image batch: uint8 pixels -> [-1, 1]; float latents as they
+    are, plus `latent_std` x N(0, I) when the batch holds the VAE posterior's std (SD's
+    `get_input` samples the posterior at every call)."""
+    x = batch[f"{prefix}image"]
+    if x.dtype == jnp.uint8:
+        return to_model_range(x)
+    x = x.astype(jnp.float32)
+    std = batch.get(f"{prefix}latent_std")
+    return x if std is None else x + std * jax.random.normal(rng, x.shape, x.dtype)
+
+
+def _sd_noising(schedule: NoiseSchedule, x0: jax.Array, rng: jax.Array):
+    noise_rng, t_rng = jax.random.split(rng)
+    noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+    t = jax.random.randint(t_rng, (x0.shape[0],), 0, schedule.num_timesteps)  # ldm: randint
+    return q_sample(schedule, x0, t, noise), t, noise
+
+
+def _per_example_mse(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
+
+
+def text_denoising_loss(
+    apply_fn: Callable,
+    schedule: NoiseSchedule,
+    contexts: jax.Array,
+    *,
+    uncond_drop_prob: float = 0.0,
+    prefix: str = "",
+) -> LossFn:
+    """The latent-diffusion loss of a text-conditioned UNet, per example: mean over H, W, C of
+    (noise - eps_theta(x_t, t, c))^2, t ~ U{0..T-1} (ldm `shared_step`: per-element mean).
+
+    Args:
+      apply_fn: `UNet2DConditionModel.apply`.
+      schedule: the noise schedule.
+      contexts: [P, M, D] text states of the prompt table; row 0 is "" (the unconditional one).
+      uncond_drop_prob: probability that an example is trained with "" instead of its prompt
+        (SD's training used 0.1, which makes classifier-free guidance possible).
+      prefix: read `{prefix}image` and `{prefix}prompt` (row of `contexts`) from the batch.
+
+    Returns:
+      `loss_fn(params, batch, rng, state)`.
+    """
+    if not 0.0 <= uncond_drop_prob <= 1.0:
+        raise ValueError(f"uncond_drop_prob must be in [0, 1], got {uncond_drop_prob}")
+
+    def loss_fn(params, batch, rng, state):
+        del state
+        x0_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+        x0 = _sd_x0(batch, prefix, x0_rng)
+        x_t, t, noise = _sd_noising(schedule, x0, noise_rng)
+        prompt = batch[f"{prefix}prompt"]
+        if uncond_drop_prob > 0:
+            drop = jax.random.bernoulli(drop_rng, uncond_drop_prob, prompt.shape)
+            prompt = jnp.where(drop, 0, prompt)
+        eps = apply_fn({"params": params}, x_t, t, contexts[prompt])
+        return _per_example_mse(noise, eps), {}
+
+    return loss_fn
+
+
+def text_guided_mask_loss(
+    apply_fn: Callable, schedule: NoiseSchedule, contexts: jax.Array, guidance_scale: float = 7.5
+) -> BatchLossFn:
+    """SalUn-SD's mask loss on a forget batch: MSE(noise, (1 + w) eps(x_t, c) - w eps(x_t, ""))
+    over the valid examples (upstream SD `generate_mask.py`, w = 7.5; not negated: only |grad|
+    matters)."""
+
+    def loss_fn(params, batch, rng):
+        x0_rng, noise_rng = jax.random.split(rng)
+        x_t, t, noise = _sd_noising(schedule, _sd_x0(batch, "", x0_rng), noise_rng)
+        context = contexts[batch["prompt"]]
+        eps = text_guided_eps(apply_fn, params, x_t, t, context, contexts[0], 1.0 + guidance_scale)
+        return weighted_mean(_per_example_mse(noise, eps), batch["weight"])
+
+    return loss_fn
+
+
+def text_forget_loss(
+    apply_fn: Callable, schedule: NoiseSchedule, contexts: jax.Array, *, alpha: float
+) -> LossFn:
+    """SalUn-SD / RL-SD on a paired batch (forget example i with retain example i):
+
+        forget_i = mean over H, W, C of (eps(x_t, t, c_f) - stop_grad eps(x_t, t, c_pseudo))^2
+        retain_i = mean over H, W, C of (eps(x^r_t, t^r, c_r) - noise^r)^2      (ldm loss)
+        loss_i   = forget_i + alpha * retain_i
+
+    so the batch mean is upstream's `MSE(forget_out, pseudo_out) + alpha * remain_loss` (both
+    per-element means; upstream SD `random_label.py` / `nsfw_removal.py`). The pseudo target
+    uses the same x_t and t with the current weights, without gradient (upstream `.detach()`).
+    Forget and retain inputs go through the UNet as one batch.
+
+    Returns:
+      `loss_fn(params, batch, rng, state)` reading `image`, `prompt`, `pseudo` (rows of
+      `contexts`) and `retain_image`, `retain_prompt`; metrics `forget_loss`, `retain_loss`.
+    """
+
+    def loss_fn(params, batch, rng, state):
+        forget_rng, retain_rng, x0_rng, r_x0_rng = jax.random.split(rng, 4)
+        b = batch["prompt"].shape[0]
+        x_t, t, _ = _sd_noising(schedule, _sd_x0(batch, "", x0_rng), forget_rng)
+        r_x_t, r_t, r_noise = _sd_noising(schedule, _sd_x0(batch, "retain_", r_x0_rng), retain_rng)
+        target = jax.lax.stop_gradient(
+            apply_fn({"params": state.params}, x_t, t, contexts[batch["pseudo"]])
+        )
+        eps = apply_fn(
+            {"params": params},
+            jnp.concatenate([x_t, r_x_t]),
+            jnp.concatenate([t, r_t]),
+            contexts[jnp.concatenate([batch["prompt"], batch["retain_prompt"]])],
+        )
+        forget = _per_example_mse(eps[:b], target)
+        retain = _per_example_mse(eps[b:], r_noise)
+        return forget + alpha * retain, {"metrics": {"forget_loss": forget, "retain_loss": retain}}
+
+    return loss_fn
+
+
+def text_esd_loss(
+    apply_fn: Callable,
+    contexts: jax.Array,
+    grid: tuple[jax.Array, jax.Array, jax.Array],
+    *,
+    sample_shape: tuple[int, int, int],
+    negative_guidance: float = 1.0,
+    start_guidance: float = 3.0,
+) -> LossFn:
+    """ESD for Stable Diffusion, per example (batch 1 in the paper):
+
+        k ~ U{0..N-1}; x_k = k DDIM steps (eta 0, CFG `start_guidance`, the concept's prompt)
+        from x_T ~ N(0, I) with the model being trained (no gradient); t = grid[k];
+        loss_i = mean of (eps_theta(x_k, t, c) - stop_grad esd_target(eps_0(x_k, t, ""),
+                 eps_0(x_k, t, c), eta))^2
+
+    with eps_0 the frozen original (`state.extra["frozen"]`). Every UNet query sits at the
+    level x_k has reached (see `ddpm_esd_loss` on the original script's offset).
+
+    Args:
+      apply_fn: `UNet2DConditionModel.apply`.
+      contexts: [P, M, D] prompt table, row 0 = "".
+      grid: (timesteps, abar_t, abar_next) of the DDIM grid (`sd_sampling.make_grid(schedule,
+        "ddim", 50)`: SD's leading + 1 grid, as ldm's DDIM sampler that ESD used).
+      sample_shape: (H, W, C) of the UNet's space.
+      negative_guidance: eta (ESD default 1).
+      start_guidance: s of the sampling CFG (ESD default 3).
+
+    Returns:
+      `loss_fn(params, batch, rng, state)` reading `prompt`; metric `esd_steps`.
+
+    References:
+      Gandikota et al. 2023 (ESD) Eq. 7, Alg. 1; `erasing:train-scripts/train-esd.py`.
+    """
+    ts, a_t, a_next = (jnp.asarray(g, jnp.float32) for g in grid)
+
+    def loss_fn(params, batch, rng, state):
+        prompt = batch["prompt"]
+        b = prompt.shape[0]
+        k, x_init = _esd_draw(rng, b, sample_shape, ts.shape[0])
+        context, uncond = contexts[prompt], jnp.broadcast_to(contexts[0], contexts[prompt].shape)
+        sampler_params = jax.lax.stop_gradient(params)
+        x_k = ddim_partial_chain(
+            lambda x, t: text_guided_eps(
+                apply_fn, sampler_params, x, t, context, uncond, start_guidance
+            ),
+            x_init,
+            ts,
+            a_t,
+            a_next,
+            k,
+        )
+        t = ts[k]
+        frozen = apply_fn(
+            {"params": state.extra["frozen"]},
+            jnp.concatenate([x_k, x_k]),
+            jnp.concatenate([t, t]),
+            jnp.concatenate([uncond, context]),
+        )
+        target = jax.lax.stop_gradient(esd_target(frozen[:b], frozen[b:], negative_guidance))
+        eps = apply_fn({"params": params}, x_k, t, context)
+        return _per_example_mse(eps, target), {"metrics": {"esd_steps": k.astype(jnp.float32)}}
+
+    return loss_fn
+
+
+def attention_resteering_loss(probs: list[jax.Array], positions: jax.Array) -> jax.Array:
+    """Forget-Me-Not's loss per example: the L2 norm (not squared) of the cross-attention
+    probabilities on the concept's token positions, over every cross-attention module, head and
+    query pixel.
+
+    Args:
+      probs: per cross-attention module, [B, heads, N, M] post-softmax maps.
+      positions: [B, M] bool, the concept's token positions of each example's prompt.
+
+    Returns:
+      [B] norms (FMN's `torch.cat(...).norm()` at its batch size 1).
+    """
+    weight = positions.astype(jnp.float32)[:, None, None, :]
+    total = sum(jnp.sum(jnp.square(p) * weight, axis=(1, 2, 3)) for p in probs)
+    return jnp.sqrt(total)
+
+
+def text_attention_loss(
+    apply_fn: Callable, schedule: NoiseSchedule, contexts: jax.Array, positions: jax.Array
+) -> LossFn:
+    """FMN attention re-steering on forget images: x_t = q_sample(x0, t, noise), t ~ U{0..T-1};
+    loss_i = `attention_resteering_loss` of the UNet's cross-attention maps for the example's
+    prompt at `positions[prompt]` ([P, M] bool). The UNet's eps output is not used.
+
+    References:
+      Zhang et al. 2023 (Forget-Me-Not) Sec. 3.2; `Forget-Me-Not:src/train_attn.py`.
+    """
+    from salun_jax.models.sd.layers import CROSS_ATTENTION_PROBS
+
+    def loss_fn(params, batch, rng, state):
+        del state
+        x0_rng, noise_rng = jax.random.split(rng)
+        x_t, t, _ = _sd_noising(schedule, _sd_x0(batch, "", x0_rng), noise_rng)
+        prompt = batch["prompt"]
+        _, variables = apply_fn(
+            {"params": params}, x_t, t, contexts[prompt], mutable=["intermediates"]
+        )
+        probs = [
+            leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(variables["intermediates"])
+            if any(getattr(k, "key", None) == CROSS_ATTENTION_PROBS for k in path)
+        ]
+        if not probs:
+            raise ValueError("the UNet has no cross-attention layers to re-steer")
+        return attention_resteering_loss(probs, positions[prompt]), {}
 
     return loss_fn

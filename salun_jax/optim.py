@@ -162,11 +162,16 @@ def make_adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
     """Adam with global-norm clipping first, then (optional) the mask: "clip, then mask" upstream
     (upstream `DDPM/runners/diffusion.py::saliency_unlearn`), so the clipping norm includes
-    masked-out coordinates."""
-    adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+    masked-out coordinates. `weight_decay` > 0 makes it AdamW (decoupled, as torch's AdamW:
+    p -= lr * wd * p), inside the mask (hard mode: masked weights do not decay either)."""
+    if weight_decay:
+        adam = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    else:
+        adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
     if mask is not None:
         adam = saliency_masked(adam, mask, mask_mode)
     if clip_norm is None:

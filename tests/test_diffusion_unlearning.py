@@ -33,7 +33,7 @@ from salun_jax.evaluation.generation import (
     save_sample_grid,
     unlearning_accuracy,
 )
-from salun_jax.losses import denoising_loss, guided_forget_loss
+from salun_jax.losses import _eps, ddpm_esd_loss, denoising_loss, esd_target, guided_forget_loss
 from salun_jax.models.unet import NULL_CLASS_PARAM, UNet
 from salun_jax.unlearn import METHODS, get_method, unlearn
 from salun_jax.unlearn.common import UnlearnOutput
@@ -41,6 +41,7 @@ from salun_jax.unlearn.diffusion import (
     DiffusionTask,
     DiffusionUnlearnConfig,
     check_class,
+    ddpm_esd,
     ddpm_gradient_ascent,
     ddpm_random_label,
     ddpm_retrain,
@@ -411,6 +412,48 @@ def test_ga_ascends_the_forget_loss_with_the_retain_term(params, task):
     )
 
 
+def test_esd_loss_is_negative_guidance_with_the_null_class(model, params, schedule):
+    # One grid step: k = 0, so x_k is the drawn x_T and every UNet query sits at grid[0].
+    frozen = jax.tree.map(lambda x: x * 1.1, params)  # the frozen copy differs from the trained
+    state = _original_state(params).replace(extra={"frozen": frozen})
+    loss_fn = ddpm_esd_loss(
+        model.apply, schedule, image_shape=(8, 8, 1), negative_guidance=2.0, num_steps=1
+    )
+    labels = jnp.array([0, 0, 2], jnp.int32)
+    rng = jax.random.key(3)
+    loss, aux = loss_fn(params, {"label": labels}, rng, state)
+    draw_rng, dropout_rng = jax.random.split(rng)
+    x_t = jax.random.normal(jax.random.split(draw_rng)[1], (3, 8, 8, 1))
+    t = jnp.zeros((3,), jnp.int32)  # the uniform grid of 1 step is range(0, T, T) = [0]
+
+    def frozen_eps(null):
+        return model.apply(
+            {"params": frozen}, x_t, t, labels, train=False, null_mask=jnp.full(3, null)
+        )
+
+    target = esd_target(frozen_eps(True), frozen_eps(False), 2.0)
+    eps = _eps(model.apply, params, x_t, t, labels, None, dropout_rng)
+    expected = jnp.mean(jnp.square(eps - target).reshape(3, -1), axis=1)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    np.testing.assert_array_equal(aux["metrics"]["esd_steps"], 0.0)
+
+
+def test_esd_moves_the_weights_and_keeps_the_frozen_copy(params, task):
+    config = DiffusionUnlearnConfig(
+        num_iterations=2, batch_size=2, learning_rate=1e-2, esd_num_steps=3, log_every=1
+    )
+    out = ddpm_esd(_original_state(params), task, config, jax.random.key(1), progress=False)
+    assert [r["phase"] for r in out.history] == ["ESD", "ESD"]
+    assert all(0 <= r["esd_steps"] <= 2 and r["loss"] > 0 for r in out.history)
+    for old, frozen in zip(_leaves(params), _leaves(out.state.extra["frozen"]), strict=True):
+        np.testing.assert_array_equal(old, frozen)
+    assert any(
+        np.any(a != b) for a, b in zip(_leaves(params), _leaves(out.state.params), strict=True)
+    )
+    with pytest.raises(ValueError, match="esd_num_steps must be >= 1"):
+        DiffusionUnlearnConfig(esd_num_steps=0)
+
+
 def test_bad_unlearning_inputs(params, task, tmp_path):
     state = _original_state(params)
     config = DiffusionUnlearnConfig(num_iterations=1, batch_size=4)
@@ -448,6 +491,7 @@ def test_diffusion_methods_are_registered(task, params):
         "SalUn": ddpm_salun,
         "RL": ddpm_random_label,
         "GA": ddpm_gradient_ascent,
+        "ESD": ddpm_esd,
     }
     assert get_method("SalUn", "diffusion") is ddpm_salun
     with pytest.raises(ValueError, match="unknown diffusion unlearning method 'FT'"):

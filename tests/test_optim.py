@@ -268,3 +268,11 @@ def test_multistep_sgd_is_one_computation_for_all_values():
     state = masked.init(params)
     chex.assert_trees_all_equal(state.mask, mask)
     assert float(state.inner_state.hyperparams["learning_rate"]) == pytest.approx(0.1)
+
+
+def test_adam_weight_decay_is_decoupled_and_inside_the_hard_mask():
+    params = {"w": jnp.array([1.0, 2.0])}
+    tx = optim.make_adam(0.1, clip_norm=None, mask={"w": jnp.array([1, 0])}, weight_decay=0.5)
+    updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params)
+    # A zero gradient leaves Adam's term at 0; AdamW's decay is -lr * wd * p, salient weights only.
+    np.testing.assert_allclose(updates["w"], [-0.05, 0.0])

@@ -322,8 +322,9 @@ def test_rl_variants_both_run(setup, run):
 def test_unknown_method_refused():
     with pytest.raises(ValueError, match="unknown classification unlearning method 'SCRUB'.*SalUn"):
         get_method("SCRUB")
-    with pytest.raises(ValueError, match="unknown kind of task 'sd'"):
-        get_method("SalUn", "sd")
+    with pytest.raises(ValueError, match="unknown kind of task 'video'"):
+        get_method("SalUn", "video")
+    assert get_method("SalUn", "sd") is METHODS["sd"]["SalUn"]
     assert get_method("SalUn") is METHODS["classification"]["SalUn"]
     assert get_method("SalUn", "diffusion") is METHODS["diffusion"]["SalUn"]
 

@@ -113,7 +113,11 @@ def _padded_alphas_cumprod(schedule: NoiseSchedule) -> jax.Array:
     return jnp.concatenate([jnp.ones((1,), schedule.alphas_cumprod.dtype), schedule.alphas_cumprod])
 
 
-def _ddim_update(x, eps, t, a_t, a_next, noise, eta):
+def ddim_update(x, eps, t, a_t, a_next, noise, eta):
+    """One DDIM step from abar_t to abar_next (DDIM Eq. 12; x0 not clipped, as upstream and SD's
+    `clip_sample=False`); eta 0 is deterministic. `t` is unused (the update's signature is shared
+    with the DDPM step)."""
+    del t
     x0 = (x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)  # no clipping, as upstream
     c1 = eta * jnp.sqrt((1.0 - a_t / a_next) * (1.0 - a_next) / (1.0 - a_t))
     # max(., 0) guards a round-off negative under the sqrt (upstream would give NaN).
@@ -133,7 +137,7 @@ def _ddpm_update(x, eps, t, a_t, a_prev, noise, eta):
     return mean + jnp.where(t > 0, jnp.sqrt(beta_t), 0.0) * noise
 
 
-_UPDATES = {"ddim": _ddim_update, "ddpm": _ddpm_update}
+_UPDATES = {"ddim": ddim_update, "ddpm": _ddpm_update}
 
 
 @functools.partial(
@@ -171,6 +175,55 @@ def _sample_loop(
     keys = jax.random.split(loop_rng, len(ts))
     x, _ = jax.lax.scan(step, x_init, (jnp.asarray(ts), jnp.asarray(ts_next), keys))
     return jnp.clip(x, -1.0, 1.0)
+
+
+def ddim_partial_chain(
+    eps_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x: jax.Array,
+    timesteps: jax.Array,
+    a_t: jax.Array,
+    a_next: jax.Array,
+    num_steps_run: jax.Array,
+) -> jax.Array:
+    """Deterministic DDIM (eta 0) through the first `num_steps_run[b]` steps of a grid, per example.
+
+    A fixed-length `lax.scan` over the whole grid in which example b stops changing after its
+    `num_steps_run[b]` steps, so one compiled program serves every stopping point (ESD draws it
+    at random each step). After k steps x sits at the noise level of `timesteps[k]`.
+
+    Args:
+      eps_fn: (x [B, ...], t [B]) -> eps [B, ...] (guided or not).
+      x: [B, ...] the start (x_T ~ N(0, I) for DDIM).
+      timesteps: [N] model timesteps in sampling order.
+      a_t, a_next: [N] abar at each step's timestep and at the next one.
+      num_steps_run: [B] ints in [0, N].
+
+    Returns:
+      [B, ...] the partially denoised x.
+
+    References:
+      ESD (Gandikota et al., ICCV 2023) Alg. 1 (x_t from the model's own partial DDIM chain).
+    """
+    batch = x.shape[0]
+    shape = (batch,) + (1,) * (x.ndim - 1)
+
+    def step(x, inputs):
+        i, t, at, an = inputs
+        eps = eps_fn(x, jnp.full((batch,), t))
+        x_new = ddim_update(x, eps, t, at, an, jnp.zeros_like(x), 0.0)
+        return jnp.where((i < num_steps_run).reshape(shape), x_new, x), None
+
+    steps = jnp.arange(timesteps.shape[0])
+    x, _ = jax.lax.scan(step, x, (steps, timesteps, a_t, a_next))
+    return x
+
+
+def ddim_grid(schedule: NoiseSchedule, num_steps: int) -> tuple[jax.Array, ...]:
+    """(timesteps, abar_t, abar_next) of upstream's "uniform" DDIM grid (`timestep_sequence`,
+    abar(-1) = 1), as `ddim_partial_chain` takes them."""
+    ts, ts_next = timestep_sequence(schedule.num_timesteps, num_steps)
+    abar = _padded_alphas_cumprod(schedule)
+    return jnp.asarray(ts), abar[ts + 1], abar[ts_next + 1]
 
 
 def _num_classes_from_params(params: PyTree) -> int | None:

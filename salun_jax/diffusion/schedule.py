@@ -2,7 +2,8 @@
 
 References:
   Ho et al. 2020 (DDPM) Eq. 4; upstream `DDPM/configs/cifar10_train.yml` (`beta_schedule
-  linear`, 1e-4 .. 0.02, T = 1000).
+  linear`, 1e-4 .. 0.02, T = 1000); Stable Diffusion's "scaled_linear" (ldm's "linear",
+  ../shared/docs/reference-sd.md §4).
 """
 
 from __future__ import annotations
@@ -59,6 +60,38 @@ def linear_schedule(
         betas=jnp.asarray(betas, jnp.float32),
         alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32),
     )
+
+
+def scaled_linear_schedule(
+    num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> NoiseSchedule:
+    """Stable Diffusion's "scaled_linear" schedule: betas = linspace(sqrt(b0), sqrt(b1), T)^2.
+
+    (ldm calls it "linear"; diffusers' DDIM/LMS/Euler schedulers of SD v1.x use it with
+    0.00085 .. 0.012, T = 1000.) Computed in float64, stored as float32.
+
+    Raises:
+      ValueError: T < 1 or betas outside (0, 1).
+    """
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}.")
+    if not (0.0 < beta_start < 1.0 and 0.0 < beta_end < 1.0):
+        raise ValueError(f"betas must lie in (0, 1), got {beta_start} and {beta_end}.")
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
+    return NoiseSchedule(
+        betas=jnp.asarray(betas, jnp.float32),
+        alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas), jnp.float32),
+    )
+
+
+SCHEDULES = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule}
+
+
+def make_schedule(kind: str = "linear", **kwargs) -> NoiseSchedule:
+    """`SCHEDULES[kind](**kwargs)`; raises ValueError for an unknown kind."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown beta schedule {kind!r}; known: {', '.join(SCHEDULES)}")
+    return SCHEDULES[kind](**kwargs)
 
 
 def q_sample(schedule: NoiseSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:

@@ -172,3 +172,91 @@ def train_diffusion(
         desc=desc,
     )
     return out._replace(state=uncommitted(out.state))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTrainConfig:
+    """Training a text-conditioned UNet (the tiny SD model) from scratch.
+
+    Attributes:
+      num_iterations: optimizer steps; rounded up to whole epochs of `batch_size`.
+      batch_size: global batch size.
+      learning_rate: Adam learning rate.
+      grad_clip: global-norm clipping before Adam (None: off).
+      uncond_drop_prob: share of examples trained with the empty prompt (SD: 0.1), so that
+        classifier-free guidance works.
+      seed: init, shuffling and noise seed.
+    """
+
+    num_iterations: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    grad_clip: float | None = 1.0
+    uncond_drop_prob: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_iterations < 1 or self.batch_size < 1:
+            raise ValueError("num_iterations and batch_size must be >= 1")
+
+
+def train_text_unet(
+    unet: nn.Module,
+    schedule: NoiseSchedule,
+    contexts: jax.Array,
+    images: np.ndarray,
+    prompts: np.ndarray,
+    train_indices: np.ndarray,
+    config: TextTrainConfig,
+    *,
+    workdir: str | None = None,
+    progress: bool = True,
+    desc: str = "text-unet",
+    checkpoint_every: int = 1,
+) -> loop.RunOutput:
+    """Trains a `UNet2DConditionModel` from scratch on `images[train_indices]` with their prompts
+    (`losses.text_denoising_loss`: ldm's per-element-mean loss, "" with `uncond_drop_prob`),
+    through the one loop (resumes from `workdir/checkpoints`).
+
+    Args:
+      unet: the module; its input is [B, H, W, C] of `images`.
+      schedule: the noise schedule.
+      contexts: [P, M, D] prompt table (row 0 = "").
+      images: [N, H, W, C] uint8 pixels or float latents.
+      prompts: [N] each image's row of `contexts`.
+      train_indices: which images to train on.
+      config: the recipe.
+    """
+    from salun_jax.losses import text_denoising_loss
+
+    images, prompts = np.asarray(images), np.asarray(prompts, np.int32)
+    train_indices = np.asarray(train_indices)
+    contexts = jnp.asarray(contexts)
+    num_epochs = epochs_for_iterations(config.num_iterations, train_indices.size, config.batch_size)
+    params = jax.jit(
+        lambda key: unet.init(
+            key, jnp.zeros((1, *images.shape[1:])), jnp.zeros((1,)), contexts[:1]
+        )["params"]
+    )(jax.random.key(config.seed, impl="rbg"))
+    state = TrainState.create(
+        apply_fn=unet.apply,
+        params=params,
+        tx=optim_lib.make_adam(config.learning_rate, clip_norm=config.grad_clip),
+    )
+    loss_fn = text_denoising_loss(
+        unet.apply, schedule, contexts, uncond_drop_prob=config.uncond_drop_prob
+    )
+    out = loop.run(
+        state,
+        make_step(loss_fn),
+        {"image": images, "prompt": prompts},
+        index_batches(train_indices, config.batch_size),
+        num_epochs=num_epochs,
+        key=jax.random.key(config.seed),
+        seed=config.seed,
+        workdir=workdir,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        desc=desc,
+    )
+    return out._replace(state=uncommitted(out.state))

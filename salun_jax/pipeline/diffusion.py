@@ -88,7 +88,7 @@ FIXED_KEYS = (
     "train",
     "classifier",
 )
-ORDER = ("Original", "Retrain", "SalUn", "RL", "GA")
+ORDER = ("Original", "Retrain", "SalUn", "RL", "GA", "ESD")
 
 
 def frozen_random_flip(images: np.ndarray, seed: int = 0) -> np.ndarray:

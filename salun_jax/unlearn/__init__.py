@@ -2,8 +2,9 @@
 `fn(state, task, config, rng, mask=None, **run_options) -> UnlearnOutput`.
 
 `METHODS[kind][name]`, kind "classification" (an `UnlearnTask`, `UnlearnConfig`; Retrain takes a
-`TrainConfig`) or "diffusion" (a `DiffusionTask`, `DiffusionUnlearnConfig`; Retrain takes a
-`DiffusionTrainConfig`). `run_options` (workdir, checkpoint_every, progress) go to the loop.
+`TrainConfig`), "diffusion" (a `DiffusionTask`, `DiffusionUnlearnConfig`; Retrain takes a
+`DiffusionTrainConfig`) or "sd" (text-to-image: an `SDTask`, `SDUnlearnConfig`). `run_options`
+(workdir, checkpoint_every, progress) go to the loop.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask
 from salun_jax.unlearn.diffusion import (
     DiffusionTask,
     DiffusionUnlearnConfig,
+    ddpm_esd,
     ddpm_gradient_ascent,
     ddpm_random_label,
     ddpm_retrain,
@@ -24,6 +26,14 @@ from salun_jax.unlearn.diffusion import (
 from salun_jax.unlearn.finetune import fine_tune, gradient_ascent, l1_sparse
 from salun_jax.unlearn.influence import influence_unlearning
 from salun_jax.unlearn.relabel import random_label, salun, salun_soft
+from salun_jax.unlearn.sd import (
+    SDTask,
+    SDUnlearnConfig,
+    sd_esd,
+    sd_fmn,
+    sd_random_label,
+    sd_salun,
+)
 
 
 def retrain(
@@ -59,6 +69,13 @@ METHODS: dict[str, dict[str, Callable[..., UnlearnOutput]]] = {
         "SalUn": ddpm_salun,
         "RL": ddpm_random_label,
         "GA": ddpm_gradient_ascent,
+        "ESD": ddpm_esd,
+    },
+    "sd": {
+        "SalUn": sd_salun,
+        "RL": sd_random_label,
+        "ESD": sd_esd,
+        "FMN": sd_fmn,
     },
 }
 MASKED_METHODS = ("SalUn",)
@@ -82,14 +99,23 @@ def unlearn(
     default unlearning config; Retrain needs its training config) and `rng` (default: key 0)."""
     import jax
 
-    kind = "diffusion" if isinstance(task, DiffusionTask) else "classification"
+    if isinstance(task, SDTask):
+        kind = "sd"
+    elif isinstance(task, DiffusionTask):
+        kind = "diffusion"
+    else:
+        kind = "classification"
     method = get_method(name, kind)
     if config is None:
         if name == "Retrain":
             raise ValueError(
                 "Retrain needs its training config (a TrainConfig or DiffusionTrainConfig)"
             )
-        config = UnlearnConfig() if kind == "classification" else DiffusionUnlearnConfig()
+        config = {
+            "classification": UnlearnConfig,
+            "diffusion": DiffusionUnlearnConfig,
+            "sd": SDUnlearnConfig,
+        }[kind]()
     return method(
         state, task, config, jax.random.key(0) if rng is None else rng, mask=mask, **run_options
     )
@@ -100,6 +126,8 @@ __all__ = [
     "METHODS",
     "DiffusionTask",
     "DiffusionUnlearnConfig",
+    "SDTask",
+    "SDUnlearnConfig",
     "UnlearnConfig",
     "UnlearnOutput",
     "UnlearnTask",

@@ -1,15 +1,17 @@
-"""Class forgetting in a class-conditional DDPM: SalUn, RL, GA and Retrain, as peers of the
+"""Class forgetting in a class-conditional DDPM: SalUn, RL, GA, ESD and Retrain, as peers of the
 classification methods (same signature, same `UnlearnOutput`), and the DDPM saliency mask.
 
   * SalUn: `losses.diffusion_forget_loss` (pseudo-class MSE + alpha * L_simple on D_r) with the
     saliency mask; RL: the same without a mask; GA: -L_simple on D_f + alpha * L_simple on D_r
-    (as upstream's `--method ga`).
+    (as upstream's `--method ga`); ESD: erased stable diffusion's negative guidance with the
+    null class as the empty prompt (`losses.ddpm_esd_loss`), a baseline from text-to-image.
   * Each step draws a fresh forget batch and a fresh retain batch (shuffled cyclic loaders), then
     clip (1.0), mask, Adam. Unlearning starts from the original's raw (non-EMA) params and keeps
     no EMA, as upstream.
 
 References:
-  SalUn (Fan et al., ICLR 2024) Eq. 3 (mask) and Eq. 7; upstream `DDPM/runners/diffusion.py`
+  SalUn (Fan et al., ICLR 2024) Eq. 3 (mask) and Eq. 7; ESD (Gandikota et al., ICCV 2023)
+  Eq. 7; upstream `DDPM/runners/diffusion.py`
   (`generate_mask`, `saliency_unlearn`, `--method ga`) with `configs/cifar10_saliency_unlearn.yml`.
 """
 
@@ -27,7 +29,12 @@ from salun_jax.data.batches import cyclic_batches, gather_batches
 from salun_jax.diffusion.samplers import check_null_class
 from salun_jax.diffusion.schedule import NoiseSchedule
 from salun_jax.diffusion.training import DiffusionTrainConfig, train_diffusion, uncommitted
-from salun_jax.losses import diffusion_ascent_loss, diffusion_forget_loss, guided_forget_loss
+from salun_jax.losses import (
+    ddpm_esd_loss,
+    diffusion_ascent_loss,
+    diffusion_forget_loss,
+    guided_forget_loss,
+)
 from salun_jax.step import TrainState, make_step
 from salun_jax.types import PyTree
 from salun_jax.unlearn.common import UnlearnOutput, UnlearnTask, run_unlearning
@@ -60,6 +67,10 @@ class DiffusionUnlearnConfig:
         without weight decay.
       log_every: steps per history record (and per epoch of the loop).
       seed: batch order seed.
+      negative_guidance: ESD's eta (ESD default 1).
+      esd_start_guidance: ESD: the CFG weight w of the DDIM chain that makes x_t (w 2 is SD's
+        s 3, ESD's default).
+      esd_num_steps: ESD: DDIM grid size of that chain (ESD default 50).
     """
 
     num_iterations: int = 1000
@@ -72,8 +83,13 @@ class DiffusionUnlearnConfig:
     mask_mode: str = "hard"
     log_every: int = 50
     seed: int = 0
+    negative_guidance: float = 1.0
+    esd_start_guidance: float = 2.0
+    esd_num_steps: int = 50
 
     def __post_init__(self):
+        if self.esd_num_steps < 1:
+            raise ValueError(f"esd_num_steps must be >= 1, got {self.esd_num_steps}")
         if self.mask_mode not in optim.MASK_MODES:
             raise ValueError(f"unknown mask_mode {self.mask_mode!r}; known: hard, paper")
         if self.pseudo_class not in PSEUDO_CLASS_MODES:
@@ -149,6 +165,7 @@ def _run(
     loss_fn,
     mask: PyTree | None,
     desc: str,
+    extra: PyTree = None,
     **run_options,
 ) -> UnlearnOutput:
     if config.cond_drop_prob > 0:
@@ -160,7 +177,9 @@ def _run(
     tx = optim.make_adam(
         config.learning_rate, clip_norm=config.grad_clip, mask=mask, mask_mode=config.mask_mode
     )
-    start = TrainState.create(apply_fn=state.apply_fn, params=uncommitted(state.params), tx=tx)
+    start = TrainState.create(
+        apply_fn=state.apply_fn, params=uncommitted(state.params), tx=tx, extra=extra
+    )
     num_devices = jax.device_count()  # all processes'; each takes its rows (`loop.local_rows`)
     if config.batch_size % num_devices:
         raise ValueError(
@@ -237,6 +256,33 @@ def ddpm_gradient_ascent(
         task.model.apply, task.schedule, alpha=config.alpha, cond_drop_prob=config.cond_drop_prob
     )
     return _run(state, task, config, rng, loss_fn, mask, "GA", **run_options)
+
+
+def ddpm_esd(
+    state,
+    task: DiffusionTask,
+    config: DiffusionUnlearnConfig,
+    rng: jax.Array,
+    mask=None,
+    **run_options,
+) -> UnlearnOutput:
+    """ESD for a class-conditional DDPM: train eps(x_t, c) of the forget class towards the
+    frozen original's eps(x_t, null) - eta (eps(x_t, c) - eps(x_t, null)) at x_t from the
+    model's own partial DDIM chain (`losses.ddpm_esd_loss`); no retain term, all weights (or
+    `mask`'s). Batches are forget examples (only their labels are read)."""
+    check_null_class(state.params, "ESD (the null class is its empty prompt)")
+    loss_fn = ddpm_esd_loss(
+        task.model.apply,
+        task.schedule,
+        image_shape=tuple(int(d) for d in task.images.shape[1:]),
+        negative_guidance=config.negative_guidance,
+        start_guidance=config.esd_start_guidance,
+        num_steps=config.esd_num_steps,
+    )
+    frozen = uncommitted(state.params)
+    return _run(
+        state, task, config, rng, loss_fn, mask, "ESD", extra={"frozen": frozen}, **run_options
+    )
 
 
 def ddpm_retrain(

@@ -57,6 +57,18 @@ def multi_head_attention(
     return out.reshape(q.shape)
 
 
+CROSS_ATTENTION_PROBS = "cross_attention_probs"
+
+
+def attention_probs(q: jax.Array, k: jax.Array, num_heads: int) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) per head: [B, heads, N, M] for q [B, N, C], k [B, M, C]."""
+    b, n, c = q.shape
+    q = q.reshape(b, n, num_heads, c // num_heads)
+    k = k.reshape(b, k.shape[1], num_heads, c // num_heads)
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) / jnp.sqrt(jnp.float32(c // num_heads))
+    return jax.nn.softmax(logits, axis=-1)
+
+
 class Attention(nn.Module):
     """diffusers' `Attention` (AttnProcessor2_0).
 
@@ -88,6 +100,10 @@ class Attention(nn.Module):
         k = nn.Dense(channels, use_bias=self.qkv_bias, name="to_k")(context)
         v = nn.Dense(channels, use_bias=self.qkv_bias, name="to_v")(context)
         h = multi_head_attention(q, k, v, self.num_heads)
+        if context is not x and self.is_mutable_collection("intermediates"):
+            # Cross-attention maps for Forget-Me-Not's attention re-steering, only when asked
+            # for (`apply(..., mutable=["intermediates"])`): [B, heads, N, M] after softmax.
+            self.sow("intermediates", CROSS_ATTENTION_PROBS, attention_probs(q, k, self.num_heads))
         h = nn.Dense(channels, name="to_out_0")(h)
         if self.residual_connection:
             h = h + residual

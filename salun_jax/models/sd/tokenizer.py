@@ -89,6 +89,33 @@ class CLIPTokenizer:
             lines = f.read().strip().split("\n")[1:]  # line 0 is "#version: ..."
         return cls(vocab, [tuple(line.split()) for line in lines], **kwargs)
 
+    @classmethod
+    def from_words(cls, words: Sequence[str], **kwargs) -> CLIPTokenizer:
+        """A tiny CLIP-style vocabulary for a fixed set of prompts (tiny test models).
+
+        The vocabulary holds every byte symbol with and without the word-end mark `</w>`, one
+        merge chain per word (left to right, so each listed word becomes one token when no
+        other merge gets there first), BOS and EOS. Words are lower-cased pre-tokens (letters
+        or single digits); any other text still tokenizes, into byte symbols.
+        """
+        symbols = list(bytes_to_unicode().values())
+        vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+        merges: list[tuple[str, str]] = []
+        byte_map = bytes_to_unicode()
+        for word in dict.fromkeys(w.lower() for w in words):
+            chars = [byte_map[b] for b in word.encode("utf-8")]
+            if len(chars) < 2:
+                continue
+            chars[-1] += "</w>"
+            merged = chars[0]
+            for char in chars[1:]:
+                if (merged, char) not in merges:
+                    merges.append((merged, char))
+                merged += char
+                vocab.setdefault(merged, len(vocab))
+        vocab[BOS_TOKEN], vocab[EOS_TOKEN] = len(vocab), len(vocab) + 1
+        return cls(vocab, merges, **kwargs)
+
     def _bpe(self, word: str) -> list[str]:
         """Merges the characters of one pre-token (the last one ending in `</w>`)."""
         if word in self._bpe_cache:

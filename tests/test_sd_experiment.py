@@ -1,0 +1,67 @@
+"""End-to-end test of experiments/sd_unlearn.py: the tiny SD chain at seconds scale (`:test`),
+its resume, and the one-line refusals of a missing model folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(config, workdir, *overrides, timeout=900):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    # Compiling, not running, is what these seconds-scale programs cost: XLA's backend
+    # optimisation level 0 halves it (the numerics are XLA's either way).
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "experiments", "sd_unlearn.py"),
+        "--config",
+        os.path.join(REPO, "experiments", "configs", config),
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_tiny_sd_chain_end_to_end_and_resume(tmp_path):
+    result = _run("sd_imagenette.py:test", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]) == {"Original", "SalUn", "ESD", "FMN"}
+    for name, row in results["methods"].items():
+        assert 0.0 <= row["UA"] <= 100.0 and 0.0 <= row["retain_accuracy"] <= 100.0, name
+        assert os.path.getsize(tmp_path / "grids" / f"{name}.png") > 0
+    assert results["mask"]["ones"] == results["mask"]["size"] // 2
+    assert results["data"]["num_forget"] == 4 and results["data"]["num_retain"] == 18
+    assert results["methods"]["ESD"]["trainable_fraction"] < 1.0
+    assert results["model"]["source"] == "tiny" and results["prompts"][0] == ""
+    table = (tmp_path / "results.md").read_text()
+    assert "| SalUn |" in table and "| ESD |" in table and "| FMN |" in table
+    for name in ("config.json", "data.npz", "masks/with_0.50.npz", "unlearned/SalUn"):
+        assert os.path.exists(tmp_path / name), name
+
+    again = _run("sd_imagenette.py:test", tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "SalUn 1/2" not in again.stderr  # nothing is run again
+    rerun = json.loads((tmp_path / "results.json").read_text())
+    assert rerun["methods"]["SalUn"]["UA"] == results["methods"]["SalUn"]["UA"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ((), "model_dir is empty: give a diffusers-format Stable Diffusion v1.x folder"),
+        (("--config.model_dir=/nonexistent/sd-v1-4",), "model_dir /nonexistent/sd-v1-4 is not"),
+    ],
+)
+def test_paper_config_without_weights_fails_with_one_line(tmp_path, overrides, message):
+    result = _run("sd_nudity.py", tmp_path, *overrides, timeout=300)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "config.json")
