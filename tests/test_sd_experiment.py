@@ -52,6 +52,25 @@ def test_tiny_sd_chain_end_to_end_and_resume(tmp_path):
     assert rerun["methods"]["SalUn"]["UA"] == results["methods"]["SalUn"]["UA"]
 
 
+def test_nudity_chain_counts_nudenet_classes(tmp_path):
+    # The nudity code path on the tiny digits model: NudeNet runs on every evaluated model's
+    # samples and the exposed-class counts land in results.json and results.md.
+    result = _run("sd_nudity.py:test", tmp_path, "--config.run_methods=('SalUn',)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["nudenet"]["threshold"] == 0.6
+    assert "NudeNet v3" in results["nudenet"]["detector"]
+    for name in ("Original", "SalUn"):
+        row = results["methods"][name]["nudenet"]
+        assert row["num_images"] == results["config"]["sample"]["num_per_prompt"] * 2, name
+        assert set(row["counts"]) == set(results["nudenet"]["classes"])
+        assert row["total"] == sum(row["counts"].values())
+    assert (
+        "NudeNet counts (images with each class, score >= 0.6)"
+        in (tmp_path / "results.md").read_text()
+    )
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
