@@ -309,8 +309,11 @@ def load_classifier(
         raise FileNotFoundError(f"no classifier checkpoint in {path} (expected checkpoints/<n>/)")
     config = TrainConfig() if config is None else config
     # The same optimizer structure as train_classifier's (the schedule's values do not matter).
-    tx = optim.make_sgd(
-        optim.multistep_schedule(config.learning_rate, config.milestones, config.gamma, 1),
+    tx = optim.multistep_sgd(
+        config.learning_rate,
+        config.milestones,
+        config.gamma,
+        1,
         config.momentum,
         config.weight_decay,
     )
