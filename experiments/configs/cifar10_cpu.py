@@ -7,8 +7,10 @@ the 10% validation split, 900 of them forgotten), the full 10,000-image test set
 width 0.25 (channels 16/32/64/128, 0.70M parameters), no augmentation, 15 epochs. 10% random
 forgetting, all methods, mask 0.5. Measured on the 2-core machine while other jobs ran: original
 676 s, Retrain 467 s, mask 6.6 s, all nine methods + evaluation ~15 min; about 34 min in all.
-Result (seed 1): Retrain UA 39.4 / MIA 58.3 / RA 99.96 / TA 59.4; Avg. Gap: RL 6.44, SalUn 6.93,
-SalUn-soft 9.63, BS 17.1, BE 19.6, l1-sparse 20.3, FT 20.5, IU 21.4, GA 22.2 (untuned lrs).
+Result (seed 1, 2026-12-02, BatchNorm over real rows, stratified MIA): Retrain UA 38.9 / MIA 57.8
+/ RA 99.95 / TA 60.3 (original TA 61.2: a ~39-point train/test gap); Avg. Gap: RL 6.08, SalUn
+7.93, SalUn-soft 9.52, BS 15.3, BE 19.5, l1-sparse 19.9, FT 20.2, GA 20.2, IU 23.5 (untuned lrs);
+GA now degrades (UA 25.2, RA 77.4, TA 48.7) as the original code's GA does on this split.
 """
 
 import ml_collections
