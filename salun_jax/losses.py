@@ -337,6 +337,37 @@ def pseudo_labels(
     raise ValueError(f"unknown pseudo_class {mode!r}; known: next, random")
 
 
+def _paired_eps(
+    apply_fn, params, schedule, batch, x_t, t, null_rng, dropout_rng, retain_rng, cond_drop_prob
+):
+    """The forget inputs (x_t, t, `batch["label"]`) and the noised retain batch through the UNet
+    as ONE batch (every layer acts per example: two passes' results, half the program).
+    `retain_rng` splits into (noise, t, null). Returns (eps forget, eps retain, retain noise)."""
+    b = x_t.shape[0]
+    r_noise_rng, r_t_rng, r_null_rng = jax.random.split(retain_rng, 3)
+    r_x_t, r_t, r_noise = forward_noising(
+        schedule, to_model_range(batch["retain_image"]), r_noise_rng, r_t_rng
+    )
+    null_all = None
+    if cond_drop_prob > 0:
+        null_all = jnp.concatenate(
+            [
+                sample_null_mask(null_rng, b, cond_drop_prob),
+                sample_null_mask(r_null_rng, b, cond_drop_prob),
+            ]
+        )
+    eps_all = _eps(
+        apply_fn,
+        params,
+        jnp.concatenate([x_t, r_x_t]),
+        jnp.concatenate([t, r_t]),
+        jnp.concatenate([batch["label"], batch["retain_label"]]),
+        null_all,
+        dropout_rng,
+    )  # [2B, H, W, C]
+    return eps_all[:b], eps_all[b:], r_noise
+
+
 def diffusion_forget_loss(
     apply_fn: Callable,
     schedule: NoiseSchedule,
@@ -384,29 +415,12 @@ def diffusion_forget_loss(
                 target_dropout_rng,
             )
         )
-        r_noise_rng, r_t_rng, r_null_rng = jax.random.split(retain_rng, 3)
-        r_x_t, r_t, r_noise = forward_noising(
-            schedule, to_model_range(batch["retain_image"]), r_noise_rng, r_t_rng
-        )
-        null_all = None
-        if cond_drop_prob > 0:
-            null_all = jnp.concatenate(
-                [
-                    sample_null_mask(null_rng, b, cond_drop_prob),
-                    sample_null_mask(r_null_rng, b, cond_drop_prob),
-                ]
-            )
-        eps_all = _eps(
-            apply_fn,
-            params,
-            jnp.concatenate([x_t, r_x_t]),
-            jnp.concatenate([t, r_t]),
-            jnp.concatenate([labels, batch["retain_label"]]),
-            null_all,
-            dropout_rng,
-        )
-        forget = jnp.mean(jnp.square(eps_all[:b] - target).reshape(b, -1), axis=1)
-        retain = diffusion_loss(r_noise, eps_all[b:], "per_example")
+        eps_f, eps_r, r_noise = _paired_eps(
+            apply_fn, params, schedule, batch, x_t, t, null_rng, dropout_rng, retain_rng,
+            cond_drop_prob,
+        )  # fmt: skip
+        forget = jnp.mean(jnp.square(eps_f - target).reshape(b, -1), axis=1)
+        retain = diffusion_loss(r_noise, eps_r, "per_example")
         return forget + alpha * retain, {"metrics": {"forget_loss": forget, "retain_loss": retain}}
 
     return loss_fn
@@ -440,33 +454,15 @@ def diffusion_ascent_loss(
         del state
         forget_rng, retain_rng = jax.random.split(rng)
         noise_rng, t_rng, null_rng, dropout_rng = jax.random.split(forget_rng, 4)
-        r_noise_rng, r_t_rng, r_null_rng = jax.random.split(retain_rng, 3)
-        b = batch["label"].shape[0]
         x_t, t, noise = forward_noising(
             schedule, to_model_range(batch["image"]), noise_rng, t_rng
         )  # [B, H, W, C]
-        r_x_t, r_t, r_noise = forward_noising(
-            schedule, to_model_range(batch["retain_image"]), r_noise_rng, r_t_rng
-        )
-        null_all = None
-        if cond_drop_prob > 0:
-            null_all = jnp.concatenate(
-                [
-                    sample_null_mask(null_rng, b, cond_drop_prob),
-                    sample_null_mask(r_null_rng, b, cond_drop_prob),
-                ]
-            )
-        eps_all = _eps(
-            apply_fn,
-            params,
-            jnp.concatenate([x_t, r_x_t]),
-            jnp.concatenate([t, r_t]),
-            jnp.concatenate([batch["label"], batch["retain_label"]]),
-            null_all,
-            dropout_rng,
-        )  # [2B, H, W, C]
-        forget = -diffusion_loss(noise, eps_all[:b], "per_example")
-        retain = diffusion_loss(r_noise, eps_all[b:], "per_example")
+        eps_f, eps_r, r_noise = _paired_eps(
+            apply_fn, params, schedule, batch, x_t, t, null_rng, dropout_rng, retain_rng,
+            cond_drop_prob,
+        )  # fmt: skip
+        forget = -diffusion_loss(noise, eps_f, "per_example")
+        retain = diffusion_loss(r_noise, eps_r, "per_example")
         return forget + alpha * retain, {"metrics": {"forget_loss": forget, "retain_loss": retain}}
 
     return loss_fn
