@@ -55,7 +55,14 @@ from salun_jax.saliency import mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
 from salun_jax.train import TrainConfig
 from salun_jax.types import PyTree
-from salun_jax.unlearn.boundary import boundary_shrink_loss, boundary_shrink_values
+from salun_jax.unlearn.boundary import (
+    boundary_expanding_loss,
+    boundary_shrink_loss,
+    boundary_shrink_values,
+    drop_last_output,
+    extend_head,
+    wide_head_model,
+)
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask, steps_per_epoch
 from salun_jax.unlearn.finetune import l1_schedule
 from salun_jax.unlearn.relabel import (
@@ -67,7 +74,7 @@ from salun_jax.unlearn.relabel import (
 )
 
 STRATEGIES = ("auto", "vmap", "map", "unroll")
-POPULATION_METHODS = ("FT", "GA", "RL", "l1-sparse", "BS", "SalUn", "SalUn-soft")
+POPULATION_METHODS = ("FT", "GA", "RL", "l1-sparse", "BS", "BE", "SalUn", "SalUn-soft")
 
 
 class PopulationOutput(NamedTuple):
@@ -383,6 +390,8 @@ def _method_pieces(method: str, task: UnlearnTask, config: UnlearnConfig) -> _Me
                 boundary_shrink_values(states.variables, config), states.step.shape[0]
             ),
         )
+    if method == "BE":  # on the widened head (`_widen_heads`)
+        return _MethodPieces(boundary_expanding_loss(task, config), [task.forget])
     if method == "SalUn-soft":
         phases = _phases(task, "concat")
         steps = steps_per_epoch(phases, config.batch_size)
@@ -408,10 +417,30 @@ def _member_masks(mask: PyTree, params: PyTree, num_members: int) -> PyTree:
     )
 
 
+def _widen_heads(states: TrainState, task: UnlearnTask, seeds: Sequence[int]):
+    """BE's start, as its single run does it from key(seed): split the key, widen the head with
+    the first half (`extend_head`); returns (the widened population, the member keys)."""
+    if "fc" not in states.params:
+        raise ValueError("boundary expanding needs a classifier head named 'fc'")
+    halves = jax.vmap(jax.random.split)(_keys(seeds))  # [N, 2]
+    init_keys, keys = halves[:, 0], halves[:, 1]
+    params = jax.vmap(lambda p, k: extend_head(p, task.num_classes, k))(states.params, init_keys)
+    return states.replace(apply_fn=wide_head_model(task).apply, params=params), keys
+
+
+def _keys(seeds: Sequence[int]) -> jax.Array:
+    return jnp.stack([jax.random.key(int(s)) for s in seeds])
+
+
+def _order_seed(key: jax.Array) -> int:
+    """The batch-order seed `run_unlearning_sgd` draws from its key."""
+    return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
 def unlearning_order_seed(seed: int) -> int:
     """The batch-order seed a single unlearning run with key `jax.random.key(seed)` uses
-    (`run_unlearning_sgd` draws it from its key)."""
-    return int(jax.random.randint(jax.random.key(seed), (), 0, 2**31 - 1))
+    (`run_unlearning_sgd` draws it from its key; BE from the second half of its split)."""
+    return _order_seed(jax.random.key(seed))
 
 
 def population_unlearn(
@@ -429,7 +458,10 @@ def population_unlearn(
     epoch_end_fn: Callable[[int, TrainState], None] | None = None,
 ) -> PopulationOutput:
     """Unlearns every member of a population with an SGD method (`POPULATION_METHODS`: FT, GA,
-    RL, l1-sparse, BS, SalUn, SalUn-soft; IU is not SGD and BE changes the head).
+    RL, l1-sparse, BS, BE, SalUn, SalUn-soft; IU is not SGD: `salun_jax.tuning` sweeps its step
+    size on one inverse-Hessian direction instead). BE's members keep the widened head during
+    the run (`epoch_end_fn` sees K+1 outputs) and lose the shadow output at the end unless
+    `config.remove_shadow_logit` is False.
 
     Member i equals `get_method(method_name)(member(states, i), task, config,
     jax.random.key(seeds[i]), mask=<its mask>, order_seed=order_seed)` up to float rounding.
@@ -443,8 +475,7 @@ def population_unlearn(
       mask: SalUn's saliency mask (required for SalUn, allowed for the others): one mask for all
         members, or per-member masks with a leading [N] axis.
       learning_rates: per-member learning rates (default: config.learning_rate for all).
-      order_seed: seed of the shared batch order (default: `unlearning_order_seed(seeds[0])`, the
-        order of member 0's single run).
+      order_seed: seed of the shared batch order (default: the order of member 0's single run).
       strategy: "auto", "vmap" or "map".
       progress: log each epoch.
       epoch_end_fn: as `run_population`.
@@ -463,8 +494,12 @@ def population_unlearn(
         raise ValueError(f"{len(seeds)} seeds for a population of {num_members}")
     if method_name == "SalUn" and mask is None:
         raise ValueError("SalUn needs a saliency mask (salun_jax.salun_mask)")
-    if method_name == "SalUn-soft" and mask is not None:
-        raise ValueError("SalUn-soft does not take a mask (its soft threshold replaces it)")
+    if method_name in ("SalUn-soft", "BE") and mask is not None:
+        raise ValueError(f"{method_name} does not take a mask")
+    keys = _keys(seeds)
+    narrow_apply_fn = states.apply_fn
+    if method_name == "BE":
+        states, keys = _widen_heads(states, task, seeds)
     pieces = _method_pieces(method_name, task, config)
     phases = pieces.phases
     for ix in phases:
@@ -497,7 +532,7 @@ def population_unlearn(
         update_batch_stats=config.update_batch_stats,
         post_update_fn=pieces.post_update_fn,
     )
-    return run_population(
+    out = run_population(
         state,
         step_fn,
         tx_fn,
@@ -505,8 +540,8 @@ def population_unlearn(
         phases,
         batch_size=config.batch_size,
         num_epochs=config.epochs,
-        keys=jnp.stack([jax.random.key(s) for s in seeds]),
-        order_seed=unlearning_order_seed(seeds[0]) if order_seed is None else int(order_seed),
+        keys=keys,
+        order_seed=_order_seed(keys[0]) if order_seed is None else int(order_seed),
         masks=masks,
         strategy=strategy,
         progress=progress,
@@ -514,6 +549,12 @@ def population_unlearn(
         epoch_end_fn=epoch_end_fn,
         epoch_start_fn=pieces.epoch_start_fn,
     )
+    if method_name == "BE" and config.remove_shadow_logit:
+        narrow = out.state.replace(
+            apply_fn=narrow_apply_fn, params=drop_last_output(out.state.params)
+        )
+        out = out._replace(state=narrow)
+    return out
 
 
 def population_logits(

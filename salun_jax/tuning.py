@@ -3,8 +3,9 @@ population, and is selected on a validation split against Retrain (never on the 
 
 The protocol, per method and seed:
   1. A grid of `learning_rates` x one other key knob (`KNOBS`: the number of epochs, the l1
-     coefficient, SalUn's mask fraction or SalUn-soft's soft-mask ratio). Every method's grid
-     has the same number of points: the budget (`check_budget`).
+     coefficient, SalUn's mask fraction, SalUn-soft's soft-mask ratio or IU's number of
+     WoodFisher samples). Every method's grid has the same number of points: the budget
+     (`check_budget`). IU has no learning rate: its one-shot step size alpha takes that axis.
   2. The learning rates are the members of one population (`population.population_unlearn`,
      per-member learning rates in the optimizer state, one compile). The knob is covered by
      evaluating the members after each epoch count in the grid (epochs: one run of the largest
@@ -12,6 +13,9 @@ The protocol, per method and seed:
      the e-epoch run), by per-member masks (mask fraction: lr x fraction members), or by one
      population per value (any other field of `UnlearnConfig`: `l1_coefficient`, `soft_mask_ratio`;
      both shape the whole run's schedule, so epoch snapshots would not be the shorter runs).
+     IU is one-shot, theta + alpha * k: one direction k per sample count
+     (`influence.influence_direction`) serves all its step sizes. BE's members are scored
+     with the shadow output dropped, as its runs end.
   3. Each setting is scored on the VALIDATION split, the train images held out of training
      (`Split.val`, restricted to the classes of the test split, so class-wise runs drop the
      forgotten class as TA does): UA and RA as usual, VA (validation accuracy, in TA's place) and
@@ -41,17 +45,22 @@ from salun_jax.data.splits import Split
 from salun_jax.evaluation.classification import evaluate_unlearning
 from salun_jax.step import TrainState
 from salun_jax.types import PyTree
+from salun_jax.unlearn.boundary import drop_last_output
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask
+from salun_jax.unlearn.influence import influence_direction
 
 KNOBS = {
     "FT": "epochs",
     "GA": "epochs",
     "RL": "epochs",
+    "IU": "woodfisher_samples",  # IU's "learning rates" are its step sizes alpha (iu_step_size)
     "l1-sparse": "l1_coefficient",
     "BS": "epochs",
+    "BE": "epochs",
     "SalUn": "mask_fraction",
     "SalUn-soft": "soft_mask_ratio",
 }
+_INTEGER_KNOBS = ("epochs", "woodfisher_samples")
 SELECTION_KEYS = ("UA", "RA", "VA", "MIA")
 
 
@@ -70,8 +79,8 @@ class TuningGrid:
             raise ValueError(
                 f"unknown knob {self.knob!r}; known: {', '.join(sorted(set(KNOBS.values())))}"
             )
-        if self.knob == "epochs" and any(int(v) != v or v < 1 for v in self.values):
-            raise ValueError(f"epoch counts must be positive integers, got {self.values}")
+        if self.knob in _INTEGER_KNOBS and any(int(v) != v or v < 1 for v in self.values):
+            raise ValueError(f"{self.knob} must be positive integers, got {self.values}")
 
     @property
     def size(self) -> int:
@@ -147,7 +156,7 @@ def tune_method(
     """Tries every setting of `grid` for `method` from the single model `original`.
 
     Args:
-      method: a key of `KNOBS` (a population method).
+      method: a key of `KNOBS` (a population method, or IU).
       original: the model to unlearn (no member axis).
       task, config: as the single-run methods; `config` gives everything the grid does not.
       grid: the settings (`make_grid`).
@@ -165,18 +174,25 @@ def tune_method(
     """
     if grid.knob != KNOBS.get(method):
         raise ValueError(f"{method} is tuned over {KNOBS.get(method)!r}, not {grid.knob!r}")
+    if method == "BE" and not config.remove_shadow_logit:
+        raise ValueError("tuning BE scores the K-way model: needs remove_shadow_logit=True")
     points: list[dict] = []
     best: dict[str, Any] = {"gap": np.inf, "variables": None}
+
+    def score_one(variables: PyTree, setting: dict) -> None:
+        variables = jax.device_get(variables)
+        metrics = validation_metrics(predict_fn, variables, task, val_split, seed)
+        gap = average_gap(metrics, reference)
+        points.append({**setting, "validation": metrics, "gap": gap})
+        if gap < best["gap"]:
+            best.update(gap=gap, variables=variables, point=points[-1])
 
     def score(state: TrainState, settings: Sequence[dict]) -> None:
         for index, setting in enumerate(settings):
             member = population.member(state, index)
-            variables = jax.device_get(member.variables)
-            metrics = validation_metrics(predict_fn, variables, task, val_split, seed)
-            gap = average_gap(metrics, reference)
-            points.append({**setting, "validation": metrics, "gap": gap})
-            if gap < best["gap"]:
-                best.update(gap=gap, variables=variables, point=points[-1])
+            if method == "BE":  # mid-run snapshots still carry the shadow output
+                member = member.replace(params=drop_last_output(member.params))
+            score_one(member.variables, setting)
 
     def run(cfg, settings, masks=None, epoch_end_fn=None):
         learning_rates = [s["learning_rate"] for s in settings]
@@ -194,7 +210,15 @@ def tune_method(
         )
 
     rates = grid.learning_rates
-    if grid.knob == "epochs":
+    if method == "IU":
+        for value in grid.values:
+            cfg = dataclasses.replace(config, woodfisher_samples=int(value))
+            k = influence_direction(original, task, cfg, jax.random.key(seed))
+            for alpha in rates:
+                params = jax.tree.map(lambda p, d, a=alpha: p + a * d, original.params, k)
+                setting = {"learning_rate": alpha, grid.knob: int(value)}
+                score_one(original.replace(params=params).variables, setting)
+    elif grid.knob == "epochs":
         settings = [{"learning_rate": lr} for lr in rates]
         counts = sorted({int(v) for v in grid.values})
 

@@ -109,6 +109,7 @@ def originals(setup):
         ("l1-sparse", "map"),
         ("SalUn", "map"),
         ("BS", "vmap"),
+        ("BE", "map"),
         ("SalUn-soft", "vmap"),
     ],
 )
@@ -155,6 +156,12 @@ def test_unlearn_population_matches_single_runs(setup, originals, method, strate
         chex.assert_trees_all_close(
             population.member(out.state, i).params, alone.params, **TOLERANCE
         )
+        chex.assert_trees_all_close(
+            population.member(out.state, i).batch_stats, alone.batch_stats, **TOLERANCE
+        )
+    # The population's model is the task's again (BE drops its shadow output at the end).
+    logits = population.population_logits(out.state, task.images[:5], batch_size=8)
+    chex.assert_shape(logits, (len(SEEDS), 5, task.num_classes))
 
 
 def test_population_logits_shape_and_strategy(setup, originals):
@@ -173,6 +180,10 @@ def test_unknown_strategy_and_method(setup, originals):
         population.population_unlearn("IU", originals, setup[-1], UnlearnConfig(), SEEDS)
     with pytest.raises(ValueError, match="mask"):
         population.population_unlearn("SalUn", originals, setup[-1], UnlearnConfig(), SEEDS)
+    with pytest.raises(ValueError, match="BE does not take a mask"):
+        population.population_unlearn(
+            "BE", originals, setup[-1], UnlearnConfig(), SEEDS, originals.params
+        )
 
 
 def test_population_salun_masks_match_single_masks(setup, originals):

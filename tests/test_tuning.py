@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -38,17 +39,21 @@ def test_grid_budget_and_errors():
     assert tuning.check_budget({"FT": grid, "GA": tuning.make_grid("GA", (1, 2, 3), (1, 2))}) == 6
     with pytest.raises(ValueError, match="same size"):
         tuning.check_budget({"FT": grid, "GA": tuning.make_grid("GA", (1.0,), (1,))})
+    assert tuning.make_grid("IU", (0.1,), (10,)).knob == "woodfisher_samples"
+    assert tuning.make_grid("BE", (0.1,), (2,)).knob == "epochs"
     with pytest.raises(ValueError, match="no tuning protocol"):
-        tuning.make_grid("IU", (0.1,), (1,))
+        tuning.make_grid("Retrain", (0.1,), (1,))
     with pytest.raises(ValueError, match="positive integers"):
         tuning.make_grid("FT", (0.1,), (1.5,))
+    with pytest.raises(ValueError, match="positive integers"):
+        tuning.make_grid("IU", (0.1,), (0,))
 
 
 def test_config_grids_share_one_budget():
     config = _config("tuned")
     grids = tuning_grids(config)
-    # run_methods order; IU and BE have no population version
-    assert list(grids) == ["FT", "GA", "RL", "l1-sparse", "BS", "SalUn", "SalUn-soft"]
+    # run_methods order: every unlearning method
+    assert list(grids) == ["FT", "GA", "RL", "IU", "l1-sparse", "BS", "BE", "SalUn", "SalUn-soft"]
     assert {g.size for g in grids.values()} == {12}
     assert tuning_grids(_config("")) == {}  # off by default: the main job does not tune
     config.run_methods = ("FT", "GA")
@@ -210,3 +215,74 @@ def test_pipeline_writes_tuned_table_and_choices(tmp_path):
     classification.train_and_evaluate(config, str(tmp_path))
     after = json.loads((tmp_path / "results.json").read_text())["tuned_runs"]
     assert after == before
+
+
+def test_tune_iu_sweeps_the_step_size_on_one_direction(digits_setup):
+    task, original, val_split, predict_fn, reference = digits_setup
+    config = UnlearnConfig(batch_size=64, crop_padding=0, flip=False, iu_step_size=0.0)
+    grid = tuning.make_grid("IU", (0.0, 0.3), (4, 8))
+    summary, variables = tuning.tune_method(
+        "IU", original, task, config, grid, reference, predict_fn, val_split, seed=2
+    )
+    assert [(p["learning_rate"], p["woodfisher_samples"]) for p in summary["points"]] == [
+        (0.0, 4),
+        (0.3, 4),
+        (0.0, 8),
+        (0.3, 8),
+    ]
+    # alpha = 0 leaves the original; alpha = 0.3 is IU's single run with that step size.
+    untouched = tuning.validation_metrics(predict_fn, original.variables, task, val_split, 2)
+    assert summary["points"][0]["validation"] == pytest.approx(untouched)
+    chosen = summary["chosen"]
+    single = get_method("IU")(
+        original,
+        task,
+        dataclasses.replace(
+            config,
+            iu_step_size=chosen["learning_rate"],
+            woodfisher_samples=chosen["woodfisher_samples"],
+        ),
+        jax.random.key(2),
+    ).state
+    chex.assert_trees_all_close(variables["params"], jax.device_get(single.params), atol=1e-5)
+
+
+def test_tune_be_scores_the_k_way_model(digits_setup):
+    task, original, val_split, predict_fn, reference = digits_setup
+    config = UnlearnConfig(epochs=1, learning_rate=0.01, batch_size=64, crop_padding=0, flip=False)
+    grid = tuning.make_grid("BE", (1e-3, 1e-2), (1, 2))
+    summary, variables = tuning.tune_method(
+        "BE", original, task, config, grid, reference, predict_fn, val_split, seed=4
+    )
+    assert sorted((p["learning_rate"], p["epochs"]) for p in summary["points"]) == [
+        (1e-3, 1),
+        (1e-3, 2),
+        (1e-2, 1),
+        (1e-2, 2),
+    ]
+    chex.assert_trees_all_equal_shapes(variables["params"], jax.device_get(original.params))
+    chosen = summary["chosen"]
+    single = get_method("BE")(
+        original,
+        task,
+        dataclasses.replace(config, epochs=chosen["epochs"], learning_rate=chosen["learning_rate"]),
+        jax.random.key(4),
+        progress=False,
+    ).state
+    single_metrics = tuning.validation_metrics(
+        predict_fn, jax.device_get(single.variables), task, val_split, 4
+    )
+    for key in ("UA", "RA", "VA"):
+        assert single_metrics[key] == pytest.approx(chosen["validation"][key], abs=1.0)
+    with pytest.raises(ValueError, match="remove_shadow_logit"):
+        tuning.tune_method(
+            "BE",
+            original,
+            task,
+            dataclasses.replace(config, remove_shadow_logit=False),
+            grid,
+            reference,
+            predict_fn,
+            val_split,
+            seed=4,
+        )

@@ -101,11 +101,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # MIA shadow sets: "stratified" (class-stratified random draw from the split seed) or
     # "first_n" (upstream: the first n retain / test samples, class-skewed on sorted data).
     config.mia_shadow = "stratified"
-    # Fair tuning (variant "tuned", or --config.tuning.enabled=True): every tunable method gets
+    # Fair tuning (variant "tuned", or --config.tuning.enabled=True): every unlearning method gets
     # the same budget, 4 learning rates x 3 values of its one other knob (salun_jax.tuning.KNOBS:
-    # epochs, l1 coefficient, mask fraction or soft-mask ratio) = 12 settings, trained as one population per
-    # method and selected on the validation split against Retrain; the tuned table is printed
-    # beside the default one. Learning rates: the default's 0.5x, 1x, 2x and 4x.
+    # epochs, l1 coefficient, mask fraction, soft-mask ratio or WoodFisher samples) = 12
+    # settings, trained as one population per method (IU: one direction per sample count, four
+    # step sizes on it) and selected on the validation split against Retrain; the tuned table is
+    # printed beside the default one. Learning rates: the default's 0.5x, 1x, 2x and 4x.
     config.tuning = dict(
         enabled=variant == "tuned",
         strategy="auto",
@@ -113,10 +114,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
             "FT": dict(learning_rates=(0.01, 0.02, 0.04, 0.08), knob_values=(2, 5, 10)),
             "GA": dict(learning_rates=(0.005, 0.01, 0.02, 0.04), knob_values=(1, 3, 5)),
             "RL": dict(learning_rates=(0.0025, 0.005, 0.01, 0.02), knob_values=(2, 5, 10)),
+            # IU: the "learning rates" are its step sizes alpha; the knob its WoodFisher samples.
+            "IU": dict(learning_rates=(0.15, 0.3, 0.6, 1.2), knob_values=(100, 200, 400)),
             "l1-sparse": dict(
                 learning_rates=(0.01, 0.02, 0.04, 0.08), knob_values=(1e-4, 5e-4, 2e-3)
             ),
             "BS": dict(learning_rates=(2.5e-4, 5e-4, 1e-3, 2e-3), knob_values=(2, 5, 10)),
+            "BE": dict(learning_rates=(5e-4, 1e-3, 2e-3, 4e-3), knob_values=(2, 5, 10)),
             "SalUn": dict(learning_rates=(0.0025, 0.005, 0.01, 0.02), knob_values=(0.3, 0.5, 0.7)),
             "SalUn-soft": dict(
                 learning_rates=(0.005, 0.01, 0.02, 0.04), knob_values=(0.3, 0.5, 0.7)

@@ -76,7 +76,7 @@ def boundary_shrink(
     return output._replace(state=output.state.replace(extra=None))
 
 
-def _extend_head(params, num_classes: int, rng: jax.Array):
+def extend_head(params, num_classes: int, rng: jax.Array):
     """Adds one output to the classifier head `fc` (kernel [D, K] and bias [K]); the new column
     gets PyTorch's default Linear init, the old ones are copied."""
     fc = params["fc"]
@@ -93,12 +93,24 @@ def _extend_head(params, num_classes: int, rng: jax.Array):
 
 
 @functools.cache
-def _shadow_labels(shadow: int):
+def shadow_labels(shadow: int):
     """BE's `label_fn`: every example to the shadow class."""
     return lambda rng, images, labels, batch, state: jnp.full_like(labels, shadow)
 
 
-def _drop_last_output(params):
+def wide_head_model(task: UnlearnTask):
+    """BE's model: the task's with one more output (the shadow class)."""
+    return canonical_module(task.model.clone(num_classes=task.num_classes + 1))
+
+
+def boundary_expanding_loss(task: UnlearnTask, config: UnlearnConfig):
+    """BE's loss: CE of every (augmented) forget image towards the shadow class."""
+    return classification_loss(
+        crop_padding=config.crop_padding, flip=config.flip, label_fn=shadow_labels(task.num_classes)
+    )
+
+
+def drop_last_output(params):
     return {**params, "fc": jax.tree.map(lambda x: x[..., :-1], params["fc"])}
 
 
@@ -112,24 +124,26 @@ def boundary_expanding(
         raise ValueError("boundary expanding needs a classifier head named 'fc'")
     if mask is not None:
         raise ValueError("boundary expanding does not take a mask (its head changes shape)")
-    wide_model = canonical_module(task.model.clone(num_classes=task.num_classes + 1))
+    wide_model = wide_head_model(task)
     init_rng, rng = jax.random.split(rng)
     wide = TrainState.create(
         apply_fn=wide_model.apply,
-        params=_extend_head(state.params, task.num_classes, init_rng),
+        params=extend_head(state.params, task.num_classes, init_rng),
         batch_stats=state.batch_stats,
         tx=optax.identity(),
     )
-    loss_fn = classification_loss(
-        crop_padding=config.crop_padding,
-        flip=config.flip,
-        label_fn=_shadow_labels(task.num_classes),
-    )
     output = run_unlearning_sgd(
-        wide, task, config, rng, loss_fn, [task.forget], desc="BE", **run_options
+        wide,
+        task,
+        config,
+        rng,
+        boundary_expanding_loss(task, config),
+        [task.forget],
+        desc="BE",
+        **run_options,
     )
     if not config.remove_shadow_logit:
         return output._replace(model=wide_model)
     wide = output.state
-    narrow = state.replace(params=_drop_last_output(wide.params), batch_stats=wide.batch_stats)
+    narrow = state.replace(params=drop_last_output(wide.params), batch_stats=wide.batch_stats)
     return output._replace(state=narrow)

@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 from salun_jax.data.batches import gather_batches
 from salun_jax.losses import eval_mode_ce
 from salun_jax.saliency import accumulate_gradients
+from salun_jax.types import PyTree
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask
 
 
@@ -72,14 +73,11 @@ def _woodfisher(per_sample_loss, params, batch_stats, samples, rng, v, n):
     return unravel(k)
 
 
-def influence_unlearning(
-    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
-) -> UnlearnOutput:
-    """IU (upstream `wfisher`): one-shot theta += alpha * H^-1 (grad L_f - grad L_r), with the
-    WoodFisher inverse-Hessian product from `woodfisher_samples` + 2 retain samples. One-shot:
-    no loop, so `run_options` are unused."""
-    del run_options
-    start = time.perf_counter()
+def influence_direction(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None
+) -> PyTree:
+    """IU's direction k = H^-1 (grad L_f - grad L_r) (masked if `mask`), params-shaped: the
+    update is theta + `config.iu_step_size` * k, so one k serves every step size."""
     arrays = {"image": task.images, "label": task.labels}
     # With `iu_augment` the images get the run's train augmentation (crop_padding, flip).
     padding, flip = (config.crop_padding, config.flip) if config.iu_augment else (0, False)
@@ -116,6 +114,18 @@ def influence_unlearning(
     )
     if mask is not None:
         k = jax.tree.map(lambda x, m: x * m, k, mask)
+    return k
+
+
+def influence_unlearning(
+    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
+) -> UnlearnOutput:
+    """IU (upstream `wfisher`): one-shot theta += alpha * H^-1 (grad L_f - grad L_r), with the
+    WoodFisher inverse-Hessian product from `woodfisher_samples` + 2 retain samples. One-shot:
+    no loop, so `run_options` are unused."""
+    del run_options
+    start = time.perf_counter()
+    k = influence_direction(state, task, config, rng, mask)
     params = jax.tree.map(lambda p, d: p + config.iu_step_size * d, state.params, k)
     params = jax.block_until_ready(params)
     seconds = time.perf_counter() - start
