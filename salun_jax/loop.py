@@ -165,21 +165,28 @@ def _all_finite(params: PyTree, batch_stats: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _reduce(step_metrics: list[dict]) -> dict[str, float]:
+def _reduce(step_metrics: list[dict]) -> dict:
     """Example-weighted epoch means of the steps' (psum-ed) metrics; `finite` is False if any
-    step's loss or gradient norm was not finite."""
+    step's loss or gradient norm was not finite. A population's metrics ([N] per step) give a
+    list per metric, one value per member; `num_examples` counts one member's examples."""
     stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
     stacked = {name: np.asarray(values)[:, 0] for name, values in stacked.items()}  # device 0
-    counts = stacked.pop("num_examples")
-    out = {
-        name: float(np.sum(values * counts) / max(np.sum(counts), 1.0))
-        for name, values in stacked.items()
-    }
-    out["num_examples"] = float(np.sum(counts))
+    counts = stacked.pop("num_examples")  # [S] or [S, N]
+    total = np.maximum(np.sum(counts, axis=0), 1.0)
+    out = {name: np.sum(values * counts, axis=0) / total for name, values in stacked.items()}
+    out = {name: value.tolist() if np.ndim(value) else float(value) for name, value in out.items()}
+    out["num_examples"] = float(np.sum(counts.reshape(counts.shape[0], -1)[:, 0]))
     out["finite"] = bool(
         np.all(np.isfinite(stacked["loss"])) and np.all(np.isfinite(stacked["grad_norm"]))
     )
     return out
+
+
+def epoch_key(key: jax.Array, epoch: int) -> jax.Array:
+    """The epoch's key, `fold_in(key, epoch)`; member by member for a population's [N] keys."""
+    if jnp.ndim(key) == 0:
+        return jax.random.fold_in(key, epoch)
+    return jax.vmap(lambda k: jax.random.fold_in(k, epoch))(key)
 
 
 def _append_jsonl(path: str, records: list[dict]) -> None:
@@ -202,6 +209,7 @@ def run(
     epoch_start_fn: Callable[[TrainState, int], TrainState] | None = None,
     progress: bool = True,
     desc: str = "train",
+    nonfinite: str = "raise",
 ) -> RunOutput:
     """Runs `num_epochs` epochs of `step` with data parallelism over all devices of all
     processes (each process pmaps over its local devices and takes its rows of the batches).
@@ -230,6 +238,12 @@ def run(
       epoch_start_fn: (replicated state, epoch) -> state, before the epoch's first step.
       progress: a progress bar per epoch.
       desc: the run's name in records, bars and errors (e.g. the method).
+      nonfinite: "raise" (`TrainingDivergedError`) or "warn" (log it and go on: a population
+        whose grid puts some members past their stable learning rate keeps the others).
+
+    A population (`salun_jax.population`) runs here too: its state's leaves carry a member axis,
+    `key` is its [N] member keys and the step maps the members; its records hold a list per
+    metric, one value per member.
 
     Returns:
       A `RunOutput`.
@@ -242,6 +256,8 @@ def run(
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
+    if nonfinite not in ("raise", "warn"):
+        raise ValueError(f"nonfinite must be 'raise' or 'warn', got {nonfinite!r}")
     checkpointer = None
     start_epoch, history, compile_seconds, run_seconds = 0, [], 0.0, 0.0
     code = code_version()
@@ -274,7 +290,7 @@ def run(
         saved, unsaved = start_epoch, []  # epochs in the newest checkpoint; records since then
         for epoch in range(start_epoch, num_epochs):
             indices, weights = local_rows(batches_fn(epoch, np.random.default_rng([seed, epoch])))
-            epoch_key = jax.random.fold_in(key, epoch)
+            keys = epoch_key(key, epoch)
             first = jax.tree.map(lambda x: x[0], indices)
             if compiled is None and jax.process_count() > 1:
                 # A multi-process pmap lowers for the global device count, and its AOT
@@ -282,9 +298,7 @@ def run(
                 # (its seconds count in the first epoch's run time, not in compile_seconds).
                 compiled = parallel_step(step)
             if compiled is None:
-                compiled, seconds = compiled_step(
-                    step, state_r, data_r, first, weights[0], epoch_key
-                )
+                compiled, seconds = compiled_step(step, state_r, data_r, first, weights[0], keys)
                 compile_seconds += seconds
             start = time.perf_counter()
             if epoch_start_fn is not None:
@@ -303,7 +317,7 @@ def run(
             step_metrics = []
             for s in range(num_steps):
                 batch_indices = jax.tree.map(lambda x, s=s: x[s], indices)
-                state_r, metrics = compiled(state_r, data_r, batch_indices, weights[s], epoch_key)
+                state_r, metrics = compiled(state_r, data_r, batch_indices, weights[s], keys)
                 step_metrics.append(metrics)
                 if bar is not None and s >= _BAR_LAG:
                     # The bar counts finished steps, not dispatched ones: wait for the step
@@ -320,7 +334,9 @@ def run(
             )
             seconds = time.perf_counter() - start
             run_seconds += seconds
-            if not finite:
+            if not finite and nonfinite == "warn":
+                logging.warning("%s: non-finite values in epoch %d; going on", desc, epoch + 1)
+            elif not finite:
                 kept = (
                     f"the last good checkpoint (epoch {saved}) is kept in {workdir}"
                     if checkpointer is not None and saved

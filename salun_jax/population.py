@@ -8,8 +8,11 @@ member equals the model trained alone with its seed when that run uses the popul
 order (`order_seed`): `train_classifier(..., order_seed=...)`, or a method's single run with
 `order_seed=...`.
 
-Inside, each member runs the one step builder, `step.make_step(loss_fn, axis_name=None)`,
-unchanged. How members are mapped (`strategy`):
+Populations run in the one loop, `loop.run`, with the one step builder's step, `make_step(loss_fn)`,
+mapped over the members (`population_step`): the same data parallelism over devices and
+processes, compile cache, progress bars, checkpoints and resume (`workdir`) and metrics.jsonl as
+a single run; a member that diverges is logged, and the others go on. Records hold a list per
+metric, one value per member. How members are mapped (`strategy`):
   * "vmap": `jax.vmap` over members.
   * "map": `jax.lax.map` over members inside one jit (a loop in the compiled program).
   * "unroll": the members as N copies of the step in one program (compile time grows with N).
@@ -22,18 +25,14 @@ unchanged. How members are mapped (`strategy`):
     convolutions (grouped convolutions on XLA:CPU) far slower for larger convolutions: for wider
     models on CPU, time "unroll" and "map" against "vmap" with the benchmark.
 
-The loop here is a plain Python epoch loop over shared batches: no checkpoints, no resume, no
-NaN policy, no metrics.jsonl (unlike `salun_jax.loop.run`); a population is cheap to redo.
-
-Keys reproduce the single-device `loop.run` exactly: epoch e of a member with key k steps with
-`fold_in(fold_in(fold_in(k, e), step), 0)` (the last fold is the device index the pmapped loop
-folds in on a single device).
+Keys reproduce single runs exactly: member i's key is `loop.run`'s key of its single run, folded
+with the epoch, the step and the device index by the same code.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -41,10 +40,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from salun_jax import optim
-from salun_jax.data.batches import epoch_batches, gather_batches, warn_if_padded
+from salun_jax import loop, optim
+from salun_jax.data.batches import gather_batches
 from salun_jax.losses import (
     LossFn,
     classification_forget_loss,
@@ -53,7 +51,7 @@ from salun_jax.losses import (
 )
 from salun_jax.saliency import mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
-from salun_jax.train import TrainConfig
+from salun_jax.train import TrainConfig, index_batches
 from salun_jax.types import PyTree
 from salun_jax.unlearn.boundary import (
     boundary_expanding_loss,
@@ -63,7 +61,7 @@ from salun_jax.unlearn.boundary import (
     extend_head,
     wide_head_model,
 )
-from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask, steps_per_epoch
+from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask, phase_batches, steps_per_epoch
 from salun_jax.unlearn.finetune import l1_schedule
 from salun_jax.unlearn.relabel import (
     _phases,
@@ -118,40 +116,6 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def population_sgd(
-    learning_rate: float,
-    momentum: float,
-    weight_decay: float,
-    milestones: Sequence[int],
-    gamma: float,
-    steps: int,
-    mask: PyTree | None = None,
-    mask_mode: str = "hard",
-) -> optax.GradientTransformation:
-    """`optim.make_sgd` with the multi-step schedule, its base learning rate injected into the
-    optimizer state (`optax.inject_hyperparams`), so members can differ in it under one compile.
-
-    lr_t = learning_rate * gamma^(milestones passed): the same schedule as
-    `optim.multistep_schedule(learning_rate, ...)` up to float rounding.
-    """
-    factor = optim.multistep_schedule(1.0, milestones, gamma, steps)
-
-    def factory(learning_rate):
-        return optim.make_sgd(
-            lambda count: learning_rate * factor(count), momentum, weight_decay, mask, mask_mode
-        )
-
-    return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
-
-
-def _single_device_keys(loss_fn: LossFn) -> LossFn:
-    # The pmapped loop folds the device index (0 on one device) into the step key after the step
-    # counter; fold the same 0 here so members reproduce single runs key for key.
-    return lambda params, batch, rng, state: loss_fn(
-        params, batch, jax.random.fold_in(rng, 0), state
-    )
-
-
 def _learning_rates(learning_rates, default: float, num_members: int) -> np.ndarray:
     if learning_rates is None:
         return np.full(num_members, default, np.float32)
@@ -161,53 +125,65 @@ def _learning_rates(learning_rates, default: float, num_members: int) -> np.ndar
     return rates
 
 
-def _init_opt_states(params, masks, learning_rates, tx_fn) -> optax.OptState:
-    """Each member's fresh optimizer state (its learning rate and mask); inits on the host, one
-    member at a time, so the mask checks see concrete values."""
-    states = []
-    for i, lr in enumerate(learning_rates):
-        mask = None if masks is None else member(masks, i)
-        states.append(tx_fn(float(lr), mask).init(member(params, i)))
-    return stack(states)
+def _with_optimizers(state: TrainState, masks, learning_rates, tx_fn) -> TrainState:
+    """`state` with each member's fresh optimizer (its learning rate and mask, both in the
+    optimizer state: `optim.multistep_sgd`, so all members share one update function) and step
+    0; inits on the host, one member at a time, so the mask checks see concrete values."""
+    txs = [
+        tx_fn(float(lr), None if masks is None else member(masks, i))
+        for i, lr in enumerate(learning_rates)
+    ]
+    opt_states = stack([tx.init(member(state.params, i)) for i, tx in enumerate(txs)])
+    return state.replace(
+        tx=txs[0], opt_state=opt_states, step=jnp.zeros(len(txs), jnp.int32), ema_params=None
+    )
+
+
+@functools.cache
+def population_step(step: Callable, strategy: str) -> Callable:
+    """The loop step of a population: `step` (from `make_step`) on every member with its own
+    key, on the same batch: (state [N, ...], batch, keys [N]) -> (state, metrics [N]).
+    Memoised, so `loop.run` reuses its executable across populations of the same shapes."""
+    strategy = resolve_strategy(strategy)
+
+    def run(state, batch, keys):
+        return map_members(lambda s, k: step(s, batch, k), strategy, state, keys)
+
+    return run
 
 
 def run_population(
     state: TrainState,
-    step_fn: Callable,
-    tx_fn: Callable[[float, PyTree | None], optax.GradientTransformation],
+    step: Callable,
     data: dict[str, np.ndarray],
-    phases: Sequence[np.ndarray],
+    batches_fn: loop.BatchesFn,
     *,
-    batch_size: int,
     num_epochs: int,
     keys: jax.Array,
     order_seed: int,
-    masks: PyTree | None = None,
     strategy: str = "auto",
     progress: bool = False,
     desc: str = "population",
+    workdir: str | None = None,
     epoch_end_fn: Callable[[int, TrainState], None] | None = None,
     epoch_start_fn: Callable[[TrainState, int], TrainState] | None = None,
 ) -> PopulationOutput:
-    """Runs `num_epochs` epochs of `step_fn` on every member, batches shared.
-
-    Epoch e runs the index `phases` in order, each shuffled by
-    `np.random.default_rng([order_seed, e])` and cut into padded batches (as `loop.run` on one
-    device does). A plain Python loop: no checkpoints or resume (see the module docstring).
+    """`loop.run` of `step` on every member (`population_step`), batches shared: the same loop,
+    compile cache, progress bars, checkpoints and resume (with `workdir`) as a single run. A
+    member whose loss becomes non-finite is logged and the others go on.
 
     Args:
-      state: the population (array leaves [N, ...]; `opt_state` already initialised per member).
-      step_fn: from `make_step(loss_fn, axis_name=None)`.
-      tx_fn: (learning rate, member mask or None) -> the member's optimizer; called inside the
-        mapped step with the member's mask (the learning rate then comes from its state).
-      data: per-example arrays gathered by the batch indices (once per step, for all members).
-      phases, batch_size, num_epochs: the epochs' batches.
+      state: the population (array leaves [N, ...]; `_with_optimizers` gave each member its
+        optimizer state).
+      step: from `make_step(loss_fn)`, as a single run's.
+      data, batches_fn: as `loop.run` (e.g. `train.index_batches`, `unlearn.phase_batches`).
+      num_epochs: epochs.
       keys: [N] member keys (`jax.random.key(seed)` each).
-      order_seed: seed of the shared batch order.
-      masks: per-member masks (leaves [N, ...]) or None.
-      strategy: "auto", "vmap" or "map".
-      progress: log each epoch.
-      desc: the run's name in the log.
+      order_seed: seed of the shared batch order (`loop.run`'s `seed`).
+      strategy: "auto", "vmap", "map" or "unroll".
+      progress: progress bars.
+      desc: the run's name in records and bars.
+      workdir: checkpoints and metrics.jsonl, as `loop.run`.
       epoch_end_fn: called as fn(epoch, state) after each epoch (1-based), e.g. to evaluate the
         members at several epoch counts of one run (`salun_jax.tuning`).
       epoch_start_fn: (state, epoch) -> state before each epoch (0-based), on the whole
@@ -216,60 +192,30 @@ def run_population(
     Returns:
       A `PopulationOutput`.
     """
-    strategy = resolve_strategy(strategy)
-    tx0 = tx_fn(0.0, None if masks is None else member(masks, 0))
+    eval_fn = None
+    if epoch_end_fn is not None:
+        steps = batches_fn(0, np.random.default_rng(0))[1].shape[0]
 
-    def member_step(member_state, mask, key, batch):
-        member_state = member_state.replace(tx=tx_fn(0.0, mask))  # lr: from the opt_state
-        new_state, metrics = step_fn(member_state, batch, key)
-        return new_state.replace(tx=tx0), metrics  # one static tx: the next call does not retrace
+        def eval_fn(member_states):
+            epoch_end_fn(int(member_states.step[0]) // steps, member_states)
+            return {}
 
-    def population_step(state, masks, keys, data, indices, weights):
-        batch = {name: values[indices] for name, values in data.items()}
-        batch["weight"] = weights
-        return map_members(
-            lambda s, m, k: member_step(s, m, k, batch), strategy, state, masks, keys
-        )
-
-    compiled_step = jax.jit(population_step, donate_argnums=(0,))
-    # A copy: the step donates the state, and the caller's arrays (e.g. the originals being
-    # unlearned) must survive.
-    state = jax.tree.map(jnp.copy, state.replace(tx=tx0))
-    data = {name: jnp.asarray(values) for name, values in data.items()}
-    compiled, compile_seconds, run_seconds, history = None, 0.0, 0.0, []
-    for epoch in range(num_epochs):
-        if epoch_start_fn is not None:
-            state = epoch_start_fn(state, epoch)
-        np_rng = np.random.default_rng([order_seed, epoch])
-        batches = [epoch_batches(ix, batch_size, np_rng, 1) for ix in phases if len(ix)]
-        indices = np.concatenate([b[0] for b in batches])[:, 0]  # [S, B]
-        weights = np.concatenate([b[1] for b in batches])[:, 0]
-        epoch_keys = jax.vmap(lambda k, e=epoch: jax.random.fold_in(k, e))(keys)
-        if compiled is None:
-            start = time.perf_counter()
-            compiled = compiled_step.lower(
-                state, masks, epoch_keys, data, indices[0], weights[0]
-            ).compile()
-            compile_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        step_metrics = []
-        for s in range(indices.shape[0]):
-            state, metrics = compiled(state, masks, epoch_keys, data, indices[s], weights[s])
-            step_metrics.append(metrics)
-        stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics))
-        counts = stacked.pop("num_examples")  # [S, N]
-        total = np.maximum(counts.sum(0), 1.0)
-        record = {"phase": desc, "epoch": epoch + 1, "seconds": time.perf_counter() - start}
-        for name in ("loss", "accuracy"):
-            if name in stacked:
-                record[name] = ((stacked[name] * counts).sum(0) / total).tolist()
-        run_seconds += record["seconds"]
-        history.append(record)
-        if progress:
-            print(f"{desc} epoch {epoch + 1}/{num_epochs}: {record['seconds']:.1f} s", flush=True)
-        if epoch_end_fn is not None:
-            epoch_end_fn(epoch + 1, state)
-    return PopulationOutput(state, history, compile_seconds, run_seconds)
+    out = loop.run(
+        state,
+        population_step(step, resolve_strategy(strategy)),
+        data,
+        batches_fn,
+        num_epochs=num_epochs,
+        key=keys,
+        seed=order_seed,
+        workdir=workdir,
+        eval_fn=eval_fn,
+        epoch_start_fn=epoch_start_fn,
+        progress=progress,
+        desc=desc,
+        nonfinite="warn",
+    )
+    return PopulationOutput(out.state, out.history, out.compile_seconds, out.run_seconds)
 
 
 def population_train_classifier(
@@ -285,6 +231,7 @@ def population_train_classifier(
     strategy: str = "auto",
     progress: bool = False,
     desc: str = "train population",
+    workdir: str | None = None,
 ) -> PopulationOutput:
     """Trains len(seeds) classifiers from scratch on `images[indices]` (original or Retrain
     populations), member i initialised and keyed by `seeds[i]` (`config.seed` is ignored).
@@ -299,9 +246,10 @@ def population_train_classifier(
       learning_rates: per-member base learning rates (default: config.learning_rate for all).
       order_seed: seed of the shared batch order (default: seeds[0], so member 0 is exactly
         `train_classifier` with seed seeds[0]).
-      strategy: "auto", "vmap" or "map" (module docstring).
-      progress: log each epoch.
-      desc: name in the log.
+      strategy: "auto", "vmap", "map" or "unroll" (module docstring).
+      progress: progress bars.
+      desc: name in the records.
+      workdir: checkpoints (resume), as `train_classifier`.
 
     Returns:
       A `PopulationOutput`; its state's array leaves are [N, ...].
@@ -310,13 +258,12 @@ def population_train_classifier(
     """
     seeds = [int(s) for s in seeds]
     rates = _learning_rates(learning_rates, config.learning_rate, len(seeds))
-    warn_if_padded(len(indices), config.batch_size)
     steps = math.ceil(len(indices) / config.batch_size)
 
     def tx_fn(lr, mask):
         del mask
-        return population_sgd(
-            lr, config.momentum, config.weight_decay, config.milestones, config.gamma, steps
+        return optim.multistep_sgd(
+            lr, config.milestones, config.gamma, steps, config.momentum, config.weight_decay
         )
 
     variables = stack([init_variables(model, jax.random.key(s), images.shape[1:]) for s in seeds])
@@ -324,24 +271,22 @@ def population_train_classifier(
         step=jnp.zeros(len(seeds), jnp.int32),
         params=variables["params"],
         batch_stats=variables["batch_stats"],
-        opt_state=_init_opt_states(variables["params"], None, rates, tx_fn),
+        opt_state=None,
         apply_fn=model.apply,
-        tx=tx_fn(0.0, None),
     )
     loss_fn = classification_loss(crop_padding=config.crop_padding, flip=config.flip)
     return run_population(
-        state,
-        make_step(_single_device_keys(loss_fn), axis_name=None),
-        tx_fn,
+        _with_optimizers(state, None, rates, tx_fn),
+        make_step(loss_fn),
         {"image": images, "label": labels},
-        [np.asarray(indices)],
-        batch_size=config.batch_size,
+        index_batches(np.asarray(indices), config.batch_size),
         num_epochs=config.epochs,
-        keys=jnp.stack([jax.random.key(s) for s in seeds]),
+        keys=_keys(seeds),
         order_seed=seeds[0] if order_seed is None else int(order_seed),
         strategy=strategy,
         progress=progress,
         desc=desc,
+        workdir=workdir,
     )
 
 
@@ -456,6 +401,7 @@ def population_unlearn(
     strategy: str = "auto",
     progress: bool = False,
     epoch_end_fn: Callable[[int, TrainState], None] | None = None,
+    workdir: str | None = None,
 ) -> PopulationOutput:
     """Unlearns every member of a population with an SGD method (`POPULATION_METHODS`: FT, GA,
     RL, l1-sparse, BS, BE, SalUn, SalUn-soft; IU is not SGD: `salun_jax.tuning` sweeps its step
@@ -477,8 +423,8 @@ def population_unlearn(
       learning_rates: per-member learning rates (default: config.learning_rate for all).
       order_seed: seed of the shared batch order (default: the order of member 0's single run).
       strategy: "auto", "vmap" or "map".
-      progress: log each epoch.
-      epoch_end_fn: as `run_population`.
+      progress: progress bars.
+      epoch_end_fn, workdir: as `run_population`.
 
     Returns:
       A `PopulationOutput`.
@@ -501,51 +447,40 @@ def population_unlearn(
     if method_name == "BE":
         states, keys = _widen_heads(states, task, seeds)
     pieces = _method_pieces(method_name, task, config)
-    phases = pieces.phases
-    for ix in phases:
-        warn_if_padded(len(ix), config.batch_size)
-    steps = steps_per_epoch(phases, config.batch_size)
+    steps = steps_per_epoch(pieces.phases, config.batch_size)
     rates = _learning_rates(learning_rates, config.learning_rate, num_members)
     masks = None if mask is None else _member_masks(mask, states.params, num_members)
 
-    def tx_fn(lr, member_mask):
-        return population_sgd(
+    def tx_fn(lr, member_mask):  # a single run's optimizer (`run_unlearning_sgd`)
+        return optim.multistep_sgd(
             lr,
-            config.momentum,
-            config.weight_decay,
             config.milestones,
             config.gamma,
             steps,
+            config.momentum,
+            config.weight_decay,
             member_mask,
             config.mask_mode,
         )
 
-    state = states.replace(
-        step=jnp.zeros(num_members, jnp.int32),
-        opt_state=_init_opt_states(states.params, masks, rates, tx_fn),
-        extra=pieces.extra_fn(states),
-        ema_params=None,
-    )
-    step_fn = make_step(
-        _single_device_keys(pieces.loss_fn),
-        axis_name=None,
+    state = _with_optimizers(states, masks, rates, tx_fn).replace(extra=pieces.extra_fn(states))
+    step = make_step(
+        pieces.loss_fn,
         update_batch_stats=config.update_batch_stats,
         post_update_fn=pieces.post_update_fn,
     )
     out = run_population(
         state,
-        step_fn,
-        tx_fn,
+        step,
         task.data(),
-        phases,
-        batch_size=config.batch_size,
+        phase_batches(pieces.phases, config.batch_size),
         num_epochs=config.epochs,
         keys=keys,
         order_seed=_order_seed(keys[0]) if order_seed is None else int(order_seed),
-        masks=masks,
         strategy=strategy,
         progress=progress,
         desc=method_name,
+        workdir=workdir,
         epoch_end_fn=epoch_end_fn,
         epoch_start_fn=pieces.epoch_start_fn,
     )

@@ -214,3 +214,45 @@ def test_population_salun_masks_match_single_masks(setup, originals):
             )
         )
         assert agree > 0.999  # ties at the top-k boundary may fall either way
+
+
+def test_population_resumes_from_its_checkpoint(setup, tmp_path):
+    images, labels, split, model, config, _ = setup
+    args = (images, labels, split.train, model)
+    whole = population.population_train_classifier(
+        *args, config, SEEDS, order_seed=ORDER_SEED, workdir=str(tmp_path / "whole")
+    )
+    # Stopped after epoch 1, then run again to the end on the same work directory.
+    population.population_train_classifier(
+        *args,
+        dataclasses.replace(config, epochs=1),
+        SEEDS,
+        order_seed=ORDER_SEED,
+        workdir=str(tmp_path / "resumed"),
+    )
+    resumed = population.population_train_classifier(
+        *args, config, SEEDS, order_seed=ORDER_SEED, workdir=str(tmp_path / "resumed")
+    )
+    chex.assert_trees_all_close(resumed.state.params, whole.state.params, **TOLERANCE)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert len(resumed.history[0]["loss"]) == len(SEEDS)  # one value per member
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == config.epochs
+
+
+def test_a_diverging_member_does_not_stop_the_others(setup):
+    images, labels, split, model, config, _ = setup
+    out = population.population_train_classifier(
+        images,
+        labels,
+        split.train,
+        model,
+        config,
+        (SEEDS[0], SEEDS[0]),
+        learning_rates=(config.learning_rate, 1e30),
+        order_seed=ORDER_SEED,
+    )
+    losses = np.asarray(out.history[-1]["loss"])
+    assert np.isfinite(losses[0]) and not np.isfinite(losses[1])
+    alone = _train_alone(setup, SEEDS[0])
+    chex.assert_trees_all_close(population.member(out.state, 0).params, alone.params, **TOLERANCE)

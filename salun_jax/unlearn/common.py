@@ -112,6 +112,22 @@ def steps_per_epoch(phases: Sequence[np.ndarray], batch_size: int) -> int:
     return sum(math.ceil(len(ix) / batch_size) for ix in phases if len(ix))
 
 
+def phase_batches(phases: Sequence[np.ndarray], batch_size: int) -> loop.BatchesFn:
+    """The loop's batches of an unlearning run: each epoch runs the index `phases` in order
+    (e.g. forget batches, then retain batches), each shuffled and cut into padded batches for
+    all devices of all processes (each takes its rows, `loop.local_rows`)."""
+    num_devices = jax.device_count()
+    for ix in phases:
+        warn_if_padded(len(ix), batch_size)
+    phases = [ix for ix in phases if len(ix)]
+
+    def batches_fn(epoch, np_rng):
+        batches = [epoch_batches(ix, batch_size, np_rng, num_devices) for ix in phases]
+        return (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+
+    return batches_fn
+
+
 def run_unlearning_sgd(
     state: TrainState,
     task: UnlearnTask,
@@ -132,9 +148,6 @@ def run_unlearning_sgd(
     batches), each shuffled and cut into padded batches. The batch order's seed is drawn from
     `rng` unless `order_seed` is given (to match a population member, `salun_jax.population`).
     `run_options` (workdir, checkpoint_every, progress) go to `loop.run`."""
-    num_devices = jax.device_count()  # all processes'; each takes its rows (`loop.local_rows`)
-    for ix in phases:
-        warn_if_padded(len(ix), config.batch_size)
     steps = steps_per_epoch(phases, config.batch_size)
     # Every value (learning rate, schedule, momentum, weight decay, mask) in the optimizer
     # state: methods and seeds that differ only in them share one compiled step.
@@ -151,12 +164,6 @@ def run_unlearning_sgd(
         )
     )
 
-    def batches_fn(epoch, np_rng):
-        batches = [
-            epoch_batches(ix, config.batch_size, np_rng, num_devices) for ix in phases if len(ix)
-        ]
-        return (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
-
     step = make_step(
         loss_fn, update_batch_stats=config.update_batch_stats, post_update_fn=post_update_fn
     )
@@ -165,7 +172,7 @@ def run_unlearning_sgd(
         state,
         step,
         task.data(),
-        batches_fn,
+        phase_batches(phases, config.batch_size),
         num_epochs=config.epochs,
         key=rng,
         seed=seed,
