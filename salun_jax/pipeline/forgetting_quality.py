@@ -14,8 +14,10 @@ original population against half B.
 
 Writes to the work directory: config.json, results.json (keyed by method name: forgetting
 quality, final score, accuracies, epsilon summary, seconds), results.md (the table), run.json
-(timings and what the Retrain row compares) and plots/epsilon_<method>.png. Nothing is resumed:
-a rerun recomputes everything.
+(timings and what the Retrain row compares) and plots/epsilon_<method>.png. Each population
+checkpoints after every epoch under populations/<name>-<hash of its settings>/, so a rerun on the
+same work directory resumes where it stopped (finished populations are restored, not retrained);
+the evaluation is recomputed.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from salun_jax.pipeline.classification import method_config
 from salun_jax.pipeline.common import (
     UserError,
     build_split,
+    config_hash,
     load_data,
     make_dataclass,
     write_config,
@@ -156,6 +159,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
         logging.info("%s: %.1f s", name, timings[name])
         return out
 
+    def population_dir(name, *settings):
+        # Checkpoints per population: an interrupted run resumes; changed settings start anew.
+        digest = config_hash(split.hash, members, seed, strategy, *settings)
+        return os.path.join(workdir, "populations", f"{name}-{digest}")
+
     originals = timed(
         "Original",
         lambda: (
@@ -168,6 +176,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
                 [seed + i for i in range(members)],
                 strategy=strategy,
                 desc="original",
+                workdir=population_dir("original", train_config),
             ).state
         ),
     )
@@ -183,6 +192,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
                 [seed + 1000 + i for i in range(2 * members)],
                 strategy=strategy,
                 desc="retrain",
+                workdir=population_dir("retrain", train_config),
             ).state
         ),
     )
@@ -211,7 +221,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
                 strategy=strategy,
             )
         states = population.population_unlearn(
-            method, originals, task, cfg, unlearn_seeds, masks, strategy=strategy
+            method,
+            originals,
+            task,
+            cfg,
+            unlearn_seeds,
+            masks,
+            strategy=strategy,
+            workdir=population_dir(method, train_config, cfg, config.mask.fraction),
         ).state
         jax.block_until_ready(jax.tree.leaves(states.params))
         seconds[method] = timings[method] = time.perf_counter() - start
