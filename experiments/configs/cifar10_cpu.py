@@ -11,6 +11,11 @@ Result (seed 1, 2026-12-02, BatchNorm over real rows, stratified MIA): Retrain U
 / RA 99.95 / TA 60.3 (original TA 61.2: a ~39-point train/test gap); Avg. Gap: RL 6.08, SalUn
 7.93, SalUn-soft 9.52, BS 15.3, BE 19.5, l1-sparse 19.9, FT 20.2, GA 20.2, IU 23.5 (untuned lrs);
 GA now degrades (UA 25.2, RA 77.4, TA 48.7) as the original code's GA does on this split.
+Seed 2: Retrain UA 46.2 / MIA 62.8 / RA 99.89 / TA 57.0; Avg. Gap RL 8.0, SalUn 8.0; GA barely
+moves there (UA 5.7, RA 96.8): ascent at this learning rate is seed-sensitive.
+Augmentation (crop 4 + flip, the same 15 epochs) was tried for a regime nearer the paper's: the
+original then reaches RA 71.2 / TA 65.9 (it underfits in 15 epochs; ~10 min per model), so the
+default stays without augmentation.
 """
 
 import ml_collections
