@@ -58,3 +58,19 @@ def experiment():
         )
 
     return run
+
+
+# The files of the long end-to-end tests, longest first: collected first, they start first on
+# the two xdist workers instead of leaving one worker alone with them at the end.
+_SLOW_FILES = (
+    "test_sd_experiment.py",
+    "test_faults.py",
+    "test_forgetting_quality_experiment.py",
+    "test_experiments.py",
+    "test_diffusion_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: others keep order
