@@ -165,6 +165,7 @@ def run_population(
     progress: bool = False,
     desc: str = "population",
     workdir: str | None = None,
+    checkpoint_every: int = 1,
     epoch_end_fn: Callable[[int, TrainState], None] | None = None,
     epoch_start_fn: Callable[[TrainState, int], TrainState] | None = None,
 ) -> PopulationOutput:
@@ -183,7 +184,7 @@ def run_population(
       strategy: "auto", "vmap", "map" or "unroll".
       progress: progress bars.
       desc: the run's name in records and bars.
-      workdir: checkpoints and metrics.jsonl, as `loop.run`.
+      workdir, checkpoint_every: checkpoints and metrics.jsonl, as `loop.run`.
       epoch_end_fn: called as fn(epoch, state) after each epoch (1-based), e.g. to evaluate the
         members at several epoch counts of one run (`salun_jax.tuning`).
       epoch_start_fn: (state, epoch) -> state before each epoch (0-based), on the whole
@@ -209,6 +210,7 @@ def run_population(
         key=keys,
         seed=order_seed,
         workdir=workdir,
+        checkpoint_every=checkpoint_every,
         eval_fn=eval_fn,
         epoch_start_fn=epoch_start_fn,
         progress=progress,
@@ -232,6 +234,7 @@ def population_train_classifier(
     progress: bool = False,
     desc: str = "train population",
     workdir: str | None = None,
+    checkpoint_every: int = 1,
 ) -> PopulationOutput:
     """Trains len(seeds) classifiers from scratch on `images[indices]` (original or Retrain
     populations), member i initialised and keyed by `seeds[i]` (`config.seed` is ignored).
@@ -249,7 +252,7 @@ def population_train_classifier(
       strategy: "auto", "vmap", "map" or "unroll" (module docstring).
       progress: progress bars.
       desc: name in the records.
-      workdir: checkpoints (resume), as `train_classifier`.
+      workdir, checkpoint_every: checkpoints (resume), as `loop.run`.
 
     Returns:
       A `PopulationOutput`; its state's array leaves are [N, ...].
@@ -287,6 +290,7 @@ def population_train_classifier(
         progress=progress,
         desc=desc,
         workdir=workdir,
+        checkpoint_every=checkpoint_every,
     )
 
 
@@ -402,6 +406,7 @@ def population_unlearn(
     progress: bool = False,
     epoch_end_fn: Callable[[int, TrainState], None] | None = None,
     workdir: str | None = None,
+    checkpoint_every: int = 1,
 ) -> PopulationOutput:
     """Unlearns every member of a population with an SGD method (`POPULATION_METHODS`: FT, GA,
     RL, l1-sparse, BS, BE, SalUn, SalUn-soft; IU is not SGD: `salun_jax.tuning` sweeps its step
@@ -424,7 +429,7 @@ def population_unlearn(
       order_seed: seed of the shared batch order (default: the order of member 0's single run).
       strategy: "auto", "vmap" or "map".
       progress: progress bars.
-      epoch_end_fn, workdir: as `run_population`.
+      epoch_end_fn, workdir, checkpoint_every: as `run_population`.
 
     Returns:
       A `PopulationOutput`.
@@ -481,6 +486,7 @@ def population_unlearn(
         progress=progress,
         desc=method_name,
         workdir=workdir,
+        checkpoint_every=checkpoint_every,
         epoch_end_fn=epoch_end_fn,
         epoch_start_fn=pieces.epoch_start_fn,
     )

@@ -15,9 +15,9 @@ original population against half B.
 Writes to the work directory: config.json, results.json (keyed by method name: forgetting
 quality, final score, accuracies, epsilon summary, seconds), results.md (the table), run.json
 (timings and what the Retrain row compares) and plots/epsilon_<method>.png. Each population
-checkpoints after every epoch under populations/<name>-<hash of its settings>/, so a rerun on the
-same work directory resumes where it stopped (finished populations are restored, not retrained);
-the evaluation is recomputed.
+is checkpointed when it finishes, under populations/<name>-<hash of its settings>/, so a rerun on
+the same work directory restores the finished populations instead of retraining them (saving
+every epoch cost the N = 32 run about a fifth of its time); the evaluation is recomputed.
 """
 
 from __future__ import annotations
@@ -177,6 +177,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
                 strategy=strategy,
                 desc="original",
                 workdir=population_dir("original", train_config),
+                checkpoint_every=max(train_config.epochs, 1),
             ).state
         ),
     )
@@ -193,6 +194,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
                 strategy=strategy,
                 desc="retrain",
                 workdir=population_dir("retrain", train_config),
+                checkpoint_every=max(train_config.epochs, 1),
             ).state
         ),
     )
@@ -229,6 +231,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
             masks,
             strategy=strategy,
             workdir=population_dir(method, train_config, cfg, config.mask.fraction),
+            checkpoint_every=max(cfg.epochs, 1),
         ).state
         jax.block_until_ready(jax.tree.leaves(states.params))
         seconds[method] = timings[method] = time.perf_counter() - start
