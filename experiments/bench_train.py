@@ -50,6 +50,10 @@ order each round; prints img/s, per-round-median ratios and the per-layer choice
 whole `loop.run` epochs per conv_impl. Measured 2026-12 on the 2-core machine under a load average
 of 7-10 from other jobs (jax 0.10.2, torch 2.13.0+cpu), ResNet-18 x0.25, batch 128:
 
+    quiet machine (clean clone of 06da1cb, load ~1, nothing else running), one core:
+                          xla 189.6, auto 181.0 (0.96x xla), torch NCHW 278.9,
+                          channels_last 349.6 img/s; xla / NCHW 0.66x, xla / channels_last
+                          0.50x; all conv layers isolated: auto 1.15x xla (480 vs 554 ms)
     pinned to one core:   xla 90.5, auto 116.3 (per round: 1.08x xla), torch NCHW 124.2,
                           channels_last 248.6 img/s; xla / NCHW 0.72x, auto / NCHW 0.66x,
                           auto / channels_last 0.49x
