@@ -3,9 +3,10 @@
     python experiments/unlearn.py --config experiments/configs/digits_unlearn.py --workdir runs/digits
 
 Two scenarios, 10% random and class-wise (digit 3) forgetting, every method of the paper, 3 seeds,
-a small CNN; 2 min 27 s wall (127 s of CPU) with an empty compilation cache and 1 min 33 s (79 s)
-with a warm one, on 2 cores with another job on one (load 4-5; before compile-once the fresh run
-took 250 s of CPU). `:tuned` adds fair tuning (salun_jax.tuning; 6 min 40 s in all). results.md holds both tables. Measured (Avg. Gap to Retrain):
+a small CNN; 1 min 42 s wall (132 s of CPU) with an empty compilation cache and 1 min 8 s (81 s)
+with a warm one, on 2 quiet cores (clean clone of 06da1cb; before compile-once the fresh run
+took 250 s of CPU). `:tuned` adds fair tuning of all nine methods (salun_jax.tuning; 5 min 9 s
+in all). results.md holds both tables. Measured (Avg. Gap to Retrain):
 random: Retrain UA 1.8 (its test error); FT 0.55, l1-sparse 0.84, BS 0.87, BE 0.96 smallest; RL,
 SalUn, SalUn-soft ~2.5-3 (MIA overshoots Retrain's 4.9 at 11-14); GA 6.8 (RA/TA drop 6-8).
 class-wise: Retrain UA = MIA = 100; RL 1.54, SalUn 1.58, SalUn-soft 1.58 (UA ~94, RA/TA kept);
