@@ -27,3 +27,32 @@ def test_forgetting_quality_tiny(experiment, tmp_path):
         }
     assert "resuming after epoch" in again.stderr
     assert len(list((workdir / "populations").iterdir())) == 2 + len(results) - 2
+
+
+def test_cifar_gpu_config_builds_its_method_configs():
+    # The GPU config is not run here (no GPU); its methods must be population methods and its
+    # method settings must make valid UnlearnConfigs, in both variants.
+    import importlib.util
+    import os
+
+    from salun_jax import population
+    from salun_jax.pipeline.classification import method_config
+    from salun_jax.train import TrainConfig
+
+    path = os.path.join(
+        os.path.dirname(__file__),
+        os.pardir,
+        "experiments",
+        "configs",
+        "cifar10_forgetting_quality.py",
+    )
+    spec = importlib.util.spec_from_file_location("config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for variant in ("", "tiny"):
+        config = module.get_config(variant)
+        assert set(config.run_methods) <= set(population.POPULATION_METHODS)
+        TrainConfig(**config.train.to_dict())
+        for method in config.run_methods:
+            assert method_config(config, method).learning_rate > 0
+    assert module.get_config("").members == 32

@@ -5,25 +5,25 @@
 
 32 original, 64 retrained (two halves of 32) and 32 unlearned models per method (FT, GA, RL,
 l1-sparse, SalUn), SmallCNN x0.5, 10% random forgetting; each population trains in one compiled
-program. Target: <= 15 min on 2 CPU cores; measured 417 s (7 min) with the load average at
-6.4-6.9 on the shared 2-core machine (jax 0.10.2, strategy vmap), giving:
+program. Target: <= 15 min on 2 CPU cores; measured 3 min 30 s on a clean clone of 2aff122
+(2026-12-02, quiet machine, jax 0.10.2, strategy vmap), giving:
 
     | Method | F (forgetting quality) | final score | FA % | RA % | TA % | eps med |
     |---|---|---|---|---|---|---|
-    | Retrain | 0.1722 | 0.1727 | 97.75 | 98.33 | 96.18 | 1.61 |
-    | Original | 0.1298 | 0.1306 | 98.72 | 98.64 | 96.19 | 1.79 |
-    | FT | 0.1019 | 0.1036 | 98.69 | 99.06 | 96.83 | 2.20 |
-    | GA | 0.1274 | 0.1262 | 98.06 | 98.07 | 95.26 | 1.79 |
-    | RL | 0.0452 | 0.0450 | 98.50 | 98.52 | 95.48 | 2.89 |
-    | l1-sparse | 0.1135 | 0.1152 | 98.59 | 99.02 | 96.69 | 2.08 |
-    | SalUn | 0.0592 | 0.0588 | 98.40 | 98.41 | 95.20 | 2.56 |
+    | Retrain | 0.1785 | 0.1797 | 97.72 | 98.34 | 95.96 | 1.61 |
+    | Original | 0.1378 | 0.1392 | 98.59 | 98.53 | 96.13 | 1.79 |
+    | FT | 0.0942 | 0.0962 | 98.55 | 99.04 | 96.63 | 2.08 |
+    | GA | 0.0701 | 0.0666 | 96.97 | 96.20 | 92.54 | 2.30 |
+    | RL | 0.0411 | 0.0411 | 98.43 | 98.47 | 95.27 | 2.83 |
+    | l1-sparse | 0.1094 | 0.1116 | 98.50 | 98.97 | 96.70 | 2.08 |
+    | SalUn | 0.0579 | 0.0578 | 98.55 | 98.47 | 95.12 | 2.64 |
 
 The Retrain sanity row's F is the ceiling at N = 32 (coarse: rates move in steps of 1/32). On
 digits the retrained models still classify 97-98% of the forget set, so Original is close to it,
 and RL and SalUn (random labels on D_f) move the forget confidences away from Retrain's.
 
 The `:tiny` variant (4 members, 1-2 epochs, 30 train images per class, GA and SalUn) checks the
-pipeline, not the numbers.
+pipeline, not the numbers. CIFAR-10 on a GPU: `cifar10_forgetting_quality.py`.
 """
 
 import ml_collections
