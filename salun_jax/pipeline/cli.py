@@ -153,3 +153,25 @@ def run(main: Callable, config_flag) -> None:
             fail(str(error))
 
     app.run(guarded_main, flags_parser=lambda argv: remaining)  # parsed once
+
+
+def run_pipeline(pipeline: Callable[[object, str], str]) -> None:
+    """The whole entry of a pipeline script: --config and --workdir flags, `run`, then
+    `pipeline(config, workdir)` and its returned table printed by process 0 (every process of a
+    multi-process run gets it)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from salun_jax.pipeline.common import is_primary
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+    workdir_flag = flags.DEFINE_string("workdir", None, "Work directory (resumes if it exists).")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def main(argv):
+        del argv
+        table = pipeline(config_flag.value, workdir_flag.value)
+        if is_primary():
+            print(table)
+
+    run(main, config_flag)
