@@ -369,8 +369,6 @@ def _member_masks(mask: PyTree, params: PyTree, num_members: int) -> PyTree:
 def _widen_heads(states: TrainState, task: UnlearnTask, seeds: Sequence[int]):
     """BE's start, as its single run does it from key(seed): split the key, widen the head with
     the first half (`extend_head`); returns (the widened population, the member keys)."""
-    if "fc" not in states.params:
-        raise ValueError("boundary expanding needs a classifier head named 'fc'")
     halves = jax.vmap(jax.random.split)(_keys(seeds))  # [N, 2]
     init_keys, keys = halves[:, 0], halves[:, 1]
     params = jax.vmap(lambda p, k: extend_head(p, task.num_classes, k))(states.params, init_keys)

@@ -79,6 +79,8 @@ def boundary_shrink(
 def extend_head(params, num_classes: int, rng: jax.Array):
     """Adds one output to the classifier head `fc` (kernel [D, K] and bias [K]); the new column
     gets PyTorch's default Linear init, the old ones are copied."""
+    if "fc" not in params:
+        raise ValueError("boundary expanding needs a classifier head named 'fc'")
     fc = params["fc"]
     leaves = jax.tree.leaves(fc)
     kernel_fan_in = next(x.shape[0] for x in leaves if x.ndim == 2)
@@ -120,8 +122,6 @@ def boundary_expanding(
     """BE: widen the head by a shadow class, train D_f towards it, then (default) drop the shadow
     output again. `remove_shadow_logit=False` keeps the K+1-way head as upstream does; the output
     then carries the widened `model`."""
-    if "fc" not in state.params:
-        raise ValueError("boundary expanding needs a classifier head named 'fc'")
     if mask is not None:
         raise ValueError("boundary expanding does not take a mask (its head changes shape)")
     wide_model = wide_head_model(task)
