@@ -1,6 +1,7 @@
 """Convolution gradient formulations (salun_jax.models.conv): equal to XLA's, chooser, cache."""
 
 import json
+import re
 
 import chex
 import flax.linen as nn
@@ -258,3 +259,67 @@ def test_resnet_train_step_equal_across_impls(plan_dir, monkeypatch):
     chex.assert_trees_all_close(results["auto"], results["xla"], rtol=1e-4, atol=1e-5)
     # One timed entry per distinct layer shape: stem, 16@16, then 3 per later stage.
     assert len(json.loads((plan_dir / "conv_plans.json").read_text())["entries"]) == 1 + 1 + 3 * 2
+
+
+def test_materialize_is_the_identity_under_every_transform():
+    x = jnp.linspace(-3.0, 3.0, 2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+
+    def plain(x):
+        return jnp.sum(jnp.sin(x) * x**2)
+
+    def through(x):
+        return jnp.sum(jnp.sin(conv.materialize(x)) * conv.materialize(x) ** 2)
+
+    np.testing.assert_array_equal(conv.materialize(x), x)
+    np.testing.assert_array_equal(jax.jit(conv.materialize)(x), x)
+    np.testing.assert_array_equal(jax.vmap(conv.materialize)(x), x)
+    np.testing.assert_array_equal(jax.jit(jax.grad(through))(x), jax.jit(jax.grad(plain))(x))
+    tangent = jnp.cos(x)
+    np.testing.assert_array_equal(
+        jax.jvp(through, (x,), (tangent,))[1], jax.jvp(plain, (x,), (tangent,))[1]
+    )
+    small = x[:1, :1, :2, :2]  # forward-over-reverse (Hessian) works too
+    np.testing.assert_array_equal(jax.hessian(through)(small), jax.hessian(plain)(small))
+
+
+def _resnet8_gradient(monkeypatch, materialize: str):
+    """(compiled HLO text, gradients) of a ResNet-8 x0.25 train-mode loss, with
+    $SALUN_JAX_CONV_MATERIALIZE set to `materialize` while tracing."""
+    monkeypatch.setenv(conv.MATERIALIZE_ENV_VAR, materialize)
+    model = create_model("resnet8", 10, (0.5,) * 3, (0.25,) * 3, 0.25, "xla")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    images = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3))
+
+    def loss(params):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(logits**2)
+
+    compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+    return compiled.as_text(), compiled(variables["params"])
+
+
+def _fused_activation_transposes(hlo: str, batch: int = 8) -> int:
+    """Fusions transposing a convolution input to [C, H, W, batch] (the weight gradient's
+    layout) that read more than one operand, i.e. recompute the input's producers instead of
+    reading one buffer. (Output-gradient transposes, [H, W, batch, O], are not counted.)"""
+    found = re.findall(r"%\S*transpose\S* = \w+\[\d+,\d+,\d+,(\d+)\]\S* fusion\(([^)]*)\)", hlo)
+    return sum(int(last) == batch and len(operands.split(",")) > 1 for last, operands in found)
+
+
+def test_materialized_inputs_keep_producers_out_of_weight_gradient_transposes(monkeypatch):
+    if jax.default_backend() != "cpu":
+        pytest.skip("materialize applies on the CPU backend only")
+    hlo_off, grads_off = _resnet8_gradient(monkeypatch, "0")
+    hlo_on, grads_on = _resnet8_gradient(monkeypatch, "1")
+    # Same values to the bit: materialize changes only what XLA may fuse.
+    chex.assert_trees_all_equal(grads_on, grads_off)
+    if _fused_activation_transposes(hlo_off) == 0:
+        pytest.skip("this XLA does not fuse producers into the weight-gradient transposes")
+    assert _fused_activation_transposes(hlo_on) == 0
+    monkeypatch.setenv(conv.MATERIALIZE_ENV_VAR, "0")
+    assert not conv.materialize_inputs()
