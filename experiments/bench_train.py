@@ -78,13 +78,12 @@ target (>= PyTorch NCHW) is not met here.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -125,17 +124,11 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSO
 _CONV_IMPLS = flags.DEFINE_list(
     "conv_impls",
     [],
-    "Compare the bare train step with these conv_impl settings (xla, custom, auto; see "
+    "Compare the bare train step with these conv_impl settings (xla, custom, auto, plain; see "
     "salun_jax.models.conv) and, when torch is importable, PyTorch's step (NCHW and "
     "channels_last), interleaved; prints the per-layer choice table. Replaces the loop check.",
 )
 _TORCH = flags.DEFINE_bool("torch", True, "With --conv_impls: also time PyTorch if importable.")
-_MATERIALIZE = flags.DEFINE_list(
-    "materialize",
-    ["on"],
-    "With --conv_impls: time each conv_impl with convolution inputs materialised ('on', the "
-    "CPU default; see salun_jax.models.conv.materialize), without ('off'), or both ('on,off').",
-)
 _EPOCH_DATASET = flags.DEFINE_string(
     "epoch_dataset",
     None,
@@ -212,20 +205,6 @@ class _CompileCounter:
         del duration, kwargs
         if event == _COMPILE_EVENT:
             self.count += 1
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """$name set to `value` inside the block, restored after."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
 
 
 @contextlib.contextmanager
@@ -638,22 +617,15 @@ def bench_conv_impls(
     rounds: int,
     image_shape: tuple[int, ...],
     with_torch: bool,
-    materialize: Sequence[str] = ("on",),
 ) -> dict:
     """Bare train steps of `name` with each conv_impl (and PyTorch's, NCHW and channels_last,
-    when importable), `steps` steps each per round, in rotating order over `rounds` rounds.
-    `materialize`: "on" and/or "off", convolution inputs materialised or not while tracing
-    (rows "jax <impl>" and "jax <impl> unmaterialized")."""
-    unknown = set(materialize) - {"on", "off"}
-    if unknown or not materialize:
-        raise ValueError(f"materialize takes 'on' and/or 'off', got {list(materialize)}")
+    when importable), `steps` steps each per round, in rotating order over `rounds` rounds."""
     data = _synthetic_data(batch_size, image_shape)
     batch = {**data, "weight": np.ones(batch_size, np.float32)}
     device_batch = jax.device_put(batch)
     key = jax.random.key(1)
     runners, compile_s, table = {}, {}, []
-    for impl, setting in itertools.product(impls, materialize):
-        label = f"jax {impl}" + (" unmaterialized" if setting == "off" else "")
+    for impl in impls:
         model = create_model(
             name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1], width, impl
         )
@@ -661,14 +633,15 @@ def bench_conv_impls(
             model, jax.random.key(0), image_shape, make_sgd(0.01, momentum=0.9, weight_decay=5e-4)
         )
         start = time.perf_counter()  # for "auto" this includes timing new layer shapes once
-        with _env(conv_lib.MATERIALIZE_ENV_VAR, "1" if setting == "on" else "0"):
-            compiled = (
-                jax.jit(make_step(classification_loss(), axis_name=None))
-                .lower(state, device_batch, key)
-                .compile()
-            )
-        compile_s[label] = time.perf_counter() - start
-        print(f"  {name} x{width:g} {label}: compiled in {compile_s[label]:.1f} s", flush=True)
+        compiled = (
+            jax.jit(make_step(classification_loss(), axis_name=None))
+            .lower(state, device_batch, key)
+            .compile()
+        )
+        compile_s[impl] = time.perf_counter() - start
+        print(
+            f"  {name} x{width:g} conv_impl={impl}: compiled in {compile_s[impl]:.1f} s", flush=True
+        )
 
         def run_jax(count, compiled=compiled, state=state):
             out = state
@@ -676,8 +649,8 @@ def bench_conv_impls(
                 out, metrics = compiled(out, device_batch, key)
             jax.block_until_ready((out, metrics))
 
-        runners[label] = run_jax
-        if impl == "auto" and not table:
+        runners[f"jax {impl}"] = run_jax
+        if impl == "auto":
             table = conv_layer_table(model, image_shape, batch_size)
     torch_version = None
     if with_torch:
@@ -817,7 +790,6 @@ def run_conv_comparison() -> dict:
             rounds=_ROUNDS.value,
             image_shape=image_shape,
             with_torch=_TORCH.value,
-            materialize=_MATERIALIZE.value,
         )
         results.append(record)
         print(f"\n{name} x{width:g}, batch {_BATCH_SIZE.value}: train step, median over rounds")

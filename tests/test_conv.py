@@ -282,11 +282,9 @@ def test_materialize_is_the_identity_under_every_transform():
     np.testing.assert_array_equal(jax.hessian(through)(small), jax.hessian(plain)(small))
 
 
-def _resnet8_gradient(monkeypatch, materialize: str):
-    """(compiled HLO text, gradients) of a ResNet-8 x0.25 train-mode loss, with
-    $SALUN_JAX_CONV_MATERIALIZE set to `materialize` while tracing."""
-    monkeypatch.setenv(conv.MATERIALIZE_ENV_VAR, materialize)
-    model = create_model("resnet8", 10, (0.5,) * 3, (0.25,) * 3, 0.25, "xla")
+def _resnet8_gradient(impl: str):
+    """(compiled HLO text, gradients) of a ResNet-8 x0.25 train-mode loss with `impl`."""
+    model = create_model("resnet8", 10, (0.5,) * 3, (0.25,) * 3, 0.25, impl)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
     images = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3))
 
@@ -311,15 +309,13 @@ def _fused_activation_transposes(hlo: str, batch: int = 8) -> int:
     return sum(int(last) == batch and len(operands.split(",")) > 1 for last, operands in found)
 
 
-def test_materialized_inputs_keep_producers_out_of_weight_gradient_transposes(monkeypatch):
+def test_materialized_inputs_keep_producers_out_of_weight_gradient_transposes():
     if jax.default_backend() != "cpu":
         pytest.skip("materialize applies on the CPU backend only")
-    hlo_off, grads_off = _resnet8_gradient(monkeypatch, "0")
-    hlo_on, grads_on = _resnet8_gradient(monkeypatch, "1")
+    hlo_plain, grads_plain = _resnet8_gradient("plain")
+    hlo_xla, grads_xla = _resnet8_gradient("xla")
     # Same values to the bit: materialize changes only what XLA may fuse.
-    chex.assert_trees_all_equal(grads_on, grads_off)
-    if _fused_activation_transposes(hlo_off) == 0:
+    chex.assert_trees_all_equal(grads_xla, grads_plain)
+    if _fused_activation_transposes(hlo_plain) == 0:
         pytest.skip("this XLA does not fuse producers into the weight-gradient transposes")
-    assert _fused_activation_transposes(hlo_on) == 0
-    monkeypatch.setenv(conv.MATERIALIZE_ENV_VAR, "0")
-    assert not conv.materialize_inputs()
+    assert _fused_activation_transposes(hlo_xla) == 0

@@ -22,9 +22,16 @@ candidate timed once, jitted, median of a few runs, the choice cached in memory 
 ``conv_plans.json`` in the data cache directory, keyed by shape, jax version, backend, device
 kind, usable CPU count and XLA_FLAGS). On GPU/TPU ``"auto"`` always means XLA's own.
 
-The default is ``"xla"`` (or $SALUN_JAX_CONV_IMPL): on the 2-core machine (ResNet-18 x0.25,
-batch 128, jax 0.10.2, measured under heavy load; see experiments/bench_train.py) "auto" gave
-~1.08x XLA's step on one core and 0.83x on two, "custom" 0.77x.
+On the CPU backend these three pass each convolution's input through `materialize` (an identity
+XLA cannot fuse into its consumers; see there), so the weight gradients' layout transposes read
+one buffer instead of recomputing BatchNorm, ReLU and the residual chain. ``"plain"`` is
+``"xla"`` without it: `lax.conv_general_dilated` untouched, for comparison. The values are
+bit-identical either way.
+
+The default is ``"xla"`` (or $SALUN_JAX_CONV_IMPL). ResNet-18 x0.25, batch 128, one core of the
+2-core machine, jax 0.10.2 (experiments/bench_train.py, clean clone, quiet machine):
+materializing made the train step 1.11x faster ("xla" vs "plain"); "auto" then gave 1.01x
+"xla" (earlier, under heavy load: 1.08x on one core, 0.83x on two; "custom" 0.77x).
 
 References: the convolution-gradient identities of Dumoulin & Visin 2016 ("A guide to
 convolution arithmetic"), section 4 (transposed convolution as a direct convolution).
@@ -49,8 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-ConvImpl = Literal["xla", "custom", "auto"]
-CONV_IMPLS = ("xla", "custom", "auto")
+ConvImpl = Literal["xla", "custom", "auto", "plain"]
+CONV_IMPLS = ("xla", "custom", "auto", "plain")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 _PLAN_FILE = "conv_plans.json"
 _PLAN_FORMAT_VERSION = 1
@@ -459,17 +466,6 @@ def _materialize_jvp(primals, tangents):
     return materialize(x), t
 
 
-MATERIALIZE_ENV_VAR = "SALUN_JAX_CONV_MATERIALIZE"
-
-
-def materialize_inputs() -> bool:
-    """Whether convolutions traced now pass their input through `materialize`: on the CPU
-    backend unless $SALUN_JAX_CONV_MATERIALIZE is 0 (read at trace time)."""
-    if jax.default_backend() != "cpu":
-        return False
-    return os.environ.get(MATERIALIZE_ENV_VAR, "1").strip().lower() not in ("0", "false", "no")
-
-
 # 4. The flax drop-in.
 
 CONV_IMPL_ENV_VAR = "SALUN_JAX_CONV_IMPL"
@@ -527,10 +523,10 @@ def make_conv_general_dilated(impl: ConvImpl):
         precision=None,
         preferred_element_type=None,
     ):
-        if materialize_inputs():
+        if impl != "plain" and jax.default_backend() == "cpu":
             lhs = materialize(lhs)
         if (
-            impl == "xla"
+            impl in ("xla", "plain")
             or batch_group_count != 1
             or precision is not None
             or preferred_element_type is not None
