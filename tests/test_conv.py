@@ -235,7 +235,8 @@ def test_default_conv_impl(monkeypatch):
 def test_resnet_train_step_equal_across_impls(plan_dir, monkeypatch):
     # ResNet-8 x0.25 (stride-2 3x3 and 1x1 shortcut convs, padding 1 and 0) on small images:
     # "auto" is made to pick a non-XLA candidate in every part (the fixed "custom" plan's parts
-    # are covered layer by layer above; one more ResNet compile would cost ~20 s).
+    # are covered layer by layer above; one more ResNet compile would cost ~20 s), and "plain"
+    # (no materialised inputs) is checked against "xla".
     monkeypatch.setattr(
         conv, "time_candidates", _fake_times(conv.ConvPlan("im2col", "conv", "swap"))
     )
@@ -246,7 +247,7 @@ def test_resnet_train_step_equal_across_impls(plan_dir, monkeypatch):
         "weight": np.ones(8, np.float32),
     }
     results = {}
-    for impl in ("xla", "auto"):
+    for impl in ("xla", "auto", "plain"):
         model = create_model("resnet8", 10, (0.5,) * 3, (0.25,) * 3, 0.25, impl)
         state = create_train_state(
             model, jax.random.key(0), (16, 16, 3), make_sgd(0.1, momentum=0.9)
@@ -257,6 +258,8 @@ def test_resnet_train_step_equal_across_impls(plan_dir, monkeypatch):
         state, metrics = step(state, batch, jax.random.key(1))
         results[impl] = (state.params, state.batch_stats, metrics)
     chex.assert_trees_all_close(results["auto"], results["xla"], rtol=1e-4, atol=1e-5)
+    # Materialised inputs ("xla") vs XLA left to fuse them ("plain"), crop + flip included.
+    chex.assert_trees_all_close(results["plain"], results["xla"], rtol=1e-4, atol=1e-5)
     # One timed entry per distinct layer shape: stem, 16@16, then 3 per later stage.
     assert len(json.loads((plan_dir / "conv_plans.json").read_text())["entries"]) == 1 + 1 + 3 * 2
 
