@@ -40,8 +40,8 @@ FAIL at ~0.9 on a loaded machine is noise. Judge the ratio on an idle machine or
 
 Convolution formulations and PyTorch (`--conv_impls`, replaces the loop check):
 
-    taskset -c 1 python experiments/bench_train.py --conv_impls=xla,auto --models=resnet18 \
-        --widths=0.25 --steps=3 --rounds=5
+    taskset -c 1 python experiments/bench_train.py --conv_impls=xla,plain,auto --models=resnet18 \
+        --widths=0.25 --steps=3 --rounds=7
 
 times the bare step of each `conv_impl` (salun_jax.models.conv) and, when torch is importable
 (`pip install -e .[bench]`), the same ResNet in PyTorch (NCHW and channels_last), rotating the
@@ -50,7 +50,14 @@ order each round; prints img/s, per-round-median ratios and the per-layer choice
 whole `loop.run` epochs per conv_impl. Measured 2026-12 on the 2-core machine under a load average
 of 7-10 from other jobs (jax 0.10.2, torch 2.13.0+cpu), ResNet-18 x0.25, batch 128:
 
-    quiet machine (clean clone of 06da1cb, load ~1, nothing else running), one core:
+    quiet machine (clean clone of 95cc1f3, load ~1, nothing else running), one core, inputs
+    materialised ("xla", "auto"; see salun_jax.models.conv.materialize) or not ("plain"):
+                          xla 187.0, plain 180.8, auto 193.4, torch NCHW 257.6, channels_last
+                          348.7 img/s; xla / NCHW 0.71x, auto / NCHW 0.76x, plain / xla 0.93x
+    both cores, whole CIFAR-10 epochs (9,000 images, --conv_impls=xla,plain
+    --epoch_dataset=<zip> --epoch_rounds=3): xla 35.3 / 32.0 / 30.3 s, plain 42.4 / 37.8 /
+                          35.7 s: 1.18x
+    before materialising (clean clone of 06da1cb, quiet), one core:
                           xla 189.6, auto 181.0 (0.96x xla), torch NCHW 278.9,
                           channels_last 349.6 img/s; xla / NCHW 0.66x, xla / channels_last
                           0.50x; all conv layers isolated: auto 1.15x xla (480 vs 554 ms)
@@ -72,7 +79,8 @@ of 7-10 from other jobs (jax 0.10.2, torch 2.13.0+cpu), ResNet-18 x0.25, batch 1
 forward conv on the 16/32-channel layers, im2col weight gradients on 1x1 shortcuts and small
 spatial sizes) but only ~1.08x in the whole step at one core and loses on two, and wrapping even
 XLA's own formulas in a custom VJP cost ~13% of the step (0.87x): the default stays "xla". The
-target (>= PyTorch NCHW) is not met here.
+target (>= PyTorch NCHW) is not met here: what is left is mostly XLA:CPU's convolutions
+themselves (the 16-channel ones, which YNNPACK declines, run on Eigen at ~30 GFLOP/s).
 """
 
 from __future__ import annotations
