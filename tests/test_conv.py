@@ -281,6 +281,8 @@ def test_materialize_is_the_identity_under_every_transform():
     np.testing.assert_array_equal(
         jax.jvp(through, (x,), (tangent,))[1], jax.jvp(plain, (x,), (tangent,))[1]
     )
+    empty = jnp.zeros((0, 4, 4, 3))
+    assert conv.materialize(empty).shape == empty.shape
     small = x[:1, :1, :2, :2]  # forward-over-reverse (Hessian) works too
     np.testing.assert_array_equal(jax.hessian(through)(small), jax.hessian(plain)(small))
 

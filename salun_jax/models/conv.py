@@ -445,6 +445,8 @@ def choose_plan(shape: ConvShape, cache: PlanCache | None = None, repeats: int =
 
 
 def _write_through(x: jax.Array) -> jax.Array:
+    if x.size == 0:
+        return x
     index = (0,) * x.ndim
     return x.at[index].set(x[index])
 
