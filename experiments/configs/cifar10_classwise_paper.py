@@ -7,18 +7,13 @@ Expected (paper, qualitative): Retrain UA = 100 and MIA = 100; SalUn UA ~100 wit
 Retrain. Same recipe and timing as cifar10_paper.py.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from salun_jax.pipeline.common import sibling_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_paper.py")
-    spec = importlib.util.spec_from_file_location("cifar10_paper", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant)
+    config = sibling_config(__file__, "cifar10_paper.py", variant)
     config.split = dict(
         scenario="class", forget_class=0, val_fraction=0.1, drop_forget_class_from_test=True
     )

@@ -19,6 +19,8 @@ images per class, 1-2 epochs) checks the pipeline, not the numbers.
 
 import ml_collections
 
+from salun_jax.pipeline.common import sibling_config
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -45,27 +47,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         flip=True,
         seed=0,
     )
-    config.unlearn = dict(
-        epochs=10,
-        learning_rate=0.01,
-        batch_size=256,
-        momentum=0.9,
-        weight_decay=5e-4,
-        crop_padding=4,
-        flip=True,
-        mask_mode="hard",
-        update_batch_stats=True,
-        rl_variant="sequential",
-    )
-    # The cifar10_paper.py method settings.
-    config.methods = dict(
-        FT=dict(learning_rate=0.01),
-        GA=dict(learning_rate=1e-4, epochs=5),
-        RL=dict(learning_rate=0.01),
-        **{"l1-sparse": dict(learning_rate=0.01, l1_coefficient=1e-4)},
-        SalUn=dict(learning_rate=0.013),
-    )
     config.run_methods = ("FT", "GA", "RL", "l1-sparse", "SalUn")
+    # Unlearning as in the paper config: its shared settings and its per-method ones.
+    paper = sibling_config(__file__, "cifar10_paper.py")
+    config.unlearn = paper.unlearn
+    config.methods = {name: paper.methods[name] for name in config.run_methods}
     config.mask = dict(fraction=0.5)
     if variant == "tiny":
         config.members = 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -90,6 +91,16 @@ def config_hash(*parts) -> str:
         default=str,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def sibling_config(config_file: str, name: str, variant: str = "") -> ml_collections.ConfigDict:
+    """`get_config(variant)` of the config file `name` beside `config_file` (a config built on
+    another: the class-wise twin of a random-forgetting config, a shortened recipe)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(name)[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
 
 
 def unset_like(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
