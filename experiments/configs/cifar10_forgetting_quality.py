@@ -33,25 +33,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.seed = 0
     config.strategy = "auto"  # vmap
     config.split = dict(scenario="random", forget_fraction=0.1, val_fraction=0.1, seed=1)
-    config.train = dict(
-        model="resnet18",
-        width=1.0,
-        epochs=30,
-        batch_size=256,
-        learning_rate=0.1,
-        momentum=0.9,
-        weight_decay=5e-4,
-        milestones=(15, 25),
-        gamma=0.1,
-        crop_padding=4,
-        flip=True,
-        seed=0,
-    )
-    config.run_methods = ("FT", "GA", "RL", "l1-sparse", "SalUn")
-    # Unlearning as in the paper config: its shared settings and its per-method ones.
+    # The paper config's recipe shortened to 30 epochs, and its unlearning settings.
     paper = sibling_config(__file__, "cifar10_paper.py")
+    config.train = paper.train
+    config.train.update(epochs=30, milestones=(15, 25))
     config.unlearn = paper.unlearn
-    config.methods = {name: paper.methods[name] for name in config.run_methods}
+    run_methods = ("FT", "GA", "RL", "l1-sparse", "SalUn")
+    config.methods = {name: paper.methods[name] for name in run_methods}
+    config.run_methods = run_methods
     config.mask = dict(fraction=0.5)
     if variant == "tiny":
         config.members = 4
