@@ -9,10 +9,28 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="salun_jax_xla_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from salun_jax.data import load_dataset  # noqa: E402
+
+# Most in-process tests run a few steps of tiny models, so compiling is most of their time: they
+# compile with most of XLA's optimisation skipped (`jax_disable_most_optimizations`: backend
+# level 0), which compiles faster. Tests marked `xla_optimized` train long enough in-process for
+# optimised code to pay off and compile with XLA's defaults. Scripts that tests launch run in
+# their own processes with the flags the test gives them (XLA's defaults unless it says). Values
+# can differ from optimised code by float rounding; the suite passes at either level.
+jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimization(request):
+    optimized = request.node.get_closest_marker("xla_optimized") is not None
+    jax.config.update("jax_disable_most_optimizations", not optimized)
+    yield
+    jax.config.update("jax_disable_most_optimizations", True)
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_ZIP = os.path.join(REPO, "..", "shared", "data", "cifar10_jpeg.zip")

@@ -3,6 +3,8 @@
 import os
 import re
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -13,6 +15,7 @@ def _readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.xla_optimized  # trains for seconds in-process: optimised code pays off
 def test_readme_api_example_runs_as_written():
     code = _readme_example()
     assert len([line for line in code.splitlines() if line.strip()]) <= 13

@@ -41,6 +41,7 @@ def test_bad_mia_shadow_is_refused(tmp_path):
         classification.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.xla_optimized  # trains for seconds in-process: optimised code pays off
 def test_both_scenarios_stratified_shadow_sets_and_loss_mia(tmp_path):
     config = _config()
     assert config.scenarios == ("random",)  # the tiny variant: one scenario

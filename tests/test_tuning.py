@@ -195,6 +195,7 @@ def test_tune_salun_masks_per_member(digits_setup):
         )
 
 
+@pytest.mark.xla_optimized  # trains for seconds in-process: optimised code pays off
 def test_pipeline_writes_tuned_table_and_choices(tmp_path):
     config = _config()
     config.tuning.enabled = True
