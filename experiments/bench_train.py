@@ -67,13 +67,13 @@ of 7-10 from other jobs (jax 0.10.2, torch 2.13.0+cpu), ResNet-18 x0.25, batch 1
     one core, another run: xla / NCHW 0.65x, auto / NCHW 0.77x, auto / xla 1.07x
     one core, XLA_FLAGS=--xla_cpu_use_onednn=true: xla / NCHW 0.71x (no gain over 0.72x)
     --xla_cpu_experimental_{onednn,xnn}_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION:
-                          the compiled convolutions stay XLA's own (only dots move to oneDNN):
-                          16-channel 3x3 layer fwd / dx / dw 14.2 / 13.1 / 20.1 ms vs 12.3 /
-                          13.1 / 18.2 without (one core, jax 0.10.2)
+                          the compiled convolutions stay XLA's own (only dots move to oneDNN
+                          or YNNPACK); with the oneDNN one, 16-channel 3x3 layer fwd / dx / dw
+                          15.4 / 15.6 / 32.3 ms vs 15.6 / 15.5 / 21.4 without (one core)
     materialising the output gradients too (identity with a materialising VJP on each conv
-                          output), in-process, one core: 579 vs 590 ms per gradient, noise
+                          output), in-process, one core: 692 vs 651 ms per gradient (0.94x)
     a 3x3 conv as a 3x1 conv over the three column shifts stacked into channels (48 inputs,
-                          so YNNPACK takes it): 16-channel forward 89-103 ms vs 18-20 ms
+                          so YNNPACK takes it): 16-channel forward 84.6 ms vs 16.1 ms
     both cores:           xla 70.5, custom 61.2, auto 68.8 img/s (custom / xla 0.77x,
                           auto / xla 0.83x); torch 24-50 img/s (its threads suffer most
                           under the load), so the PyTorch ratios of that run mean little
