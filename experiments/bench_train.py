@@ -106,7 +106,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from salun_jax import loop
+from salun_jax import host_memory, loop
 from salun_jax.losses import classification_loss
 from salun_jax.models import conv as conv_lib
 from salun_jax.models import create_model
@@ -837,6 +837,8 @@ def run_conv_comparison() -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    kept = host_memory.keep_freed_host_memory()  # before JAX starts its backend
+    print(f"host memory kept between calls (salun_jax.host_memory): {kept}", flush=True)
     if _QUICK.value:
         for name, value in _QUICK_VALUES.items():
             if not flags.FLAGS[name].present:

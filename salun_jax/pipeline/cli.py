@@ -84,6 +84,9 @@ def run(main: Callable, config_flag) -> None:
     The config is locked after the overrides, so a mistyped key cannot add a setting."""
     from absl import app, flags
 
+    from salun_jax.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory()  # before JAX starts its backend and its threads
     cache_flag = flags.DEFINE_bool(
         "compilation_cache",
         True,

@@ -1,0 +1,55 @@
+"""Keep freed host memory in the process, so XLA:CPU does not page in its scratch every call.
+
+XLA:CPU allocates each call's scratch ("temp") buffer with `malloc` and frees it when the call
+ends: 232 MB for a ResNet-18 x0.25 train step at batch 128. glibc serves a block that large
+with a fresh `mmap` and returns it to the kernel on `free`, so every call faults the whole buffer
+in again, a 4 KiB page at a time, and the kernel zeroes each page: on the 2-core machine 56,800
+page faults and 0.11-0.12 s of system time per 0.6 s step (jax 0.10.2, one core).
+
+`keep_freed_host_memory` tells glibc to serve every block from one heap (one arena, no `mmap`)
+and not to give freed memory back (no trimming), so the second call reuses the first one's
+pages: 0 page faults and no system time per step, measured the same way (now and then a call
+still grows the heap, when other allocations have split a freed block). The price is that the
+process keeps its peak heap until it exits, which a training run reaches anyway.
+
+The settings apply to threads created afterwards: call it first thing in a process, before JAX
+starts its backend (before the first computation or `jax.devices()`); a later call changes
+nothing for the threads XLA has already started. It does nothing where the C library is not
+glibc, or with $SALUN_JAX_KEEP_HOST_MEMORY=0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+# mallopt(3) parameters (glibc malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_INT_MAX = 2**31 - 1
+ENV_VAR = "SALUN_JAX_KEEP_HOST_MEMORY"
+
+
+def keep_freed_host_memory() -> bool:
+    """Sets glibc's malloc to one arena, no `mmap` and no trimming (see the module docstring).
+
+    Returns:
+      True if the settings were applied; False off glibc, when $SALUN_JAX_KEEP_HOST_MEMORY is
+      "0", or if glibc refused one of them.
+    """
+    if os.environ.get(ENV_VAR, "1") == "0":
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    applied = [
+        libc.mallopt(_M_ARENA_MAX, 1),
+        libc.mallopt(_M_MMAP_MAX, 0),
+        libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX),
+    ]
+    return all(result == 1 for result in applied)
