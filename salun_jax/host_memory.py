@@ -15,12 +15,15 @@ process keeps its peak heap until it exits, which a training run reaches anyway.
 The settings apply to threads created afterwards: call it first thing in a process, before JAX
 starts its backend (before the first computation or `jax.devices()`); a later call changes
 nothing for the threads XLA has already started. It does nothing where the C library is not
-glibc, or with $SALUN_JAX_KEEP_HOST_MEMORY=0.
+glibc, with $SALUN_JAX_KEEP_HOST_MEMORY=0, or where a GPU/TPU plugin for JAX is installed (its
+scratch is device memory, and one arena could slow a host's many loader threads) unless
+$JAX_PLATFORMS is "cpu".
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import os
 import platform
 
@@ -32,14 +35,25 @@ _INT_MAX = 2**31 - 1
 ENV_VAR = "SALUN_JAX_KEEP_HOST_MEMORY"
 
 
+_ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+
+
+def _accelerator_plugin_installed() -> bool:
+    names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
+    return any(name.lower().startswith(_ACCELERATOR_PLUGINS) for name in names)
+
+
 def keep_freed_host_memory() -> bool:
     """Sets glibc's malloc to one arena, no `mmap` and no trimming (see the module docstring).
 
     Returns:
       True if the settings were applied; False off glibc, when $SALUN_JAX_KEEP_HOST_MEMORY is
-      "0", or if glibc refused one of them.
+      "0", with an accelerator plugin installed and $JAX_PLATFORMS not "cpu", or if glibc
+      refused one of them.
     """
     if os.environ.get(ENV_VAR, "1") == "0":
+        return False
+    if os.environ.get("JAX_PLATFORMS", "").strip() != "cpu" and _accelerator_plugin_installed():
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

@@ -62,3 +62,13 @@ def test_scratch_is_paged_in_once_not_per_call():
 def test_opt_out_by_environment(monkeypatch):
     monkeypatch.setenv(host_memory.ENV_VAR, "0")
     assert host_memory.keep_freed_host_memory() is False
+
+
+def test_skipped_where_an_accelerator_plugin_is_installed(monkeypatch):
+    monkeypatch.setenv(host_memory.ENV_VAR, "1")
+    monkeypatch.setattr(host_memory, "_accelerator_plugin_installed", lambda: True)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert host_memory.keep_freed_host_memory() is False
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # CPU asked for: applied after all
+        assert host_memory.keep_freed_host_memory() is True
