@@ -50,6 +50,23 @@ order each round; prints img/s, per-round-median ratios and the per-layer choice
 whole `loop.run` epochs per conv_impl. Measured 2026-12 on the 2-core machine under a load average
 of 7-10 from other jobs (jax 0.10.2, torch 2.13.0+cpu), ResNet-18 x0.25, batch 128:
 
+    with salun_jax.host_memory (clean clone of ee4d07c, one core, --conv_impls=xla,plain,auto;
+    load 1-2): xla 213.8, plain 202.9, auto 230.5, torch NCHW 264.2, channels_last 347.6
+                          img/s; xla / NCHW 0.81x, auto / NCHW 0.82x, xla / channels_last
+                          0.62x. The same clone with SALUN_JAX_KEEP_HOST_MEMORY=0, run right
+                          after: xla 184.2, auto 189.9, NCHW 246.3; xla / NCHW 0.76x. A profile
+                          of the step (jax.profiler, one core) had found 0.11-0.12 s of its
+                          0.6 s in the kernel: XLA:CPU's 232 MB per-call scratch, freshly
+                          mmapped, 56,800 page faults a step; now 0.
+                          Both cores, same clone: xla 287.5, torch NCHW 448.6 img/s, 0.65x.
+                          CIFAR-10 epochs (--conv_impls=xla --epoch_dataset=<zip>
+                          --epoch_rounds=2, one core): 40.7 / 40.0 s, vs 46.5 / 46.0 s with
+                          SALUN_JAX_KEEP_HOST_MEMORY=0 (1.15x; the same losses)
+    BatchNorm with the batch mask applied to per-example sums (not flax's where() over the
+                          whole activation) plus materialising each conv's output gradient:
+                          1.04-1.06x the step in-process, half the float64 error of flax's, but
+                          every digits table moves by float chaos (Retrain UA 1.81 -> 1.03);
+                          not adopted
     quiet machine (clean clone of 95cc1f3, load ~1, nothing else running), one core, inputs
     materialised ("xla", "auto"; see salun_jax.models.conv.materialize) or not ("plain"):
                           xla 187.0, plain 180.8, auto 193.4, torch NCHW 257.6, channels_last
