@@ -159,7 +159,9 @@ _CONV_IMPLS = flags.DEFINE_list(
     [],
     "Compare the bare train step with these conv_impl settings (xla, custom, auto, plain; see "
     "salun_jax.models.conv) and, when torch is importable, PyTorch's step (NCHW and "
-    "channels_last), interleaved; prints the per-layer choice table. Replaces the loop check.",
+    "channels_last), interleaved; prints the per-layer choice table. Replaces the loop check. "
+    f"A setting with the suffix {'+eigen'!r} (e.g. xla+eigen) is compiled with YNNPACK kept off "
+    "the convolutions (Eigen runs them; step only, not --epoch_dataset).",
 )
 _TORCH = flags.DEFINE_bool("torch", True, "With --conv_impls: also time PyTorch if importable.")
 _EPOCH_DATASET = flags.DEFINE_string(
@@ -640,6 +642,26 @@ def format_layer_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# XLA:CPU hands convolutions with more than 16 channels, reductions and dots to YNNPACK by
+# default. This keeps YNNPACK off the convolutions only, so XLA's own (Eigen) runs them.
+EIGEN_CONVS = "+eigen"
+_EIGEN_CONV_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+    "LIBRARY_FUSION_TYPE_REDUCE"
+}
+
+
+def _split_setting(setting: str) -> tuple[str, dict | None]:
+    """ "xla+eigen" -> ("xla", the compiler options that keep YNNPACK off convolutions)."""
+    impl, eigen, rest = setting.partition(EIGEN_CONVS)
+    if rest or impl not in conv_lib.CONV_IMPLS:
+        raise ValueError(
+            f"unknown conv_impl setting {setting!r}; known: {', '.join(conv_lib.CONV_IMPLS)}, "
+            f"each optionally with {EIGEN_CONVS!r}"
+        )
+    return impl, (_EIGEN_CONV_OPTIONS if eigen else None)
+
+
 def bench_conv_impls(
     name: str,
     width: float,
@@ -658,7 +680,10 @@ def bench_conv_impls(
     device_batch = jax.device_put(batch)
     key = jax.random.key(1)
     runners, compile_s, table = {}, {}, []
-    for impl in impls:
+    for setting in impls:
+        _split_setting(setting)  # a bad name fails before anything compiles
+    for setting in impls:
+        impl, compiler_options = _split_setting(setting)
         model = create_model(
             name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1], width, impl
         )
@@ -669,11 +694,12 @@ def bench_conv_impls(
         compiled = (
             jax.jit(make_step(classification_loss(), axis_name=None))
             .lower(state, device_batch, key)
-            .compile()
+            .compile(compiler_options=compiler_options)
         )
-        compile_s[impl] = time.perf_counter() - start
+        compile_s[setting] = time.perf_counter() - start
         print(
-            f"  {name} x{width:g} conv_impl={impl}: compiled in {compile_s[impl]:.1f} s", flush=True
+            f"  {name} x{width:g} conv_impl={setting}: compiled in {compile_s[setting]:.1f} s",
+            flush=True,
         )
 
         def run_jax(count, compiled=compiled, state=state):
@@ -682,8 +708,8 @@ def bench_conv_impls(
                 out, metrics = compiled(out, device_batch, key)
             jax.block_until_ready((out, metrics))
 
-        runners[f"jax {impl}"] = run_jax
-        if impl == "auto":
+        runners[f"jax {setting}"] = run_jax
+        if setting == "auto":
             table = conv_layer_table(model, image_shape, batch_size)
     torch_version = None
     if with_torch:
@@ -752,6 +778,7 @@ def bench_epochs(
     batches_fn = index_batches(indices, 128)
     key = jax.random.key(1)
     states = {}
+    impls = [impl for impl in impls if EIGEN_CONVS not in impl]
     for impl in impls:
         model = create_model(
             name, dataset.num_classes, dataset.mean, dataset.std, width, conv_impl=impl

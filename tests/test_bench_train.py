@@ -57,7 +57,7 @@ def test_bench_train_conv_impls_quick(tmp_path):
             sys.executable,
             SCRIPT,
             "--quick",
-            "--conv_impls=xla,plain,auto",
+            "--conv_impls=xla,xla+eigen,plain,auto",
             "--torch=false",
             "--rounds=2",
             f"--json_out={json_out}",
@@ -71,7 +71,7 @@ def test_bench_train_conv_impls_quick(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "per-layer choice of conv_impl=auto" in result.stdout
     (record,) = json.loads(json_out.read_text())["conv_results"]
-    assert set(record["images_per_s"]) == {"jax xla", "jax plain", "jax auto"}
+    assert set(record["images_per_s"]) == {"jax xla", "jax xla+eigen", "jax plain", "jax auto"}
     assert "jax plain / jax xla" in record["ratios"]
     assert all(len(t) == 2 for t in record["step_s_per_round"].values())
     # SmallCNN: three conv layers of three distinct shapes, each timed and given a plan.
@@ -97,3 +97,34 @@ def test_torch_twin_has_the_same_parameter_count():
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     assert sum(p.numel() for p in net.parameters()) == sum(x.size for x in jax.tree.leaves(params))
     assert isinstance(net(torch.zeros(2, 3, 32, 32)), torch.Tensor)
+
+
+def test_eigen_conv_setting_keeps_ynnpack_off_convolutions():
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import bench_train
+    finally:
+        sys.path.pop(0)
+    assert bench_train._split_setting("auto") == ("auto", None)
+    impl, options = bench_train._split_setting("xla+eigen")
+    assert impl == "xla" and options
+    for bad in ("xla+eigen+eigen", "eigen", "xla+ynn", "+eigen"):
+        with pytest.raises(ValueError, match="unknown conv_impl setting"):
+            bench_train._split_setting(bad)
+
+    x, w = jnp.ones((8, 8, 8, 64)), jnp.ones((3, 3, 64, 64))
+
+    def conv(x, w):
+        return lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    lowered = jax.jit(conv).lower(x, w)
+    eigen = lowered.compile(compiler_options=options)
+    assert "__ynn_fusion" not in eigen.as_text()
+    assert "convolution(" in eigen.as_text()
+    assert jnp.allclose(eigen(x, w), lowered.compile()(x, w), rtol=1e-5)
