@@ -13,10 +13,12 @@ from salun_jax import host_memory
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A jitted call whose scratch is a 64 MiB buffer (sin(x), kept whole by an optimisation barrier):
-# the median page faults per call over ten warm calls. (The heap still grows now and then when
-# other allocations split a freed block, so single calls can fault; the median does not.)
+# the fewest page faults of one call over 18 warm calls. Without the fix every call faults the
+# whole scratch in; with it calls reuse it. (Under load, e.g. CI's two workers, the heap still
+# grows on some calls, once on half of them, when other allocations split a freed block: the
+# median is not robust, the minimum is.)
 _SCRIPT = """
-import json, resource, statistics
+import json, resource
 from salun_jax.host_memory import keep_freed_host_memory
 kept = keep_freed_host_memory()
 import jax, jax.numpy as jnp
@@ -25,11 +27,11 @@ f = jax.jit(lambda x: (lax.optimization_barrier(jnp.sin(x)) ** 2).sum(0))
 x = jnp.ones((4096, 4096), jnp.float32)
 temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
 faults = []
-for _ in range(12):
+for _ in range(20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"kept": kept, "temp": temp, "faults_per_call": statistics.median(faults[2:]),
+print(json.dumps({"kept": kept, "temp": temp, "faults_per_call": min(faults[2:]),
                   "faults": faults}))
 """
 
