@@ -160,7 +160,7 @@ _CONV_IMPLS = flags.DEFINE_list(
     "Compare the bare train step with these conv_impl settings (xla, custom, auto, plain; see "
     "salun_jax.models.conv) and, when torch is importable, PyTorch's step (NCHW and "
     "channels_last), interleaved; prints the per-layer choice table. Replaces the loop check. "
-    f"A setting with the suffix {'+eigen'!r} (e.g. xla+eigen) is compiled with YNNPACK kept off "
+    "A setting with the suffix '+eigen' (e.g. xla+eigen) is compiled with YNNPACK kept off "
     "the convolutions (Eigen runs them; step only, not --epoch_dataset).",
 )
 _TORCH = flags.DEFINE_bool("torch", True, "With --conv_impls: also time PyTorch if importable.")
@@ -680,10 +680,8 @@ def bench_conv_impls(
     device_batch = jax.device_put(batch)
     key = jax.random.key(1)
     runners, compile_s, table = {}, {}, []
-    for setting in impls:
-        _split_setting(setting)  # a bad name fails before anything compiles
-    for setting in impls:
-        impl, compiler_options = _split_setting(setting)
+    settings = {setting: _split_setting(setting) for setting in impls}  # bad names fail here
+    for setting, (impl, compiler_options) in settings.items():
         model = create_model(
             name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1], width, impl
         )
@@ -778,7 +776,10 @@ def bench_epochs(
     batches_fn = index_batches(indices, 128)
     key = jax.random.key(1)
     states = {}
-    impls = [impl for impl in impls if EIGEN_CONVS not in impl]
+    skipped = [impl for impl in impls if EIGEN_CONVS in impl]
+    if skipped:
+        print(f"  epochs: {', '.join(skipped)} skipped (loop.run compiles with defaults)")
+    impls = [impl for impl in impls if impl not in skipped]
     for impl in impls:
         model = create_model(
             name, dataset.num_classes, dataset.mean, dataset.std, width, conv_impl=impl

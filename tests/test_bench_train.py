@@ -124,6 +124,8 @@ def test_eigen_conv_setting_keeps_ynnpack_off_convolutions():
         )
 
     lowered = jax.jit(conv).lower(x, w)
+    if "__ynn_fusion" not in lowered.compile().as_text():
+        pytest.skip("this XLA does not hand the 64-channel convolution to YNNPACK")
     eigen = lowered.compile(compiler_options=options)
     assert "__ynn_fusion" not in eigen.as_text()
     assert "convolution(" in eigen.as_text()

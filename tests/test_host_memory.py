@@ -31,7 +31,7 @@ for _ in range(20):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"kept": kept, "temp": temp, "faults_per_call": min(faults[2:]),
+print(json.dumps({"kept": kept, "temp": temp, "fewest_faults": min(faults[2:]),
                   "faults": faults}))
 """
 
@@ -56,9 +56,9 @@ def test_scratch_is_paged_in_once_not_per_call():
     pages = default["temp"] / 4096
     assert default["temp"] >= 32 * 2**20  # above glibc's largest mmap threshold
     # glibc's default: a fresh mapping per call, every page faulted in again.
-    assert default["faults_per_call"] > 0.5 * pages, default
+    assert default["fewest_faults"] > 0.5 * pages, default
     # kept: the freed scratch is reused; nothing (or next to nothing) is faulted in.
-    assert kept["faults_per_call"] < 0.1 * pages, kept
+    assert kept["fewest_faults"] < 0.1 * pages, kept
 
 
 def test_opt_out_by_environment(monkeypatch):
