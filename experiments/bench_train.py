@@ -160,8 +160,9 @@ _CONV_IMPLS = flags.DEFINE_list(
     "Compare the bare train step with these conv_impl settings (xla, custom, auto, plain; see "
     "salun_jax.models.conv) and, when torch is importable, PyTorch's step (NCHW and "
     "channels_last), interleaved; prints the per-layer choice table. Replaces the loop check. "
-    "A setting with the suffix '+eigen' (e.g. xla+eigen) is compiled with YNNPACK kept off "
-    "the convolutions (Eigen runs them; step only, not --epoch_dataset).",
+    "Steps compile with the library's CPU options (salun_jax.models.conv.compiler_options: "
+    "YNNPACK kept off convolutions); a setting with the suffix '+ynn' (e.g. xla+ynn) compiles "
+    "with XLA's defaults instead, YNNPACK on the convolutions.",
 )
 _TORCH = flags.DEFINE_bool("torch", True, "With --conv_impls: also time PyTorch if importable.")
 _EPOCH_DATASET = flags.DEFINE_string(
@@ -642,24 +643,21 @@ def format_layer_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# XLA:CPU hands convolutions with more than 16 channels, reductions and dots to YNNPACK by
-# default. This keeps YNNPACK off the convolutions only, so XLA's own (Eigen) runs them.
-EIGEN_CONVS = "+eigen"
-_EIGEN_CONV_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-    "LIBRARY_FUSION_TYPE_REDUCE"
-}
+# The library compiles with `conv_lib.compiler_options()` (on CPU: YNNPACK kept off the
+# convolutions); a setting with this suffix compiles with XLA's defaults, for comparison.
+YNN_CONVS = "+ynn"
 
 
-def _split_setting(setting: str) -> tuple[str, dict | None]:
-    """ "xla+eigen" -> ("xla", the compiler options that keep YNNPACK off convolutions)."""
-    impl, eigen, rest = setting.partition(EIGEN_CONVS)
+def _split_setting(setting: str) -> tuple[str, dict]:
+    """ "xla" -> ("xla", the library's compiler options); "xla+ynn" -> ("xla", {}: XLA's
+    defaults, YNNPACK on the convolutions)."""
+    impl, ynn, rest = setting.partition(YNN_CONVS)
     if rest or impl not in conv_lib.CONV_IMPLS:
         raise ValueError(
             f"unknown conv_impl setting {setting!r}; known: {', '.join(conv_lib.CONV_IMPLS)}, "
-            f"each optionally with {EIGEN_CONVS!r}"
+            f"each optionally with {YNN_CONVS!r}"
         )
-    return impl, (_EIGEN_CONV_OPTIONS if eigen else None)
+    return impl, ({} if ynn else conv_lib.compiler_options())
 
 
 def bench_conv_impls(
@@ -692,7 +690,7 @@ def bench_conv_impls(
         compiled = (
             jax.jit(make_step(classification_loss(), axis_name=None))
             .lower(state, device_batch, key)
-            .compile(compiler_options=compiler_options)
+            .compile(compiler_options=compiler_options or None)
         )
         compile_s[setting] = time.perf_counter() - start
         print(
@@ -760,6 +758,22 @@ def bench_conv_impls(
     }
 
 
+@contextlib.contextmanager
+def _ynn_convolutions(on: bool) -> Iterator[None]:
+    """While `on`, the library compiles with XLA's defaults (YNNPACK on convolutions)."""
+    name = conv_lib.YNN_CONVOLUTIONS_ENV_VAR
+    before = os.environ.get(name)
+    if on:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            del os.environ[name]
+        elif on:
+            os.environ[name] = before
+
+
 def bench_epochs(
     dataset_path: str, name: str, width: float, impls: list[str], per_class: int, rounds: int
 ) -> dict:
@@ -776,13 +790,10 @@ def bench_epochs(
     batches_fn = index_batches(indices, 128)
     key = jax.random.key(1)
     states = {}
-    skipped = [impl for impl in impls if EIGEN_CONVS in impl]
-    if skipped:
-        print(f"  epochs: {', '.join(skipped)} skipped (loop.run compiles with defaults)")
-    impls = [impl for impl in impls if impl not in skipped]
+    settings = {setting: _split_setting(setting) for setting in impls}
     for impl in impls:
         model = create_model(
-            name, dataset.num_classes, dataset.mean, dataset.std, width, conv_impl=impl
+            name, dataset.num_classes, dataset.mean, dataset.std, width, settings[impl][0]
         )
         states[impl] = create_train_state(
             model,
@@ -795,16 +806,17 @@ def bench_epochs(
     for round_index in range(rounds):
         order = impls if round_index % 2 == 0 else impls[::-1]
         for impl in order:
-            out = loop.run(
-                states[impl],
-                make_step(classification_loss()),
-                data,
-                batches_fn,
-                num_epochs=1,
-                key=key,
-                seed=round_index,
-                progress=False,
-            )
+            with _ynn_convolutions(YNN_CONVS in impl):  # loop.run compiles on the first round
+                out = loop.run(
+                    states[impl],
+                    make_step(classification_loss()),
+                    data,
+                    batches_fn,
+                    num_epochs=1,
+                    key=key,
+                    seed=round_index,
+                    progress=False,
+                )
             seconds[impl].append(out.run_seconds)
             losses[impl].append(out.history[-1]["loss"])
             print(

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from salun_jax.models import conv
 from salun_jax.provenance import code_version
 from salun_jax.step import AXIS, TrainState
 from salun_jax.types import PyTree
@@ -150,7 +151,8 @@ def compiled_step(step: Callable, *args) -> tuple[Callable, float]:
         _EXECUTABLES.move_to_end(key)
         return compiled, 0.0
     start = time.perf_counter()
-    compiled = parallel_step(step).lower(*args).compile()
+    options = conv.compiler_options()  # the CPU's convolution library, see there
+    compiled = parallel_step(step).lower(*args).compile(compiler_options=options or None)
     _EXECUTABLES[key] = compiled
     while len(_EXECUTABLES) > _MAX_EXECUTABLES:
         _EXECUTABLES.popitem(last=False)

@@ -324,3 +324,51 @@ def test_materialized_inputs_keep_producers_out_of_weight_gradient_transposes():
     if _fused_activation_transposes(hlo_plain) == 0:
         pytest.skip("this XLA does not fuse producers into the weight-gradient transposes")
     assert _fused_activation_transposes(hlo_xla) == 0
+
+
+def _conv64(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def test_compiler_options_keep_ynnpack_off_convolutions_in_the_loop(monkeypatch):
+    from salun_jax import loop
+
+    monkeypatch.delenv(conv.YNN_CONVOLUTIONS_ENV_VAR, raising=False)
+    x, w = jnp.ones((8, 8, 8, 64)), jnp.full((3, 3, 64, 64), 0.01)
+    lowered = jax.jit(_conv64).lower(x, w)
+    if "__ynn_fusion" not in lowered.compile().as_text():
+        pytest.skip("this XLA does not hand the 64-channel convolution to YNNPACK")
+    options = conv.compiler_options()
+    assert options  # the CPU backend, no opt-out
+    ours = lowered.compile(compiler_options=options)
+    assert "__ynn_fusion" not in ours.as_text() and "convolution(" in ours.as_text()
+    np.testing.assert_allclose(ours(x, w), lowered.compile()(x, w), rtol=1e-5)
+
+    # The loop compiles its steps with them (a step of one convolution and no reduction, which
+    # YNNPACK would still take).
+    def step(state, batch, rng):
+        del rng
+        return state, {"out": _conv64(batch["image"], state)}
+
+    devices = jax.local_device_count()
+    indices = np.zeros((devices, 2), np.int32)
+    compiled, _ = loop.compiled_step(
+        step,
+        loop.replicate(w),
+        loop.replicate({"image": np.ones((4, 8, 8, 64), np.float32)}),
+        indices,
+        np.ones((devices, 2), np.float32),
+        jax.random.key(0),
+    )
+    assert "__ynn_fusion" not in compiled.as_text() and "convolution(" in compiled.as_text()
+
+    # Opt-outs: XLA's defaults, or the user's own XLA_FLAGS setting.
+    monkeypatch.setenv(conv.YNN_CONVOLUTIONS_ENV_VAR, "1")
+    assert conv.compiler_options() == {}
+    monkeypatch.delenv(conv.YNN_CONVOLUTIONS_ENV_VAR)
+    monkeypatch.setenv(
+        "XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
+    )
+    assert conv.compiler_options() == {}

@@ -37,6 +37,11 @@ The default is ``"xla"`` (or $SALUN_JAX_CONV_IMPL). ResNet-18 x0.25, batch 128, 
 within the run-to-run noise of about 5% (earlier, under heavy load: 1.08x on one core and 0.83x
 on two; "custom" 0.77x).
 
+Which library runs XLA:CPU's convolutions is a compiler option of the whole program, not of a
+layer: `compiler_options()` keeps YNNPACK (XLA:CPU's default for convolutions with more than 16
+channels) off them, so XLA's own Eigen kernels run them, and `salun_jax.loop` compiles every step
+with it ($SALUN_JAX_YNN_CONVOLUTIONS=1 restores XLA's default).
+
 References: the convolution-gradient identities of Dumoulin & Visin 2016 ("A guide to
 convolution arithmetic"), section 4 (transposed convolution as a direct convolution).
 """
@@ -305,16 +310,17 @@ def time_candidates(shape: ConvShape, repeats: int = 7) -> dict[str, dict[str, f
     g = jnp.asarray(rng.standard_normal(out_shape), dtype)
     s, p = shape.strides, shape.padding
     calls = {}
+    jit = functools.partial(jax.jit, compiler_options=compiler_options() or None)
     for name, fn in _FORWARDS.items():
-        calls["forward", name] = (jax.jit(lambda x, k, fn=fn: fn(x, k, s, p)), (x, kernel))
+        calls["forward", name] = (jit(lambda x, k, fn=fn: fn(x, k, s, p)), (x, kernel))
     for name, fn in _INPUT_GRADS.items():
         calls["input_grad", name] = (
-            jax.jit(lambda g, k, fn=fn: fn(g, k, shape.input_shape, s, p)),
+            jit(lambda g, k, fn=fn: fn(g, k, shape.input_shape, s, p)),
             (g, kernel),
         )
     for name, fn in _WEIGHT_GRADS.items():
         calls["weight_grad", name] = (
-            jax.jit(lambda x, g, fn=fn: fn(x, g, shape.kernel_shape, s, p)),
+            jit(lambda x, g, fn=fn: fn(x, g, shape.kernel_shape, s, p)),
             (x, g),
         )
     for fn, args in calls.values():
@@ -346,9 +352,10 @@ def _environment_key() -> str:
     flags = os.environ.get("XLA_FLAGS", "").strip()
     # The CPUs this process may use (taskset, cgroups): one core and two choose differently.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    options = ",".join(f"{k}={v}" for k, v in sorted(compiler_options().items()))
     return (
         f"jax{jax.__version__}|{jax.default_backend()}|{device.device_kind}|cpus={cpus}"
-        f"|flags={flags}"
+        f"|flags={flags}|options={options}"
     )
 
 
@@ -606,3 +613,46 @@ def conv_layer_shapes(model: nn.Module, x: jax.Array) -> list[tuple[str, ConvSha
     with nn.intercept_methods(record):
         jax.eval_shape(model.init, jax.random.key(0), x)
     return found
+
+
+# 5. Which library runs XLA:CPU's convolutions.
+
+# XLA:CPU (jax 0.10) gives convolutions with more than 16 channels, reductions and dots to
+# YNNPACK by default. These options keep YNNPACK off the convolutions (XLA's own Eigen kernels
+# run them) and on dots and reductions.
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_EIGEN_CONVOLUTIONS = {
+    _YNN_OPTION: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+YNN_CONVOLUTIONS_ENV_VAR = "SALUN_JAX_YNN_CONVOLUTIONS"
+
+
+@functools.cache
+def _option_known(name: str, value: str) -> bool:
+    try:
+        jax.jit(lambda x: x + 1).lower(np.zeros(2, np.float32)).compile(
+            compiler_options={name: value}
+        )
+    except jax.errors.JaxRuntimeError:  # an XLA without this option (or value)
+        return False
+    return True
+
+
+def compiler_options() -> dict[str, str]:
+    """XLA compiler options for programs with convolutions: on the CPU backend, keep YNNPACK off
+    the convolutions; {} on GPU/TPU, where $SALUN_JAX_YNN_CONVOLUTIONS=1 (XLA's default), where
+    XLA_FLAGS sets the option itself, or where this XLA does not know it.
+
+    Why: YNNPACK's 32- and 64-channel convolutions do not get faster with a second core, Eigen's
+    do. The ResNet-18 x0.25 train step (batch 128, jax 0.10.2) ran 1.39x faster on 2 cores and
+    1.15x on one (Intel Sapphire Rapids), 1.14x on 2 and 0.98x on one (AMD EPYC); see the
+    README's measurements. Results change by float rounding only."""
+    if (
+        jax.default_backend() != "cpu"
+        or os.environ.get(YNN_CONVOLUTIONS_ENV_VAR, "0") == "1"
+        or _YNN_OPTION in os.environ.get("XLA_FLAGS", "")
+    ):
+        return {}
+    if not all(_option_known(name, value) for name, value in _EIGEN_CONVOLUTIONS.items()):
+        return {}
+    return dict(_EIGEN_CONVOLUTIONS)
