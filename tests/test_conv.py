@@ -363,6 +363,7 @@ def test_compiler_options_keep_ynnpack_off_convolutions_in_the_loop(monkeypatch)
         jax.random.key(0),
     )
     assert "__ynn_fusion" not in compiled.as_text() and "convolution(" in compiled.as_text()
+    assert _ynn_convolutions(lowered.compile().as_text()) == 1  # the helper sees XLA's default
 
     # Opt-outs: XLA's defaults, or the user's own XLA_FLAGS setting.
     monkeypatch.setenv(conv.YNN_CONVOLUTIONS_ENV_VAR, "1")
@@ -372,3 +373,32 @@ def test_compiler_options_keep_ynnpack_off_convolutions_in_the_loop(monkeypatch)
         "XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
     )
     assert conv.compiler_options() == {}
+
+
+def _ynn_convolutions(hlo: str) -> int:
+    """Convolutions inside the computations that YNNPACK fusions call, in compiled HLO text."""
+    called = set(re.findall(r"calls=(%[\w.\-]+)[^\n]*__ynn_fusion", hlo))
+    count, inside = 0, False
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            inside = line.split()[0] in called
+        elif inside and " convolution(" in line:
+            count += 1
+    return count
+
+
+def test_predictions_compile_with_the_convolution_options(monkeypatch):
+    from salun_jax.evaluation.classification import make_predict_fn
+
+    monkeypatch.delenv(conv.YNN_CONVOLUTIONS_ENV_VAR, raising=False)
+    model = create_model("small_cnn", 10, (0.5,) * 3, (0.25,) * 3, width=1.0)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+    images = np.zeros((8, 16, 16, 3), np.uint8)
+    plain = jax.jit(lambda v, x: model.apply(v, x.astype(jnp.float32), train=False))
+    by_default = _ynn_convolutions(plain.lower(variables, images).compile().as_text())
+    if by_default == 0:
+        pytest.skip("this XLA does not hand the model's convolutions to YNNPACK")
+    predict_fn = make_predict_fn(model.apply)
+    ours = _ynn_convolutions(predict_fn.lower(variables, images).compile().as_text())
+    # YNNPACK may still take the last convolution inside the global pool's reduction fusion.
+    assert ours <= 1 < by_default

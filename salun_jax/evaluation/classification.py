@@ -16,6 +16,7 @@ from salun_jax.data.splits import Split
 from salun_jax.evaluation.metrics import accuracy
 from salun_jax.evaluation.mia import from_logits, stratified_shadow_indices, svc_mia
 from salun_jax.evaluation.mia import loss_mia as _loss_mia
+from salun_jax.models import conv
 
 
 @functools.cache
@@ -23,9 +24,10 @@ def make_predict_fn(apply_fn: Callable, return_features: bool = False) -> Callab
     """Jitted eval-mode forward on uint8 images: (variables, images) -> logits [, features].
 
     Cached: the same `apply_fn` (see `salun_jax.step.canonical_module`) gives the same jitted
-    function, compiled once per input shape in a process."""
+    function, compiled once per input shape in a process; with the CPU's convolution options
+    (`salun_jax.models.conv.compiler_options`), as the training steps."""
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=conv.compiler_options() or None)
     def predict_fn(variables, images):
         return apply_fn(
             variables,
