@@ -49,6 +49,7 @@ from salun_jax.losses import (
     classification_loss,
     negative_cross_entropy,
 )
+from salun_jax.models import conv
 from salun_jax.saliency import mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
 from salun_jax.train import TrainConfig, index_batches
@@ -510,7 +511,7 @@ def population_logits(
         variables = {"params": params, "batch_stats": batch_stats}
         return apply_fn(variables, batch.astype(jnp.float32) / 255.0, train=False)
 
-    @jax.jit
+    @conv.jit
     def logits_fn(params, batch_stats, batch):
         return map_members(lambda p, s: member_logits(p, s, batch), strategy, params, batch_stats)
 
@@ -554,7 +555,7 @@ def population_salun_masks(
     key = jax.random.key(seed)
     apply_fn = states.apply_fn
 
-    @jax.jit
+    @conv.jit
     def scores_fn(params, batch_stats, batches):
         def member_scores(member_params, member_batch_stats):
             loss_fn = classification_forget_loss(apply_fn, member_batch_stats, crop_padding, flip)

@@ -23,6 +23,7 @@ import optax
 
 from salun_jax.data.batches import gather_batches
 from salun_jax.losses import BatchLossFn, classification_forget_loss
+from salun_jax.models import conv
 from salun_jax.types import PyTree
 
 
@@ -141,7 +142,7 @@ def gradient_saliency(
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+@functools.partial(conv.jit, static_argnums=(0, 1), donate_argnums=(2,))
 def _accumulate_step(batch_loss_fn, clip_norm, total, params, batch, rng, context):
     if context is not None:
         loss_fn = batch_loss_fn

@@ -1,5 +1,6 @@
 """Convolution gradient formulations (salun_jax.models.conv): equal to XLA's, chooser, cache."""
 
+import functools
 import json
 import re
 
@@ -402,3 +403,22 @@ def test_predictions_compile_with_the_convolution_options(monkeypatch):
     ours = _ynn_convolutions(predict_fn.lower(variables, images).compile().as_text())
     # YNNPACK may still take the last convolution inside the global pool's reduction fusion.
     assert ours <= 1 < by_default
+
+
+def test_jit_reads_the_options_at_the_first_call(monkeypatch):
+    monkeypatch.delenv(conv.YNN_CONVOLUTIONS_ENV_VAR, raising=False)
+    reads = []
+    real = conv.compiler_options
+    monkeypatch.setattr(conv, "compiler_options", lambda: reads.append(1) or real())
+
+    @functools.partial(conv.jit, static_argnums=(2,))
+    def scaled_conv(x, w, scale):
+        return _conv64(x, w) * scale
+
+    assert reads == []  # nothing at decoration: the backend may not be up yet
+    x, w = jnp.ones((2, 4, 4, 64)), jnp.full((3, 3, 64, 64), 0.01)
+    np.testing.assert_allclose(scaled_conv(x, w, 2.0), 2.0 * _conv64(x, w), rtol=1e-5)
+    scaled_conv(x, w, 3.0)
+    assert reads == [1]
+    if conv.compiler_options():
+        assert _ynn_convolutions(scaled_conv.lower(x, w, 2.0).compile().as_text()) == 0

@@ -56,7 +56,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import flax.linen as nn
@@ -656,3 +656,23 @@ def compiler_options() -> dict[str, str]:
     if not all(_option_known(name, value) for name, value in _EIGEN_CONVOLUTIONS.items()):
         return {}
     return dict(_EIGEN_CONVOLUTIONS)
+
+
+def jit(fun: Callable, **jit_kwargs) -> Callable:
+    """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()`, which are read at the
+    first call (the backend must not start at import: `jax.distributed` initialises before it),
+    so it can decorate module-level functions. `.lower` lowers as the jitted function's."""
+    jitted = None
+
+    def get():
+        nonlocal jitted
+        if jitted is None:
+            jitted = jax.jit(fun, compiler_options=compiler_options() or None, **jit_kwargs)
+        return jitted
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        return get()(*args, **kwargs)
+
+    call.lower = lambda *args, **kwargs: get().lower(*args, **kwargs)
+    return call
