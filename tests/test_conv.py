@@ -422,3 +422,6 @@ def test_jit_reads_the_options_at_the_first_call(monkeypatch):
     assert reads == [1]
     if conv.compiler_options():
         assert _ynn_convolutions(scaled_conv.lower(x, w, 2.0).compile().as_text()) == 0
+    # Inside another jit (which alone may carry compiler options) it is a plain nested jit.
+    nested = jax.jit(lambda x, w: scaled_conv(x, w, 2.0))
+    np.testing.assert_allclose(nested(x, w), 2.0 * _conv64(x, w), rtol=1e-5)

@@ -661,8 +661,10 @@ def compiler_options() -> dict[str, str]:
 def jit(fun: Callable, **jit_kwargs) -> Callable:
     """`jax.jit(fun, **jit_kwargs)` compiled with `compiler_options()`, which are read at the
     first call (the backend must not start at import: `jax.distributed` initialises before it),
-    so it can decorate module-level functions. `.lower` lowers as the jitted function's."""
+    so it can decorate module-level functions. Called inside another trace (a nested jit, which
+    may not carry compiler options) it is a plain `jax.jit`. `.lower` lowers the top-level one."""
     jitted = None
+    nested = jax.jit(fun, **jit_kwargs)
 
     def get():
         nonlocal jitted
@@ -672,6 +674,8 @@ def jit(fun: Callable, **jit_kwargs) -> Callable:
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+            return nested(*args, **kwargs)
         return get()(*args, **kwargs)
 
     call.lower = lambda *args, **kwargs: get().lower(*args, **kwargs)
