@@ -27,7 +27,7 @@ def make_predict_fn(apply_fn: Callable, return_features: bool = False) -> Callab
     function, compiled once per input shape in a process; with the CPU's convolution options
     (`salun_jax.models.conv.compiler_options`), as the training steps."""
 
-    @functools.partial(jax.jit, compiler_options=conv.compiler_options() or None)
+    @conv.jit
     def predict_fn(variables, images):
         return apply_fn(
             variables,

@@ -310,7 +310,6 @@ def time_candidates(shape: ConvShape, repeats: int = 7) -> dict[str, dict[str, f
     g = jnp.asarray(rng.standard_normal(out_shape), dtype)
     s, p = shape.strides, shape.padding
     calls = {}
-    jit = functools.partial(jax.jit, compiler_options=compiler_options() or None)
     for name, fn in _FORWARDS.items():
         calls["forward", name] = (jit(lambda x, k, fn=fn: fn(x, k, s, p)), (x, kernel))
     for name, fn in _INPUT_GRADS.items():
