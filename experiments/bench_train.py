@@ -117,6 +117,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -758,22 +759,6 @@ def bench_conv_impls(
     }
 
 
-@contextlib.contextmanager
-def _ynn_convolutions(on: bool) -> Iterator[None]:
-    """While `on`, the library compiles with XLA's defaults (YNNPACK on convolutions)."""
-    name = conv_lib.YNN_CONVOLUTIONS_ENV_VAR
-    before = os.environ.get(name)
-    if on:
-        os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        if on and before is None:
-            del os.environ[name]
-        elif on:
-            os.environ[name] = before
-
-
 def bench_epochs(
     dataset_path: str, name: str, width: float, impls: list[str], per_class: int, rounds: int
 ) -> dict:
@@ -806,7 +791,9 @@ def bench_epochs(
     for round_index in range(rounds):
         order = impls if round_index % 2 == 0 else impls[::-1]
         for impl in order:
-            with _ynn_convolutions(YNN_CONVS in impl):  # loop.run compiles on the first round
+            # A "+ynn" setting: the library compiles with XLA's defaults (on the first round).
+            ynn = {conv_lib.YNN_CONVOLUTIONS_ENV_VAR: "1"} if YNN_CONVS in impl else {}
+            with mock.patch.dict(os.environ, ynn):
                 out = loop.run(
                     states[impl],
                     make_step(classification_loss()),

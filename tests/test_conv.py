@@ -333,6 +333,18 @@ def _conv64(x, w):
     )
 
 
+def _ynn_convolutions(hlo: str) -> int:
+    """Convolutions inside the computations that YNNPACK fusions call, in compiled HLO text."""
+    called = set(re.findall(r"calls=(%[\w.\-]+)[^\n]*__ynn_fusion", hlo))
+    count, inside = 0, False
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            inside = line.split()[0] in called
+        elif inside and " convolution(" in line:
+            count += 1
+    return count
+
+
 def test_compiler_options_keep_ynnpack_off_convolutions_in_the_loop(monkeypatch):
     from salun_jax import loop
 
@@ -341,6 +353,7 @@ def test_compiler_options_keep_ynnpack_off_convolutions_in_the_loop(monkeypatch)
     lowered = jax.jit(_conv64).lower(x, w)
     if "__ynn_fusion" not in lowered.compile().as_text():
         pytest.skip("this XLA does not hand the 64-channel convolution to YNNPACK")
+    assert _ynn_convolutions(lowered.compile().as_text()) == 1  # the helper sees XLA's default
     options = conv.compiler_options()
     assert options  # the CPU backend, no opt-out
     ours = lowered.compile(compiler_options=options)
@@ -364,7 +377,6 @@ def test_compiler_options_keep_ynnpack_off_convolutions_in_the_loop(monkeypatch)
         jax.random.key(0),
     )
     assert "__ynn_fusion" not in compiled.as_text() and "convolution(" in compiled.as_text()
-    assert _ynn_convolutions(lowered.compile().as_text()) == 1  # the helper sees XLA's default
 
     # Opt-outs: XLA's defaults, or the user's own XLA_FLAGS setting.
     monkeypatch.setenv(conv.YNN_CONVOLUTIONS_ENV_VAR, "1")
@@ -374,18 +386,6 @@ def test_compiler_options_keep_ynnpack_off_convolutions_in_the_loop(monkeypatch)
         "XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
     )
     assert conv.compiler_options() == {}
-
-
-def _ynn_convolutions(hlo: str) -> int:
-    """Convolutions inside the computations that YNNPACK fusions call, in compiled HLO text."""
-    called = set(re.findall(r"calls=(%[\w.\-]+)[^\n]*__ynn_fusion", hlo))
-    count, inside = 0, False
-    for line in hlo.splitlines():
-        if not line.startswith(" ") and line.rstrip().endswith("{"):
-            inside = line.split()[0] in called
-        elif inside and " convolution(" in line:
-            count += 1
-    return count
 
 
 def test_predictions_compile_with_the_convolution_options(monkeypatch):
