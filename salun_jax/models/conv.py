@@ -643,8 +643,8 @@ def compiler_options() -> dict[str, str]:
     XLA_FLAGS sets the option itself, or where this XLA does not know it.
 
     Why: YNNPACK's 32- and 64-channel convolutions do not get faster with a second core, Eigen's
-    do. The ResNet-18 x0.25 train step (batch 128, jax 0.10.2) ran 1.38x faster on 2 cores and
-    1.17x on one (Intel Sapphire Rapids), 1.14x on 2 and 0.98x on one (AMD EPYC); see the
+    do. The ResNet-18 x0.25 train step (batch 128, jax 0.10.2) ran 1.26x faster on 2 cores and
+    1.22x on one (Intel Sapphire Rapids), 1.14x on 2 and 0.98x on one (AMD EPYC); see the
     README's measurements. Results change by float rounding only."""
     if (
         jax.default_backend() != "cpu"
