@@ -25,8 +25,12 @@ setup(
         "safetensors>=0.8.0",
         "regex",
     ],
+    # The oneDNN convolution handlers' source, compiled on first use (salun_jax.models.onednn).
+    package_data={"salun_jax.models": ["onednn_conv.cc"]},
     extras_require={
         # experiments/bench_train.py --conv_impls times PyTorch's step beside ours when present.
         "bench": ["torch==2.13.0"],
+        # conv_impl="onednn": oneDNN 3.2's headers and library (x86-64 Linux wheels, 39 MB).
+        "onednn": ["onednn-devel-cpu-gomp==2023.2.0"],
     },
 )

@@ -158,8 +158,8 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSO
 _CONV_IMPLS = flags.DEFINE_list(
     "conv_impls",
     [],
-    "Compare the bare train step with these conv_impl settings (xla, custom, auto, plain; see "
-    "salun_jax.models.conv) and, when torch is importable, PyTorch's step (NCHW and "
+    "Compare the bare train step with these conv_impl settings (xla, custom, auto, plain, "
+    "onednn; see salun_jax.models.conv) and, when torch is importable, PyTorch's step (NCHW and "
     "channels_last), interleaved; prints the per-layer choice table. Replaces the loop check. "
     "Steps compile with the library's CPU options (salun_jax.models.conv.compiler_options: "
     "YNNPACK kept off convolutions); a setting with the suffix '+ynn' (e.g. xla+ynn) compiles "

@@ -30,7 +30,7 @@ def create_model(
 ) -> nn.Module:
     """Builds a classifier by name. Input to the model: float [0, 1] images [B, H, W, C].
 
-    `conv_impl` chooses how convolutions compute gradients ("xla", "custom", "auto", "plain";
+    `conv_impl` chooses how convolutions run ("xla", "custom", "auto", "plain", "onednn";
     None: the default of `salun_jax.models.conv.default_conv_impl`); parameters do not depend on
     it.
 

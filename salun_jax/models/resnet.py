@@ -127,7 +127,7 @@ class ResNet(nn.Module):
     `width` scales every stage's channels (64 * width, ...) for small CPU variants.
     `batch_mask` ([B] bool, train mode): the examples BatchNorm's batch statistics are taken over
     (the real rows of a padded batch); None: all.
-    `conv_impl`: how convolutions compute their gradients ("xla", "custom", "auto", "plain";
+    `conv_impl`: how convolutions run ("xla", "custom", "auto", "plain", "onednn";
     None: the default, see `salun_jax.models.conv.default_conv_impl`); the parameters are the
     same.
     """
