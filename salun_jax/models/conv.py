@@ -28,9 +28,10 @@ installed (`pip install -e ".[onednn]"`); "auto" then times oneDNN's parts among
 too. ResNet-18 x0.25, batch 128, the 2-core Intel machine (README, "Measured here"): the train
 step ran 1.5-1.7x faster than "xla" and faster than PyTorch's NCHW step in the same run.
 
-On the CPU backend "xla", "custom" and "auto" pass each convolution's input through `materialize` (an identity
-XLA cannot fuse into its consumers; see there), so the weight gradients' layout transposes read
-one buffer instead of recomputing BatchNorm, ReLU and the residual chain. ``"plain"`` is
+On the CPU backend "xla", "custom" and "auto" pass each convolution's input through
+`materialize` (an identity XLA cannot fuse into its consumers; see there), so the weight
+gradients' layout transposes read one buffer instead of recomputing BatchNorm, ReLU and the
+residual chain. ``"plain"`` is
 ``"xla"`` without it: `lax.conv_general_dilated` untouched, for comparison. Results agree to
 float rounding: the gradients were bit-identical in every check without augmentation; with the
 crop + flip augmentation fused in, one ResNet-18 x0.25 step differed slightly, each no further
