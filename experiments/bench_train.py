@@ -112,6 +112,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -596,6 +597,66 @@ def _torch_step_fn(model_name: str, width: float, batch: dict, channels_last: bo
     return step
 
 
+def _torch_worker(connection, model_name: str, width: float, batch: dict) -> None:
+    """PyTorch's steps, in a process of their own (see `_torch_runners`): sends
+    ("ready", torch version, layouts) or ("skip", why), then for each (layout, count) received
+    runs that many steps and sends their seconds, until it receives None."""
+    # The same malloc settings as this process (PyTorch's step had them when it ran here).
+    host_memory.keep_freed_host_memory()
+    try:
+        import torch  # noqa: PLC0415 (optional)
+    except ImportError:
+        connection.send(("skip", "torch is not importable: PyTorch rows skipped"))
+        return
+    steps = {}
+    for layout, channels_last in (("NCHW", False), ("channels_last", True)):
+        step = _torch_step_fn(model_name, width, batch, channels_last)
+        if step is None:
+            connection.send(("skip", f"no PyTorch twin of {model_name}: PyTorch rows skipped"))
+            return
+        steps[layout] = step
+    connection.send(("ready", torch.__version__, list(steps)))
+    while (request := connection.recv()) is not None:
+        layout, count = request
+        start = time.perf_counter()
+        for _ in range(count):
+            steps[layout]()
+        connection.send(time.perf_counter() - start)
+
+
+def _torch_runners(model_name: str, width: float, batch: dict):
+    """(torch version, {"torch <layout>": run(count)}, close) with PyTorch in a child process,
+    or (None, {}, close) without it. Why a process of its own: oneDNN's OpenMP threads
+    (conv_impl="onednn") and PyTorch's share one libgomp in a process, and PyTorch's step, run
+    after ours in the same process, was ~20% slower on 2 cores (656 -> 534 img/s, NCHW) and
+    stayed so. Each runner returns the child's own timing of its steps."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_torch_worker, args=(child, model_name, width, batch))
+    process.start()
+    message = parent.recv()
+
+    def close():
+        if process.is_alive():
+            parent.send(None)
+        process.join()
+
+    if message[0] == "skip":
+        print(f"  {message[1]}", flush=True)
+        close()
+        return None, {}, close
+
+    def runner(layout):
+        def run(count):
+            parent.send((layout, count))
+            return parent.recv()
+
+        return run
+
+    _, version, layouts = message
+    return version, {f"torch {layout}": runner(layout) for layout in layouts}, close
+
+
 def conv_layer_table(model, image_shape, batch_size: int) -> list[dict]:
     """Per distinct conv shape of `model`: its layers, the plan "auto" uses and the candidates'
     times (from the plan cache; empty until an "auto" step has been compiled)."""
@@ -708,32 +769,25 @@ def bench_conv_impls(
         runners[f"jax {setting}"] = run_jax
         if setting == "auto":
             table = conv_layer_table(model, image_shape, batch_size)
-    torch_version = None
+    torch_version, close_torch = None, lambda: None
     if with_torch:
-        try:
-            import torch  # noqa: PLC0415 (optional)
-
-            torch_version = torch.__version__
-        except ImportError:
-            print("  torch is not importable: PyTorch rows skipped", flush=True)
-    if torch_version is not None:
-        for layout, channels_last in (("NCHW", False), ("channels_last", True)):
-            torch_step = _torch_step_fn(name, width, batch, channels_last)
-            if torch_step is None:
-                print(f"  no PyTorch twin of {name}: PyTorch rows skipped", flush=True)
-                break
-            runners[f"torch {layout}"] = lambda count, f=torch_step: [f() for _ in range(count)]
-    for run in runners.values():
-        run(1)  # warm up
-    times = {label: [] for label in runners}
-    labels = list(runners)
-    for round_index in range(rounds):
-        # Rotate the order each round, so no setting always runs first (or last) in a round.
-        shift = round_index % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            start = time.perf_counter()
-            runners[label](steps)
-            times[label].append((time.perf_counter() - start) / steps)
+        torch_version, torch_runners, close_torch = _torch_runners(name, width, batch)
+        runners.update(torch_runners)
+    try:
+        for run in runners.values():
+            run(1)  # warm up
+        times = {label: [] for label in runners}
+        labels = list(runners)
+        for round_index in range(rounds):
+            # Rotate the order each round, so no setting always runs first (or last) in a round.
+            shift = round_index % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                start = time.perf_counter()
+                seconds = runners[label](steps)  # PyTorch's runners time their own steps
+                seconds = time.perf_counter() - start if seconds is None else seconds
+                times[label].append(seconds / steps)
+    finally:
+        close_torch()
     rates = {label: batch_size / statistics.median(t) for label, t in times.items()}
     ratios = {}
     for label in rates:
