@@ -100,12 +100,22 @@ of 7-10 from other jobs (jax 0.10.2, torch 2.13.0+cpu), ResNet-18 x0.25, batch 1
                           (about 93 vs 83 s for the CIFAR CPU config's 9,000-image epoch at this
                           load; 44.7 s was measured for xla on a calmer machine)
 
-"auto" wins per layer in isolation (1.09-1.23x summed over the conv layers; input gradient as a
-forward conv on the 16/32-channel layers, im2col weight gradients on 1x1 shortcuts and small
-spatial sizes) but only ~1.08x in the whole step at one core and loses on two, and wrapping even
-XLA's own formulas in a custom VJP cost ~13% of the step (0.87x): the default stays "xla". The
-target (>= PyTorch NCHW) is not met here: what is left is mostly XLA:CPU's convolutions
-themselves (the 16-channel ones, which YNNPACK declines, run on Eigen at ~30 GFLOP/s).
+Before oneDNN, "auto" won per layer in isolation (1.09-1.23x summed over the conv layers) but
+only ~1.08x in the whole step at one core and lost on two: the default stays "xla". What was left
+was XLA:CPU's convolution kernels themselves (Eigen, ~30 GFLOP/s on the 16-channel layers).
+
+conv_impl="onednn" (salun_jax.models.onednn: oneDNN's kernels as XLA FFI custom calls) closes
+that gap. Clean clone of 9e1655e, Intel Sapphire Rapids, --conv_impls=xla,onednn,auto
+--epoch_dataset=<zip> --epoch_rounds=2, PyTorch in its own process:
+
+    both cores:  xla 437.1, onednn 732.4, auto 716.5 (oneDNN in every part of every layer),
+                 torch NCHW 702.3, channels_last 894.8 img/s: onednn / NCHW 1.04x,
+                 onednn / channels_last 0.83x; CIFAR-10 epochs 14.3 / 13.4 s vs xla 23.3 / 19.7 s
+    one core:    xla 251.3, onednn 434.2, torch NCHW 371.2, channels_last 484.8 img/s:
+                 onednn / NCHW 1.17x, 0.89x channels_last; epochs 22.7 / 22.0 s vs 40.6 / 38.2 s
+
+PyTorch's steps run in a child process: in this one, after oneDNN's OpenMP teams had run, PyTorch
+(same libgomp) lost ~20% on 2 cores (NCHW 656 -> 534 img/s).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -134,22 +135,32 @@ ffi::Error Guard(F&& body) {
   return ffi::Error::Success();
 }
 
+// The HWIO kernel at `data`, reordered into the blocked layout `pd` targets (a per-thread buffer).
+memory BlockedKernel(const Kernels& k, dnnl::reorder& reorder,
+                     const dnnl::reorder::primitive_desc& pd, float* data) {
+  memory blocked(pd.dst_desc(), Engine(), ThreadBuffer(1, pd.dst_desc().get_size()));
+  Reorder(reorder, pd, memory(k.w_user_md, Engine(), data), blocked);
+  return blocked;
+}
+
+// Runs `primitive` on `args` plus a scratchpad, and waits for it.
+void Execute(const dnnl::primitive& primitive, const memory::desc& scratch_md,
+             std::unordered_map<int, memory> args) {
+  args.insert({DNNL_ARG_SCRATCHPAD, Scratch(scratch_md)});
+  primitive.execute(Stream(), args);
+  Stream().wait();
+}
+
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                    int64_t pb, int64_t pl, int64_t pr) {
   return Guard([&] {
-    auto g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
-    auto& k = Lookup(g);
-    auto& engine = Engine();
-    memory w_user(k.w_user_md, engine, w.typed_data());
-    memory w_blocked(k.fwd_pd.weights_desc(), engine,
-                     ThreadBuffer(1, k.fwd_pd.weights_desc().get_size()));
-    Reorder(k.w_to_fwd, k.w_to_fwd_pd, w_user, w_blocked);
-    k.fwd.execute(Stream(), {{DNNL_ARG_SRC, memory(k.x_md, engine, x.typed_data())},
-                             {DNNL_ARG_WEIGHTS, w_blocked},
-                             {DNNL_ARG_DST, memory(k.y_md, engine, y->typed_data())},
-                             {DNNL_ARG_SCRATCHPAD, Scratch(k.fwd_pd.scratchpad_desc())}});
-    Stream().wait();
+    auto& k = Lookup(
+        MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr));
+    Execute(k.fwd, k.fwd_pd.scratchpad_desc(),
+            {{DNNL_ARG_SRC, memory(k.x_md, Engine(), x.typed_data())},
+             {DNNL_ARG_WEIGHTS, BlockedKernel(k, k.w_to_fwd, k.w_to_fwd_pd, w.typed_data())},
+             {DNNL_ARG_DST, memory(k.y_md, Engine(), y->typed_data())}});
   });
 }
 
@@ -157,19 +168,13 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                      ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                      int64_t pb, int64_t pl, int64_t pr) {
   return Guard([&] {
-    auto g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
-    auto& k = Lookup(g);
-    auto& engine = Engine();
-    auto blocked_md = k.bwd_data_pd.weights_desc();
-    memory w_user(k.w_user_md, engine, w.typed_data());
-    memory w_blocked(blocked_md, engine, ThreadBuffer(1, blocked_md.get_size()));
-    Reorder(k.w_to_bwd_data, k.w_to_bwd_data_pd, w_user, w_blocked);
-    k.bwd_data.execute(Stream(),
-                       {{DNNL_ARG_DIFF_DST, memory(k.y_md, engine, dy.typed_data())},
-                        {DNNL_ARG_WEIGHTS, w_blocked},
-                        {DNNL_ARG_DIFF_SRC, memory(k.x_md, engine, dx->typed_data())},
-                        {DNNL_ARG_SCRATCHPAD, Scratch(k.bwd_data_pd.scratchpad_desc())}});
-    Stream().wait();
+    auto& k = Lookup(
+        MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr));
+    Execute(k.bwd_data, k.bwd_data_pd.scratchpad_desc(),
+            {{DNNL_ARG_DIFF_DST, memory(k.y_md, Engine(), dy.typed_data())},
+             {DNNL_ARG_WEIGHTS,
+              BlockedKernel(k, k.w_to_bwd_data, k.w_to_bwd_data_pd, w.typed_data())},
+             {DNNL_ARG_DIFF_SRC, memory(k.x_md, Engine(), dx->typed_data())}});
   });
 }
 
@@ -177,18 +182,16 @@ ffi::Error WeightGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
                       int64_t pb, int64_t pl, int64_t pr) {
   return Guard([&] {
-    auto g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
-    auto& k = Lookup(g);
-    auto& engine = Engine();
+    auto& k = Lookup(
+        MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr));
     auto blocked_md = k.bwd_weights_pd.diff_weights_desc();
-    memory dw_blocked(blocked_md, engine, ThreadBuffer(2, blocked_md.get_size()));
-    k.bwd_weights.execute(Stream(),
-                          {{DNNL_ARG_SRC, memory(k.x_md, engine, x.typed_data())},
-                           {DNNL_ARG_DIFF_DST, memory(k.y_md, engine, dy.typed_data())},
-                           {DNNL_ARG_DIFF_WEIGHTS, dw_blocked},
-                           {DNNL_ARG_SCRATCHPAD, Scratch(k.bwd_weights_pd.scratchpad_desc())}});
+    memory dw_blocked(blocked_md, Engine(), ThreadBuffer(2, blocked_md.get_size()));
+    Execute(k.bwd_weights, k.bwd_weights_pd.scratchpad_desc(),
+            {{DNNL_ARG_SRC, memory(k.x_md, Engine(), x.typed_data())},
+             {DNNL_ARG_DIFF_DST, memory(k.y_md, Engine(), dy.typed_data())},
+             {DNNL_ARG_DIFF_WEIGHTS, dw_blocked}});
     Reorder(k.dw_to_user, k.dw_to_user_pd, dw_blocked,
-            memory(k.w_user_md, engine, dw->typed_data()));
+            memory(k.w_user_md, Engine(), dw->typed_data()));
     Stream().wait();
   });
 }
