@@ -105,14 +105,15 @@ only ~1.08x in the whole step at one core and lost on two: the default stays "xl
 was XLA:CPU's convolution kernels themselves (Eigen, ~30 GFLOP/s on the 16-channel layers).
 
 conv_impl="onednn" (salun_jax.models.onednn: oneDNN's kernels as XLA FFI custom calls) closes
-that gap. Clean clone of 9e1655e, Intel Sapphire Rapids, --conv_impls=xla,onednn,auto
+that gap. Clean clone of e40be2c, Intel Sapphire Rapids, --conv_impls=xla,onednn,auto
 --epoch_dataset=<zip> --epoch_rounds=2, PyTorch in its own process:
 
-    both cores:  xla 437.1, onednn 732.4, auto 716.5 (oneDNN in every part of every layer),
-                 torch NCHW 702.3, channels_last 894.8 img/s: onednn / NCHW 1.04x,
-                 onednn / channels_last 0.83x; CIFAR-10 epochs 14.3 / 13.4 s vs xla 23.3 / 19.7 s
-    one core:    xla 251.3, onednn 434.2, torch NCHW 371.2, channels_last 484.8 img/s:
-                 onednn / NCHW 1.17x, 0.89x channels_last; epochs 22.7 / 22.0 s vs 40.6 / 38.2 s
+    both cores:  xla 436.7, onednn 706.3, auto 716.2 (oneDNN in every part of every layer),
+                 torch NCHW 724.8, channels_last 894.1 img/s: onednn / NCHW 0.99x (1.03x,
+                 1.05x, 0.94x in three more runs), onednn / channels_last 0.78x; CIFAR-10 epochs
+                 13.7 / 13.7 s vs xla 21.2 / 19.9 s
+    one core:    xla 250.8, onednn 427.9, torch NCHW 372.3, channels_last 473.9 img/s:
+                 onednn / NCHW 1.15x, 0.90x channels_last; epochs 20.9 / 20.8 s vs 36.3 / 35.3 s
 
 PyTorch's steps run in a child process: in this one, after oneDNN's OpenMP teams had run, PyTorch
 (same libgomp) lost ~20% on 2 cores (NCHW 656 -> 534 img/s).
