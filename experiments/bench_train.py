@@ -646,16 +646,14 @@ def _torch_runners(model_name: str, width: float, batch: dict):
     process = context.Process(target=_torch_worker, args=(child, model_name, width, batch))
     process.start()
     message = parent.recv()
+    if message[0] == "skip":  # the worker has returned
+        print(f"  {message[1]}", flush=True)
+        process.join()
+        return None, {}, lambda: None
 
     def close():
-        if process.is_alive():
-            parent.send(None)
+        parent.send(None)
         process.join()
-
-    if message[0] == "skip":
-        print(f"  {message[1]}", flush=True)
-        close()
-        return None, {}, close
 
     def runner(layout):
         def run(count):

@@ -568,8 +568,6 @@ def make_conv_general_dilated(impl: ConvImpl):
         preferred_element_type=None,
     ):
         on_cpu = jax.default_backend() == "cpu"
-        if impl == "onednn" and on_cpu and not onednn.available():
-            raise RuntimeError(f"conv_impl='onednn' cannot run here: {onednn.unavailable_reason()}")
         if impl not in ("plain", "onednn") and on_cpu:
             lhs = materialize(lhs)  # a custom call's operands are buffers already
         if (
@@ -599,6 +597,9 @@ def make_conv_general_dilated(impl: ConvImpl):
         if not on_cpu:
             plan = XLA_PLAN
         elif impl == "onednn":
+            if not onednn.available():
+                reason = onednn.unavailable_reason()
+                raise RuntimeError(f"conv_impl='onednn' cannot run here: {reason}")
             usable = _onednn_usable(_shape_of(lhs, rhs, strides, pads))
             plan = ONEDNN_PLAN if usable else XLA_PLAN
         else:
@@ -613,7 +614,8 @@ class Conv(nn.Conv):
     convolution follows `conv_impl` (one of `CONV_IMPLS`; see the module docstring).
 
     Raises:
-      RuntimeError: at trace time, for conv_impl="onednn" on the CPU backend without oneDNN.
+      RuntimeError: at trace time, for conv_impl="onednn" on the CPU backend without oneDNN
+        (on a convolution it would run; grouped or dilated ones keep XLA's either way).
     """
 
     conv_impl: ConvImpl = "xla"

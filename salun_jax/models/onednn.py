@@ -13,18 +13,18 @@ prefix with include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so*; and a C++17 compil
 c++). `available()` says whether all of it is there; `unavailable_reason()` says what is not.
 
 oneDNN runs its own OpenMP threads inside each call ($OMP_NUM_THREADS, default: all cores).
-Values equal XLA's to float rounding (a different summation order); tests/test_conv.py checks
+Values equal XLA's to float rounding (a different summation order); tests/test_onednn.py checks
 each part against `lax.conv_general_dilated`'s forward and autodiff on odd shapes, strides and
 paddings.
 """
 
 from __future__ import annotations
 
-import functools
 import glob
 import hashlib
 import importlib.metadata
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -34,6 +34,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 ROOT_ENV_VAR = "SALUN_JAX_ONEDNN_ROOT"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
@@ -45,22 +46,20 @@ _lock = threading.Lock()
 
 
 def _prefixes() -> list[str]:
-    """Where to look for include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so*, in order."""
-    prefixes = []
-    if os.environ.get(ROOT_ENV_VAR):
-        prefixes.append(os.environ[ROOT_ENV_VAR])
+    """Where to look for include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so*, in order: $ROOT, the
+    prefix the oneDNN wheels installed into (from their file lists), this environment's."""
+    prefixes = [os.environ[ROOT_ENV_VAR]] if os.environ.get(ROOT_ENV_VAR) else []
     for name in _DISTRIBUTIONS:
         try:
             files = importlib.metadata.files(name) or []
         except importlib.metadata.PackageNotFoundError:
             continue
         for file in files:
-            path = os.path.normpath(str(file.locate()))
-            for marker in ("include", "lib"):
-                parts = path.split(os.sep)
-                if marker in parts:
-                    index = len(parts) - 1 - parts[::-1].index(marker)
-                    prefixes.append(os.sep.join(parts[:index]) or os.sep)
+            path = pathlib.Path(file.locate()).resolve()
+            if path.name == "libdnnl.so":  # <prefix>/lib/libdnnl.so
+                prefixes.append(str(path.parents[1]))
+            elif path.name == "dnnl.hpp" and path.parent.name == "dnnl":  # <prefix>/include/...
+                prefixes.append(str(path.parents[3]))
     prefixes.append(sys.prefix)
     return list(dict.fromkeys(prefixes))
 
@@ -117,23 +116,32 @@ def _build(cache_dir: str) -> str:
     return output
 
 
-@functools.cache
+_loaded: tuple[bool, str] | None = None
+
+
 def _load() -> tuple[bool, str]:
     """Builds, loads and registers the handlers once per process: (ok, reason if not)."""
+    global _loaded
+    with _lock:  # one build and one registration, whichever thread asks first
+        if _loaded is None:
+            _loaded = _build_and_register()
+    return _loaded
+
+
+def _build_and_register() -> tuple[bool, str]:
     import ctypes  # noqa: PLC0415 (only here)
 
     from salun_jax.data.sources import resolve_cache_dir  # noqa: PLC0415 (light import)
 
-    with _lock:
-        try:
-            library = ctypes.CDLL(_build(resolve_cache_dir()))
-        except (OSError, RuntimeError) as error:  # FileNotFoundError is an OSError
-            return False, str(error)
-        for name in _TARGETS:
-            symbol = getattr(library, _TARGET_PREFIX + name)
-            jax.ffi.register_ffi_target(
-                _TARGET_PREFIX + name, jax.ffi.pycapsule(symbol), platform="cpu"
-            )
+    try:
+        library = ctypes.CDLL(_build(resolve_cache_dir()))
+    except (OSError, RuntimeError) as error:  # FileNotFoundError is an OSError
+        return False, str(error)
+    for name in _TARGETS:
+        symbol = getattr(library, _TARGET_PREFIX + name)
+        jax.ffi.register_ffi_target(
+            _TARGET_PREFIX + name, jax.ffi.pycapsule(symbol), platform="cpu"
+        )
     return True, ""
 
 
@@ -151,9 +159,10 @@ def unavailable_reason() -> str:
 
 
 def version() -> str:
-    """The oneDNN library file used ("" if none), for cache keys."""
+    """The oneDNN library file used, links resolved (e.g. "libdnnl.so.3.2"; "" if none), for
+    cache keys."""
     try:
-        return os.path.basename(_find_onednn()[1])
+        return os.path.basename(os.path.realpath(_find_onednn()[1]))
     except FileNotFoundError:
         return ""
 
@@ -174,22 +183,16 @@ def _call(name, result_shape, a, b, strides, padding):
     )  # fmt: skip
 
 
-def _output_shape(x_shape, kernel_shape, strides, padding):
-    b, h, w, _ = x_shape
-    kh, kw, _, o = kernel_shape
-    (top, bottom), (left, right) = padding
-    return (
-        b,
-        (h + top + bottom - kh) // strides[0] + 1,
-        (w + left + right - kw) // strides[1] + 1,
-        o,
-    )
-
-
 def forward(x, kernel, strides, padding):
     """x [B, H, W, C] (x) kernel [kh, kw, C, O] -> [B, Ho, Wo, O], float32."""
-    shape = _output_shape(x.shape, kernel.shape, strides, padding)
-    return _call("forward", shape, x, kernel, strides, padding)
+    out = jax.eval_shape(  # XLA's own shape rule for the same convolution
+        lambda x, kernel: lax.conv_general_dilated(
+            x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
+    )
+    return _call("forward", out.shape, x, kernel, strides, padding)
 
 
 def input_grad(g, kernel, x_shape, strides, padding):

@@ -95,9 +95,9 @@ Kernels& Lookup(const Geometry& g) {
   return *slot;
 }
 
-// Per-thread buffers that only grow: scratchpads and blocked kernels.
+// Per-thread buffers that only grow: 0 scratchpads, 1 blocked kernels, 2 blocked kernel gradients.
 char* ThreadBuffer(int which, size_t bytes) {
-  thread_local std::vector<char> buffers[4];
+  thread_local std::vector<char> buffers[3];
   auto& buffer = buffers[which];
   if (buffer.size() < bytes + 64) buffer.resize(bytes + 64);
   auto address = reinterpret_cast<uintptr_t>(buffer.data());
