@@ -105,15 +105,15 @@ only ~1.08x in the whole step at one core and lost on two: the default stays "xl
 was XLA:CPU's convolution kernels themselves (Eigen, ~30 GFLOP/s on the 16-channel layers).
 
 conv_impl="onednn" (salun_jax.models.onednn: oneDNN's kernels as XLA FFI custom calls) closes
-that gap. Clean clone of e40be2c, Intel Sapphire Rapids, --conv_impls=xla,onednn,auto
+that gap. Clean clone of 94a35a8, Intel Sapphire Rapids, --conv_impls=xla,onednn,auto
 --epoch_dataset=<zip> --epoch_rounds=2, PyTorch in its own process:
 
-    both cores:  xla 436.7, onednn 706.3, auto 716.2 (oneDNN in every part of every layer),
-                 torch NCHW 724.8, channels_last 894.1 img/s: onednn / NCHW 0.99x (1.03x,
-                 1.05x, 0.94x in three more runs), onednn / channels_last 0.78x; CIFAR-10 epochs
-                 13.7 / 13.7 s vs xla 21.2 / 19.9 s
-    one core:    xla 250.8, onednn 427.9, torch NCHW 372.3, channels_last 473.9 img/s:
-                 onednn / NCHW 1.15x, 0.90x channels_last; epochs 20.9 / 20.8 s vs 36.3 / 35.3 s
+    both cores:  xla 445.1, onednn 735.1, auto 720.9 (oneDNN in every part of every layer),
+                 torch NCHW 705.8, channels_last 878.7 img/s: onednn / NCHW 1.03x (0.94-1.05x
+                 over five runs of earlier commits), onednn / channels_last 0.83x; CIFAR-10
+                 epochs 14.0 / 13.2 s vs xla 22.4 / 20.3 s
+    one core:    xla 255.4, onednn 432.6, torch NCHW 377.3, channels_last 486.6 img/s:
+                 onednn / NCHW 1.13x, 0.88x channels_last; epochs 22.0 / 21.8 s vs 36.5 / 35.4 s
 
 PyTorch's steps run in a child process: in this one, after oneDNN's OpenMP teams had run, PyTorch
 (same libgomp) lost ~20% on 2 cores (NCHW 656 -> 534 img/s).

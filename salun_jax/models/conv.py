@@ -27,7 +27,7 @@ custom calls on the same NHWC/HWIO layouts, float32; other dtypes keep XLA's), w
 installed (`pip install -e ".[onednn]"`); "auto" then times oneDNN's parts among the candidates
 too. ResNet-18 x0.25, batch 128, the 2-core Intel machine (README, "Measured here"): the train
 step ran 1.6-1.7x faster than "xla"; against PyTorch's NCHW step in the same run, 0.94-1.05x on
-2 cores and 1.15-1.17x on one.
+2 cores and 1.13-1.17x on one.
 
 On the CPU backend "xla", "custom" and "auto" pass each convolution's input through
 `materialize` (an identity XLA cannot fuse into its consumers; see there), so the weight
