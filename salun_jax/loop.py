@@ -191,9 +191,16 @@ def epoch_key(key: jax.Array, epoch: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, epoch))(key)
 
 
-def _append_jsonl(path: str, records: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
+def write_log(workdir: str, history: list[dict]) -> None:
+    """Writes `workdir/metrics.jsonl` anew from the checkpointed `history`, atomically (a temporary
+    file renamed over it): a kill at any instant leaves the old log or the new one, never a partial
+    line, and an epoch that a resume re-runs is recorded once. Process 0 only."""
+    if not is_primary():
+        return
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(record, sort_keys=True) + "\n" for record in history)
+    os.replace(f"{path}.tmp", path)
 
 
 def run(
@@ -224,8 +231,9 @@ def run(
     first epoch's seconds).
 
     With a `workdir`, a checkpoint is saved every `checkpoint_every` epochs (and after the last)
-    under `workdir/checkpoints`, then the saved epochs' records are appended to
-    `workdir/metrics.jsonl` (so the log never holds an epoch that a resume re-runs); re-running
+    under `workdir/checkpoints`, then `workdir/metrics.jsonl` is rewritten from the checkpoint's
+    history (`write_log`: it never holds an epoch that a resume re-runs, loses none that a
+    checkpoint holds, and never ends in a partial line); re-running
     on the same workdir resumes from the newest readable checkpoint.
 
     Args:
@@ -281,6 +289,9 @@ def run(
                 )
                 made_by = f"{made_by} then {code}"
             code = made_by
+            # The log is the checkpoint's history: epochs a kill lost from it come back, and
+            # epochs after the restored checkpoint (a corrupt-checkpoint fallback) leave it.
+            write_log(workdir, history)
             if is_primary():
                 logging.info("%s: resuming after epoch %d in %s", desc, start_epoch, workdir)
     try:
@@ -289,7 +300,7 @@ def run(
         state_r = replicate(state)
         data_r = replicate({name: np.asarray(values) for name, values in data.items()})
         compiled = None
-        saved, unsaved = start_epoch, []  # epochs in the newest checkpoint; records since then
+        saved = start_epoch  # epochs in the newest checkpoint
         for epoch in range(start_epoch, num_epochs):
             indices, weights = local_rows(batches_fn(epoch, np.random.default_rng([seed, epoch])))
             keys = epoch_key(key, epoch)
@@ -358,7 +369,6 @@ def run(
             if eval_fn is not None:
                 record.update(eval_fn(unreplicate(state_r)))
             history.append(record)
-            unsaved.append(record)
             if is_primary():
                 logging.info("%s", json.dumps(record, sort_keys=True))
             if checkpointer is not None and (
@@ -374,9 +384,8 @@ def run(
                         "code": code,
                     },
                 )
-                if is_primary():
-                    _append_jsonl(os.path.join(workdir, "metrics.jsonl"), unsaved)
-                saved, unsaved = epoch + 1, []
+                write_log(workdir, history)
+                saved = epoch + 1
         return RunOutput(unreplicate(state_r), history, compile_seconds, run_seconds, code)
     finally:
         if checkpointer is not None:

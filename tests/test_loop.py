@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import chex
 import jax
@@ -135,6 +136,36 @@ def test_corrupt_latest_checkpoint_falls_back(digits, tmp_path):
     # Training on continues in the same directory: saving epoch 1 again works.
     _fit(state, data, str(tmp_path), epochs=2)
     assert Checkpointer(str(checkpoints)).all_epochs() == [0, 1]
+
+
+def _log_epochs(workdir):
+    return [
+        json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+@pytest.mark.parametrize("damage", ["lost_line", "partial_line", "corrupt_checkpoint"])
+def test_metrics_log_holds_each_checkpointed_epoch_once(digits, tmp_path, damage):
+    """A kill between a checkpoint and the log write (its line lost), a kill during the write (a
+    partial line), and a corrupt-checkpoint fallback (epochs re-run): the resumed log holds every
+    epoch exactly once, each line whole."""
+    _, state, data = _setup(digits)
+    _fit(state, data, str(tmp_path), epochs=2)
+    log = tmp_path / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    if damage == "lost_line":
+        log.write_text(lines[0] + "\n")
+    elif damage == "partial_line":
+        log.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    else:
+        for path in (tmp_path / "checkpoints" / "1" / "state").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"garbage")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the corrupt checkpoint's warning
+        _fit(state, data, str(tmp_path), epochs=3)
+    assert _log_epochs(tmp_path) == [1, 2, 3]
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(digits, tmp_path):
