@@ -15,6 +15,8 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "chex>=0.1.92",
         "tensorflow-datasets>=4.9.10",
+        # tfds 4.9.10 imports it (builders' code_path); etils 1.15 does not bring it.
+        "importlib_resources>=7.1.0",
         "ml_collections>=1.1.0",
         "absl-py",
         "numpy",

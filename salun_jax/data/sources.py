@@ -4,11 +4,31 @@ Three kinds of source are understood by :func:`load_dataset`:
 
 1. ``"digits"``: scikit-learn's bundled 8x8 digits (no download; the embedded default).
 2. A tensorflow-datasets name (``cifar10``, ``cifar100``, ``svhn_cropped``, ``stl10``, ``mnist``,
-   ``fashion_mnist``), read through ``tfds.data_source`` (array_record random access, images
-   decoded by Pillow; TensorFlow is not needed).
+   ``fashion_mnist``, or any other registered tfds builder with ``image`` and ``label`` features
+   and ``train``/``test`` splits), read from array_record files through the builder's
+   ``as_data_source`` (random access; TensorFlow is not needed to read prepared data). Data that
+   is not prepared in ``data_dir`` is only downloaded after a quick check (at most
+   ``_DOWNLOAD_PROBE_TIMEOUT_S`` seconds, no retries) that the builder's download hosts answer, so
+   an offline machine fails in seconds, with a one-line message saying how to prepare the data
+   elsewhere (the builders of the names above need TensorFlow to prepare them).
 3. A path to an image folder or a ``.zip`` archive laid out ``split/class_name/image.ext``
-   (optionally under one top-level folder), e.g. ``../shared/data/cifar10_jpeg.zip``. Decoded
-   arrays are cached as an ``.npz`` file (see :func:`load_dataset`).
+   (optionally under one top-level folder). Decoded arrays are cached as an ``.npz`` file (see
+   :func:`load_dataset`).
+
+Decoding of folder/zip images (Pillow):
+
+* Colour: RGB if any image of the source is colour (a grayscale image among them is replicated to
+  three channels), else one channel. Alpha is dropped.
+* 16-bit grayscale PNGs (Pillow modes ``I;16*`` and ``I``) are scaled to 8 bits by rounding
+  ``value * 255 / 65535`` (so 8-bit data stored as ``value * 257`` comes back exactly).
+* An image of more than ``_MAX_IMAGE_PIXELS`` pixels (2**26, 8192 x 8192) is refused from its
+  header, before decoding (decompression bombs), naming the file (``archive.zip:member``).
+* Files that are not taken (not .jpg/.jpeg/.png, not at ``split/class/file`` depth, hidden or
+  macOS metadata, or under a split folder other than train/test) are named, with the reason, in
+  one ``UserWarning`` per decode.
+* Temporary cache files left by killed writers (``<stem>-<key>.npz.*.tmp``, over
+  ``_ORPHAN_TEMP_AGE_S`` seconds old and not locked by a writer) are removed on the next load of
+  a source with the same stem.
 
 Every source gives a :class:`Dataset`: uint8 images ``[N, H, W, C]``, int32 labels ``[N]``, the
 class names and per-channel mean/std of ``images / 255`` (the model normalises its input with them).
@@ -22,12 +42,18 @@ nor downloadable) raises :class:`DataSourceError`, a ``ValueError``. Messages ar
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
+import importlib.util
 import io
 import logging
 import math
 import os
+import re
 import tempfile
+import threading
+import time
+import urllib.parse
 import warnings
 import zipfile
 import zlib
@@ -80,13 +106,22 @@ _DIGITS_TEST_FRACTION = 0.2
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _REQUIRED_SPLITS = ("train", "test")
 _CACHE_ENV_VAR = "SALUN_JAX_CACHE"
-_CACHE_FORMAT_VERSION = 1
+# 2: colour decided over all images, 16-bit PNGs scaled (not clipped), oversized images refused.
+_CACHE_FORMAT_VERSION = 2
 _CACHE_KEYS = (
     "train_images", "train_labels", "test_images", "test_labels", "class_names", "mean", "std",
 )  # fmt: skip
 _FINGERPRINT_PIXEL_SAMPLES = 1 << 16
 _TFDS_READ_BATCH = 1024
-_SHARED_ZIP_HINT = "../shared/data/cifar10_jpeg.zip"
+# A tfds builder name (no config or version): what load_dataset tries as a registered builder.
+_TFDS_BUILDER_NAME = re.compile(r"[a-z][a-z0-9_]*")
+# How long the check that a builder's download hosts answer may take, in all (no retries).
+_DOWNLOAD_PROBE_TIMEOUT_S = 10.0
+# Images with more pixels are refused from their header, before decoding (decompression bombs).
+_MAX_IMAGE_PIXELS = 1 << 26  # 67,108,864 = 8192 x 8192; Pillow's own limit is 89,478,485.
+# Cache temp files older than this and not locked by a writer are orphans of killed writes.
+_ORPHAN_TEMP_AGE_S = 60.0
+_SKIPPED_NAMES_SHOWN = 5  # Per reason, in the warning about skipped files.
 
 
 class DataSourceError(ValueError):
@@ -202,14 +237,19 @@ def load_dataset(
     are indices into the sorted class folder names.
 
     Args:
-      source: ``"digits"``, a tensorflow-datasets name from :data:`TFDS_DATASETS`, or a path to an
-        image folder or ``.zip`` archive laid out ``[top/]{train,test}/class_name/image.ext`` with
-        ``ext`` one of jpg, jpeg, png. A leading ``~`` is expanded.
-      data_dir: tfds data directory (tfds sources only; ``None`` means tfds's default).
+      source: ``"digits"``, a tensorflow-datasets name from :data:`TFDS_DATASETS` (or any other
+        registered tfds builder name whose data have ``image`` and ``label`` (ClassLabel) features
+        and ``train``/``test`` splits), or a path to an image folder or ``.zip`` archive laid out
+        ``[top/]{train,test}/class_name/image.ext`` with ``ext`` one of jpg, jpeg, png. A leading
+        ``~`` is expanded. An existing path wins over a tfds name outside ``TFDS_DATASETS``.
+      data_dir: tfds data directory holding data prepared as array_record (tfds sources only;
+        ``None`` means tfds's default, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). Config
+        key ``data_dir`` in the scripts.
       cache_dir: Directory for decoded folder/zip caches. Defaults to ``$SALUN_JAX_CACHE``, else
         ``~/.cache/salun_jax``.
       download: For tfds sources, whether tfds may download and prepare a data set that is not
-        in ``data_dir`` yet.
+        in ``data_dir`` yet (after checking, within ``_DOWNLOAD_PROBE_TIMEOUT_S`` seconds, that
+        its download hosts answer).
 
     Returns:
       The loaded :class:`Dataset`.
@@ -228,9 +268,12 @@ def load_dataset(
         return _load_image_archive(path, cache_dir=cache_dir)
     if _looks_like_path(source):
         raise FileNotFoundError(f"data source path not found: {source!r} (resolved to {path})")
+    if _is_tfds_builder(source):
+        return _load_tfds(source, data_dir=data_dir, download=download)
     known = ", ".join([_DIGITS, *TFDS_DATASETS])
     raise ValueError(
-        f"unknown data set {source!r}; known: {known}; or a path to an image folder or .zip"
+        f"unknown data set {source!r}; known: {known}; or another registered tensorflow-datasets "
+        "builder with image and label features; or a path to an image folder or .zip"
     )
 
 
@@ -300,35 +343,174 @@ def _load_digits() -> Dataset:
 # 2. tensorflow-datasets.
 
 
-def _tfds_error(name: str, data_dir: str | None, download: bool, cause: BaseException) -> str:
-    reason = (str(cause).strip().splitlines() or [""])[0][:200]
-    return (
-        f"tensorflow-datasets could not provide {name!r} (data_dir={data_dir!r}, "
-        f"download={download}; {type(cause).__name__}: {reason}). Pass --config.data_dir=DIR "
-        f"pointing at tfds data prepared in array_record format, or use an image folder/zip "
-        f"source such as {_SHARED_ZIP_HINT}"
-    )
-
-
-def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Dataset:
-    """Reads both splits of a tfds data set through ``tfds.data_source`` (no TensorFlow)."""
-    splits = TFDS_DATASETS[name]
+def _is_tfds_builder(name: str) -> bool:
+    """Whether `name` is a registered tensorflow-datasets builder (False when tfds is missing)."""
+    if not _TFDS_BUILDER_NAME.fullmatch(name):
+        return False
     try:
         import tensorflow_datasets as tfds  # Deferred: heavy, and only needed here.
 
-        train_source, test_source = tfds.data_source(
-            name,
-            split=[splits.train, splits.test],
-            data_dir=data_dir,
-            download=download,
-            # Random access needs array_record; tfds only defaults to it when data_dir is None.
-            builder_kwargs={"file_format": "array_record"},
+        tfds.builder_cls(name)
+    except Exception:  # DatasetNotFoundError, ImportError, a builder module that fails to import.
+        return False
+    return True
+
+
+def _prepare_hint(name: str) -> str:
+    """How to prepare `name` elsewhere and point load_dataset at it (one line)."""
+    return (
+        f"to prepare it, on a machine with network access run `pip install tensorflow "
+        f"tensorflow-datasets` and `tfds build {name} --file_format=array_record --data_dir=DIR` "
+        f"(or in Python: tfds.builder({name!r}, data_dir=DIR, file_format='array_record')"
+        f".download_and_prepare()), copy DIR here and pass it as data_dir=DIR "
+        f"(Python: load_dataset({name!r}, data_dir=DIR); scripts: --config.data_dir=DIR)"
+    )
+
+
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    reason = (str(error).strip().splitlines() or [""])[0][:limit]
+    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+
+
+def _innermost_cause(error: BaseException) -> BaseException:
+    """The root of a requests/urllib3 error chain (NameResolutionError, not ConnectionError)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "reason", None)  # urllib3's MaxRetryError.
+        if not isinstance(inner, BaseException):
+            inner = getattr(error, "original_error", None)  # urllib3's ProxyError.
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in error.args if isinstance(a, BaseException)), None)
+        if inner is None:
+            break
+        error = inner
+    return error
+
+
+def _probe_urls(urls: Iterable[str], timeout: float) -> str | None:
+    """Checks that the http(s) hosts of `urls` answer, within `timeout` seconds in all.
+
+    One HEAD request per host, in parallel daemon threads (a hanging DNS lookup or connect cannot
+    hold the caller past `timeout`), no retries; any HTTP status counts as an answer. Proxies are
+    taken from the environment, as tfds's downloader (requests) takes them.
+
+    Returns:
+      None when every host answered, else one line naming those that did not and why.
+    """
+    import requests  # Deferred: a tfds dependency, only needed here.
+
+    targets: dict[str, str] = {}
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            targets.setdefault(parts.netloc, url)
+    results: dict[str, str] = {}  # host -> "" (answered) or why not; absent: no answer in time.
+
+    def probe(host: str, url: str) -> None:
+        try:
+            requests.head(url, timeout=timeout, allow_redirects=False).close()
+        except Exception as error:  # requests.RequestException, ssl, socket errors.
+            results[host] = _first_line(_innermost_cause(error), limit=160)
+        else:
+            results[host] = ""
+
+    threads = [
+        threading.Thread(target=probe, args=item, name=f"probe {item[0]}", daemon=True)
+        for item in targets.items()
+    ]
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    problems = [
+        f"{host}: {results.get(host, f'no answer within {timeout:g} s')}"
+        for host in targets
+        if results.get(host) != ""
+    ]
+    return "; ".join(problems) or None
+
+
+def _preflight_download(builder: Any, name: str) -> None:
+    """Raises DataSourceError, quickly, where downloading and preparing `name` cannot work here.
+
+    Checks that the hosts of the builder's registered download URLs (its checksums file; every
+    builder of TFDS_DATASETS has one) answer within ``_DOWNLOAD_PROBE_TIMEOUT_S`` seconds (tfds's
+    own downloader retries a failed connection ten times with backoff, about 205 s), then, for the
+    builders of TFDS_DATASETS, that TensorFlow is installed (they encode images with it).
+    """
+    where = f"{name!r} is not prepared in {builder.data_dir} (array_record)"
+    try:
+        urls = sorted(type(builder).url_infos or ())
+    except Exception:  # No or an unreadable checksums file: nothing to check beforehand.
+        urls = []
+    if urls:
+        offline = _probe_urls(urls, _DOWNLOAD_PROBE_TIMEOUT_S)
+        if offline is not None:
+            raise DataSourceError(
+                f"tensorflow-datasets data set {where} and cannot be downloaded here (no answer "
+                f"from its download host: {offline}); {_prepare_hint(name)}"
+            )
+    if name in TFDS_DATASETS and importlib.util.find_spec("tensorflow") is None:
+        raise DataSourceError(
+            f"tensorflow-datasets data set {where}, and tfds needs TensorFlow (not installed "
+            f"here) to prepare it; {_prepare_hint(name)}"
         )
+
+
+def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Dataset:
+    """Reads both splits of a tfds data set through its builder's ``as_data_source``.
+
+    Prepared data are read without any network access; data that are not prepared are
+    downloaded and prepared (when `download`) only after :func:`_preflight_download`.
+    """
+    splits = TFDS_DATASETS.get(name, _TfdsSplits("train", "test"))
+    if data_dir is not None:
+        data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    try:
+        import tensorflow_datasets as tfds  # Deferred: heavy, and only needed here.
+
+        # Random access needs array_record; tfds only defaults to it when data_dir is None.
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        features = builder.info.features
+        label = features["label"] if "label" in features else None
+    except Exception as error:  # tfds raises many types (KeyError, ImportError, OSError, ...).
+        raise DataSourceError(
+            f"tensorflow-datasets cannot make a builder for {name!r} (data_dir={data_dir!r}; "
+            f"{_first_line(error)}); {_prepare_hint(name)}"
+        ) from error
+    if "image" not in features or not hasattr(label, "names"):
+        raise DataSourceError(
+            f"tensorflow-datasets data set {name!r} has no 'image' and 'label' (ClassLabel) "
+            f"features (it has {sorted(features.keys())}); only image classification data sets "
+            "can be loaded"
+        )
+    if not builder.is_prepared():
+        if not download:
+            raise DataSourceError(
+                f"tensorflow-datasets data set {name!r} is not prepared in {builder.data_dir} "
+                f"(array_record) and download=False; {_prepare_hint(name)}"
+            )
+        _preflight_download(builder, name)
+        try:
+            builder.download_and_prepare()
+        except Exception as error:
+            raise DataSourceError(
+                f"tensorflow-datasets could not download and prepare {name!r} in "
+                f"{builder.data_dir} ({_first_line(error)}); {_prepare_hint(name)}"
+            ) from error
+    try:
+        train_source, test_source = builder.as_data_source(split=[splits.train, splits.test])
         train_images, train_labels = _read_tfds_split(train_source)
         test_images, test_labels = _read_tfds_split(test_source)
         class_names = tuple(train_source.dataset_info.features["label"].names)
-    except Exception as error:  # tfds raises many types (KeyError, ImportError, OSError, ...).
-        raise DataSourceError(_tfds_error(name, data_dir, download, error)) from error
+    except Exception as error:
+        raise DataSourceError(
+            f"tensorflow-datasets could not read {name!r} splits {splits.train!r} and "
+            f"{splits.test!r} from {builder.data_dir} ({_first_line(error)}); "
+            f"{_prepare_hint(name)}"
+        ) from error
     decoded = {"train": (train_images, train_labels), "test": (test_images, test_labels)}
     return _make_image_dataset(name, class_names, decoded, stats_name=name)
 
@@ -413,6 +595,7 @@ def _load_image_archive(path: str, *, cache_dir: str | None) -> Dataset:
         raise DataSourceError(f"not an image folder or a valid zip archive (corrupt?): {path}")
     cache_file = _cache_path(path, cache_dir)
     name = _dataset_name(path)
+    _remove_orphaned_temp_files(cache_file)
     if os.path.exists(cache_file):
         dataset = _read_cache(cache_file, name)
         if dataset is not None:
@@ -459,8 +642,53 @@ def _read_cache(cache_file: str, name: str) -> Dataset | None:
         return None
 
 
+def _lock_exclusive(descriptor: int, blocking: bool) -> bool:
+    """flock(LOCK_EX) on `descriptor`; False if another holds it (non-blocking) or no flock."""
+    try:
+        import fcntl  # Not on Windows: there, temp files are judged by age alone.
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:  # A file system without flock: judged by age alone.
+        return True
+    return True
+
+
+def _remove_orphaned_temp_files(cache_file: str) -> None:
+    """Deletes temp files of killed cache writes for this cache file's stem.
+
+    A writer holds an exclusive flock on its temp file while writing (see :func:`_write_cache`),
+    and the lock dies with the process; a temp file older than ``_ORPHAN_TEMP_AGE_S`` seconds that
+    nobody holds locked is an orphan. Any ``<stem>-<key>.npz.*.tmp`` qualifies, so caches of an
+    earlier version of the same source are cleaned too.
+    """
+    directory, base = os.path.split(cache_file)
+    stem = base.rsplit("-", 1)[0]
+    pattern = f"{glob.escape(stem)}-{'[0-9a-f]' * 16}.npz.*.tmp"
+    now = time.time()
+    for temp_path in glob.glob(os.path.join(glob.escape(directory), pattern)):
+        try:
+            if now - os.stat(temp_path).st_mtime < _ORPHAN_TEMP_AGE_S:
+                continue
+            with open(temp_path, "rb") as file:
+                live = not _lock_exclusive(file.fileno(), blocking=False)
+            if live:  # A writer holds it.
+                continue
+            os.remove(temp_path)
+            _logger.info("Removed %s, left by a cache write that did not finish", temp_path)
+        except OSError:  # Gone meanwhile, or not ours to remove: harmless.
+            continue
+
+
 def _write_cache(cache_file: str, dataset: Dataset) -> None:
-    """Writes the cache atomically (temp file + rename); a failure only costs a warning."""
+    """Writes the cache atomically (temp file + rename); a failure only costs a warning.
+
+    The temp file is flock-ed while written, so that :func:`_remove_orphaned_temp_files` (run by
+    other loads) leaves it alone.
+    """
     directory = os.path.dirname(cache_file)
     temp_path = None
     try:
@@ -468,6 +696,7 @@ def _write_cache(cache_file: str, dataset: Dataset) -> None:
         descriptor, temp_path = tempfile.mkstemp(
             dir=directory, prefix=os.path.basename(cache_file) + ".", suffix=".tmp"
         )
+        _lock_exclusive(descriptor, blocking=True)  # Released when the file is closed.
         with os.fdopen(descriptor, "wb") as file:
             np.savez(
                 file,
@@ -495,23 +724,58 @@ def _is_ignored(parts: Sequence[str]) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in parts)
 
 
-def _index_images(relative_paths: Iterable[str], source: str) -> list[_ImageFile]:
-    """Parses ``[top/]split/class/file.ext`` paths into image entries (other files are skipped)."""
-    paths = [p for p in relative_paths if not _is_ignored(p.split("/"))]
+_SKIP_HIDDEN = "hidden or macOS metadata"
+_SKIP_DEPTH = "not at [top/]split/class/file"
+_SKIP_EXTENSION = "not .jpg/.jpeg/.png"
+_SKIP_SPLIT = "split folder neither train nor test"
+
+
+def _index_images(relative_paths: Iterable[str]) -> tuple[list[_ImageFile], dict[str, list[str]]]:
+    """Parses ``[top/]split/class/file.ext`` paths into image entries.
+
+    Returns:
+      The entries (those of splits other than train/test too, for error messages; they are not
+      decoded) and the files not taken, by reason (see :func:`_warn_skipped`).
+    """
+    skipped: dict[str, list[str]] = {}
+    paths = []
+    for path in relative_paths:
+        if _is_ignored(path.split("/")):
+            skipped.setdefault(_SKIP_HIDDEN, []).append(path)
+        else:
+            paths.append(path)
     split_parts = [p.split("/") for p in paths]
     top_levels = {parts[0] for parts in split_parts if len(parts) > 1}
     strip_top = len(top_levels) == 1 and not top_levels & set(_REQUIRED_SPLITS)
-    entries, skipped = [], 0
+    entries = []
     for member, parts in zip(paths, split_parts, strict=True):
         if strip_top:
             parts = parts[1:]
-        if len(parts) != 3 or not parts[2].lower().endswith(_IMAGE_EXTENSIONS):
-            skipped += 1
-            continue
-        entries.append(_ImageFile(parts[0], parts[1], parts[2], member))
-    if skipped:
-        _logger.info("Skipped %d files of %s outside split/class/image layout", skipped, source)
-    return entries
+        if len(parts) != 3:
+            skipped.setdefault(_SKIP_DEPTH, []).append(member)
+        elif not parts[2].lower().endswith(_IMAGE_EXTENSIONS):
+            skipped.setdefault(_SKIP_EXTENSION, []).append(member)
+        else:
+            if parts[0] not in _REQUIRED_SPLITS:
+                skipped.setdefault(_SKIP_SPLIT, []).append(member)
+            entries.append(_ImageFile(parts[0], parts[1], parts[2], member))
+    return entries, skipped
+
+
+def _warn_skipped(skipped: dict[str, list[str]], source: str) -> None:
+    """One UserWarning naming the files not taken from `source`, grouped by reason."""
+    if not skipped:
+        return
+    groups = []
+    for reason, members in skipped.items():
+        shown = ", ".join(sorted(members)[:_SKIPPED_NAMES_SHOWN])
+        more = len(members) - _SKIPPED_NAMES_SHOWN
+        groups.append(f"{reason}: {shown}" + (f" (and {more} more)" if more > 0 else ""))
+    total = sum(len(members) for members in skipped.values())
+    warnings.warn(
+        f"skipped {total} file{'s' if total != 1 else ''} of {source}: " + "; ".join(groups),
+        stacklevel=5,  # The caller of load_dataset.
+    )
 
 
 def _check_layout(entries: Sequence[_ImageFile], source: str) -> tuple[str, ...]:
@@ -536,33 +800,69 @@ def _check_layout(entries: Sequence[_ImageFile], source: str) -> tuple[str, ...]
     return tuple(sorted(classes["train"]))
 
 
+def _is_wide_gray(mode: str) -> bool:
+    """16-bit (``I;16``, ``I;16B``, ...) or 32-bit integer grayscale: scaled, not clipped."""
+    return mode == "I" or mode.startswith("I;16")
+
+
 def _target_mode(mode: str) -> str:
-    """Grayscale sources stay single-channel; everything else becomes RGB."""
-    return "L" if mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+    """Grayscale images decode to one channel; everything else to RGB."""
+    return "L" if mode in ("1", "L", "LA", "La", "F") or _is_wide_gray(mode) else "RGB"
+
+
+def _too_large(name: str, size: str) -> str:
+    return (
+        f"image {name} is {size}, over the limit of {_MAX_IMAGE_PIXELS:,} pixels "
+        "(a decompression bomb?): refused before decoding"
+    )
+
+
+def _pixels_uint8(image: Any, target: str) -> np.ndarray:
+    """The image's pixels as uint8 ``[H, W]`` (L) or ``[H, W, 3]`` (RGB)."""
+    if _is_wide_gray(image.mode):
+        # 16-bit: round(value * 255 / 65535); Pillow's convert("L") would clip at 255.
+        wide = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        pixels = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(pixels[..., None], 3, axis=-1) if target == "RGB" else pixels
+    if image.mode != target:
+        image = image.convert(target)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _decode_image(data: bytes, name: str, mode: str | None) -> np.ndarray:
     """Decodes one image file to uint8 ``[H, W, C]``, converted to ``mode`` (or its own mode).
 
+    16-bit grayscale is scaled to 8 bits (``round(value * 255 / 65535)``); an image of more than
+    ``_MAX_IMAGE_PIXELS`` pixels is refused from its header, before decoding.
+
     Args:
       data: The encoded file.
-      name: Where it came from, for error messages.
-      mode: Pillow mode to convert to; None picks it from this image (see ``_target_mode``).
+      name: Where it came from, for error messages (e.g. ``archive.zip:train/cat/x.png``).
+      mode: ``"L"`` or ``"RGB"`` to convert to; None picks it from this image (see
+        ``_target_mode``).
 
     Returns:
       The uint8 pixel array.
 
     Raises:
-      DataSourceError: Pillow cannot decode the file.
+      DataSourceError: The image is too large, or Pillow cannot decode the file (one line).
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            target = mode or _target_mode(image.mode)
-            if image.mode != target:
-                image = image.convert(target)
-            pixels = np.asarray(image, dtype=np.uint8)
+        with warnings.catch_warnings():
+            # Pillow warns from 89M pixels (and raises from twice that): ours is the lower limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # Reads the header only.
+        with image:
+            width, height = image.size
+            if width * height > _MAX_IMAGE_PIXELS:
+                raise DataSourceError(_too_large(name, f"{width}x{height} pixels"))
+            pixels = _pixels_uint8(image, mode or _target_mode(image.mode))
+    except DataSourceError:
+        raise
+    except Image.DecompressionBombError as error:  # Raised by Image.open, from the header.
+        raise DataSourceError(_too_large(name, f"too large ({error})")) from error
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise DataSourceError(f"cannot decode image {name}: {error}") from error
     return pixels[..., None] if pixels.ndim == 2 else pixels
@@ -574,10 +874,14 @@ def _decode_entries(
     read_fn: Callable[[_ImageFile], bytes],
     source: str,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Decodes all images into per-split ``(images, labels)``; class-major, file-name order."""
+    """Decodes all images into per-split ``(images, labels)``; class-major, file-name order.
+
+    Each image decodes in its own mode (L or RGB); the data set is RGB if any image is, and its
+    grayscale images are then replicated to three channels (as Pillow's L -> RGB conversion).
+    """
     label_of = {name: label for label, name in enumerate(class_names)}
-    mode: str | None = None
-    shape: tuple[int, ...] | None = None
+    first_shape: tuple[int, ...] | None = None
+    channels = 1  # 3 from the first colour image on.
     result = {}
     for split in _REQUIRED_SPLITS:
         split_entries = sorted(
@@ -588,20 +892,26 @@ def _decode_entries(
         labels = np.empty((len(split_entries),), dtype=np.int32)
         for index, entry in enumerate(split_entries):
             where = f"{source}:{entry.member}"
-            pixels = _decode_image(read_fn(entry), where, mode)
-            if shape is None:
-                mode = "L" if pixels.shape[-1] == 1 else "RGB"
-                shape = pixels.shape
-            elif pixels.shape != shape:
+            pixels = _decode_image(read_fn(entry), where, None)
+            if first_shape is None:
+                first_shape = pixels.shape
+            elif pixels.shape[:2] != first_shape[:2]:
                 raise DataSourceError(
-                    f"image {where} has shape {pixels.shape}, but earlier images have {shape}; "
-                    "all images must share one size"
+                    f"image {where} has shape {pixels.shape}, but earlier images have "
+                    f"{first_shape}; all images must share one size"
                 )
+            if pixels.shape[-1] > channels:
+                channels = pixels.shape[-1]
+                if images is not None:  # The images so far were all grayscale.
+                    images = np.repeat(images, channels, axis=-1)
             if images is None:
-                images = np.empty((len(split_entries), *shape), dtype=np.uint8)
-            images[index] = pixels
+                images = np.empty((len(split_entries), *pixels.shape[:2], channels), np.uint8)
+            images[index] = pixels  # Broadcasts a grayscale image to RGB.
             labels[index] = label_of[entry.class_name]
         result[split] = (images, labels)
+    for split, (images, labels) in result.items():
+        if images.shape[-1] != channels:  # A split decoded before the first colour image.
+            result[split] = (np.repeat(images, channels, axis=-1), labels)
     return result
 
 
@@ -640,8 +950,9 @@ def _decode_folder(path: str, name: str) -> Dataset:
         for file_name in files:
             relative = os.path.relpath(os.path.join(root, file_name), path)
             relative_paths.append(relative.replace(os.sep, "/"))
-    entries = _index_images(relative_paths, path)
+    entries, skipped = _index_images(relative_paths)
     class_names = _check_layout(entries, path)
+    _warn_skipped(skipped, path)
 
     def read_fn(entry: _ImageFile) -> bytes:
         with open(os.path.join(path, entry.member), "rb") as file:
@@ -655,8 +966,9 @@ def _decode_zip(path: str, name: str) -> Dataset:
     try:
         with zipfile.ZipFile(path) as archive:
             members = [info.filename for info in archive.infolist() if not info.is_dir()]
-            entries = _index_images(members, path)
+            entries, skipped = _index_images(members)
             class_names = _check_layout(entries, path)
+            _warn_skipped(skipped, path)
             decoded = _decode_entries(
                 entries, class_names, lambda entry: archive.read(entry.member), path
             )
