@@ -122,6 +122,20 @@ class Checkpointer:
         self._manager.reload()
         return target
 
+    def newest_meta(self) -> dict | None:
+        """The metadata of the newest checkpoint whose files verify (None if there is none),
+        read without its state: to check what made a run before restoring it."""
+        for epoch in reversed(self.all_epochs()):
+            try:
+                self.verify(epoch)
+                restored = self._manager.restore(
+                    epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )
+            except Exception:  # noqa: BLE001 - unreadable: restore_latest moves it aside
+                continue
+            return dict(restored.meta or {})
+        return None
+
     def restore_latest(
         self, template: PyTree, move_aside: bool = True
     ) -> tuple[PyTree, dict, int] | None:

@@ -191,6 +191,26 @@ def epoch_key(key: jax.Array, epoch: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, epoch))(key)
 
 
+class StaleRunError(ValueError):
+    """A work directory holds checkpoints of a run made by other settings, data or code."""
+
+
+def _check_fingerprint(checkpointer, workdir: str, fingerprint: dict, desc: str) -> None:
+    stored = checkpointer.newest_meta()
+    if stored is None:
+        return
+    made_by = stored.get("fingerprint") or {}
+    differ = sorted(
+        k for k in set(fingerprint) | set(made_by) if fingerprint.get(k) != made_by.get(k)
+    )
+    if differ:
+        checkpointer.close()
+        raise StaleRunError(
+            f"{desc}: {workdir} holds a run made with other {', '.join(differ)}; use another "
+            "work directory (or delete it to start over), so that its model is not reused"
+        )
+
+
 def write_log(workdir: str, history: list[dict]) -> None:
     """Writes `workdir/metrics.jsonl` anew from the checkpointed `history`, atomically (a temporary
     file renamed over it): a kill at any instant leaves the old log or the new one, never a partial
@@ -219,6 +239,7 @@ def run(
     progress: bool = True,
     desc: str = "train",
     nonfinite: str = "raise",
+    fingerprint: dict[str, str] | None = None,
 ) -> RunOutput:
     """Runs `num_epochs` epochs of `step` with data parallelism over all devices of all
     processes (each process pmaps over its local devices and takes its rows of the batches).
@@ -250,6 +271,9 @@ def run(
       desc: the run's name in records, bars and errors (e.g. the method).
       nonfinite: "raise" (`TrainingDivergedError`) or "warn" (log it and go on: a population
         whose grid puts some members past their stable learning rate keeps the others).
+      fingerprint: {part: fingerprint} of what makes this run (settings, data, indices, code;
+        `salun_jax.provenance.fingerprint`), saved with every checkpoint: a `workdir` whose
+        checkpoints were made by anything else is refused (`StaleRunError`), never resumed.
 
     A population (`salun_jax.population`) runs here too: its state's leaves carry a member axis,
     `key` is its [N] member keys and the step maps the members; its records hold a list per
@@ -263,6 +287,7 @@ def run(
         the end of an epoch; the message names `desc` and the epoch, and the last good
         checkpoint is kept.
       ValueError: `checkpoint_every` < 1.
+      StaleRunError: `workdir` holds a run with another `fingerprint`.
     """
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
@@ -276,6 +301,8 @@ def run(
 
         os.makedirs(workdir, exist_ok=True)
         checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+        if fingerprint is not None:
+            _check_fingerprint(checkpointer, workdir, fingerprint, desc)
         restored = checkpointer.restore_latest(state)
         if restored is not None:
             state, meta, last_epoch = restored
@@ -382,6 +409,7 @@ def run(
                         "compile_seconds": compile_seconds,
                         "run_seconds": run_seconds,
                         "code": code,
+                        "fingerprint": fingerprint,
                     },
                 )
                 write_log(workdir, history)

@@ -1,10 +1,19 @@
-"""Which code made an artefact: the package version and, in a git checkout, the commit."""
+"""What made an artefact: the code version (the package version and, in a git checkout, the
+commit) and content fingerprints of settings, data and splits. Every stored model, mask and result
+row is keyed by one, so nothing made by other settings, data or code is reused."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import os
 import subprocess
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 
 from salun_jax.version import __version__
 
@@ -26,3 +35,44 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return __version__
     return f"{__version__}+{commit}{'-dirty' if dirty else ''}"
+
+
+def content_digest(value: Any) -> str:
+    """sha256 (hex) of a value's content: numpy/JAX arrays by dtype, shape and bytes; dataclasses
+    by their fields; sequences and mappings element by element; anything else by `repr` of its
+    JSON form (so a tuple and a list of the same numbers agree, as a config round trip makes
+    them)."""
+    digest = hashlib.sha256()
+    _update(digest, value)
+    return digest.hexdigest()
+
+
+def fingerprint(**parts: Any) -> str:
+    """16 hex digits naming what made an artefact: every part (settings, a data set's
+    `Dataset.fingerprint()`, split indices, the code version, other fingerprints) by name and
+    content. A stored model, mask or row is reused only where its fingerprint is the one asked
+    for: the same names and values give the same fingerprint in any process or machine."""
+    return content_digest(parts)[:16]
+
+
+def _update(digest: Any, value: Any) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        digest.update(f"dataclass:{type(value).__name__}".encode())
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        digest.update(f"map:{len(value)}".encode())
+        for key in sorted(value, key=str):
+            _update(digest, str(key))
+            _update(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"seq:{len(value)}".encode())
+        for item in value:
+            _update(digest, item)
+    elif hasattr(value, "dtype") and hasattr(value, "shape") and not np.isscalar(value):
+        array = np.ascontiguousarray(np.asarray(value))
+        digest.update(f"array:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    else:
+        if isinstance(value, np.generic):
+            value = value.item()
+        digest.update(json.dumps(value, sort_keys=True, default=repr).encode())

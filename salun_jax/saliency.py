@@ -312,10 +312,15 @@ def salun_mask(
     batch_size: int = 256,
     crop_padding: int = 4,
     flip: bool = True,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> PyTree:
     """SalUn's 0/1 mask of a classifier: the top `fraction` of `classification_scores` at the
-    original `state` over the task's forget set (`task`: images, labels, forget)."""
+    original `state` over the task's forget set (`task`: images, labels, forget). The batch size
+    and augmentation are the unlearning run's (`UnlearnConfig`: the defaults agree), `seed` that of
+    the task's split unless given, as the pipeline computes it."""
+    _check_fraction(fraction)
+    if seed is None:
+        seed = int(task.split.description.get("seed", 0))
     scores = classification_scores(
         state,
         task.images,

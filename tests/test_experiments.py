@@ -49,7 +49,7 @@ def test_unlearn_pipeline_end_to_end(run, tmp_path):
     for row in results["runs"]:
         for key in ("UA", "RA", "TA", "MIA"):
             assert 0.0 <= row["metrics"][key] <= 100.0
-        assert row["split_hash"] and row["config_hash"] and row["code"]
+        assert row["split_hash"] and row["fingerprint"] and row["code"]
     assert results["summary"]["Retrain"]["avg_gap"] == 0.0
     assert results["masks"]["1"]["ones"] == int(0.5 * results["masks"]["1"]["size"])
     assert results["sweep"]["1"]["fractions"] == [0.2, 0.5]
@@ -57,7 +57,8 @@ def test_unlearn_pipeline_end_to_end(run, tmp_path):
     assert "| Retrain |" in table and "| SalUn |" in table
     assert os.path.getsize(tmp_path / "plots" / "salun_mask_sweep.png") > 0
     assert os.path.getsize(tmp_path / "plots" / "layer_saliency.png") > 0
-    assert os.path.exists(tmp_path / "seed_1" / "masks" / "with_0.50.npz")
+    masks = tmp_path / results["masks"]["1"]["directory"]
+    assert masks.parent == tmp_path / "seed_1" and (masks / "with_0.50.npz").exists()
 
     # Re-running resumes: no training, no method run again, same results.
     again = _tiny(run, "unlearn.py", tmp_path)

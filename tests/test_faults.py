@@ -179,7 +179,7 @@ def test_shorter_method_list_keeps_rows_and_stale_retrain_is_redone(experiment, 
     assert {r["method"] for r in after} == {"Original", "Retrain", "FT", "GA"}  # GA kept
     old = next(r for r in rows if r["method"] == "Retrain")
     new = next(r for r in after if r["method"] == "Retrain")
-    assert new["config_hash"] != old["config_hash"]  # the changed recipe is its own run
+    assert new["fingerprint"] != old["fingerprint"]  # the changed recipe is its own run
     assert len([r for r in new["history"] if r["phase"] == "Retrain"]) == 2
     assert new["metrics"]["run_time_s"] > 0
     assert "Retrain 1/2" in shorter.stderr  # trained anew, not restored

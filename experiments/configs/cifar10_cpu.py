@@ -56,6 +56,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     )
     # Retrain: the train recipe; a non-None value here overrides it (e.g. --config.retrain.epochs=2).
     config.retrain = unset_like(config.train)
+    # Retrain's initial weights: "independent" (its own seed) or "original" (the original model's
+    # initial weights, as upstream's main_forget.py builds Retrain).
+    config.retrain_init = "independent"
     config.unlearn = dict(
         epochs=5,
         learning_rate=0.01,

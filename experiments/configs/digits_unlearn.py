@@ -58,6 +58,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     )
     # Retrain: the train recipe; a non-None value here overrides it (e.g. --config.retrain.epochs=2).
     config.retrain = unset_like(config.train)
+    # Retrain's initial weights: "independent" (its own seed) or "original" (the original model's
+    # initial weights, as upstream's main_forget.py builds Retrain).
+    config.retrain_init = "independent"
     # Shared by every method; per-method overrides below.
     # Small forget sets (129 images, 3 batches) suit the mixed-batch RL variant: the sequential one
     # ends each forget phase on a 1-example batch of random labels, which hurt RA/TA here.

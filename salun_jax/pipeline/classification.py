@@ -1,37 +1,53 @@
 """The SalUn classification pipeline: original model, Retrain, saliency masks, every unlearning
-method and their evaluation, over one or several seeds, resumable from a work directory.
+method and their evaluation, over one or several seeds, as named stages over a ledger.
 
-Per seed it writes `seed_<s>/` (split.npz, original/ and retrain/ checkpoints, masks/), and at the
-top of the work directory config.json, results.json (schema in the README), results.md (the
-paper-style table) and plots/. Re-running resumes: trained models come back from their
-checkpoints and methods already in results.json with the same config are not run again.
+Stages, per seed: `split_stage` -> `original_stage` -> `retrain_stage` -> `mask_stage` ->
+`method_stage` -> `tuning_stage` -> `sweep_stage`; then `report_stage` once. Every stored artefact
+is keyed by a fingerprint (`salun_jax.provenance.fingerprint`) of what made it: the settings that
+affect it, the content of the data, the split and the code version.
+
+- Models: `seed_<s>/original_<fp>/` and `seed_<s>/retrain_<fp>/` (checkpoints, metrics.jsonl);
+  the checkpoints carry the fingerprint too, so a directory is never resumed by another run.
+- Masks: `seed_<s>/masks_<fp>/with_<fraction>.npz`.
+- Rows: results.json's `runs`, each with the `fingerprint` of its model and evaluation.
+
+A rerun reuses exactly what matches and recomputes the rest; deleting config.json or changing
+the data, a setting or the code can never bring back a model or row made otherwise. Every random
+key is derived from the seed and the method's name (`salun_jax.unlearn.method_key`), so a row does
+not depend on which other methods ran or in what order.
+
+Writes per scenario workdir: config.json (for the reader; nothing is keyed by it), results.json
+(schema in the README), results.md (the paper-style table), plots/ and seed_<s>/.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import ml_collections
 
 from salun_jax import report, saliency, tuning
+from salun_jax.data.sources import Dataset
+from salun_jax.data.splits import Split
 from salun_jax.evaluation.classification import (
     evaluate_unlearning,
     make_predict_fn,
     model_accuracy,
 )
-from salun_jax.loop import TrainingDivergedError
+from salun_jax.evaluation.mia import FEATURE_KINDS
+from salun_jax.loop import StaleRunError, TrainingDivergedError
 from salun_jax.models import create_model
 from salun_jax.pipeline.common import (
     UserError,
     build_split,
     check_config,
-    config_hash,
     is_primary,
     load_data,
     load_results,
@@ -42,15 +58,25 @@ from salun_jax.pipeline.common import (
     write_results,
     write_text,
 )
-from salun_jax.pipeline.tuning import chosen_table, tuning_grids, tuning_hash
+from salun_jax.pipeline.tuning import chosen_table, tuning_grids
 from salun_jax.pipeline.workdir import locked
-from salun_jax.provenance import code_version
-from salun_jax.step import canonical_module
+from salun_jax.provenance import code_version, fingerprint
+from salun_jax.step import TrainState, canonical_module
 from salun_jax.train import TrainConfig, train_classifier
-from salun_jax.unlearn import MASKED_METHODS, UnlearnConfig, UnlearnTask, get_method
+from salun_jax.unlearn import (
+    MASKED_METHODS,
+    METHODS,
+    UnlearnConfig,
+    UnlearnTask,
+    get_method,
+    method_key,
+)
 
-FIXED_KEYS = ("dataset", "train_per_class", "test_per_class", "split", "train")
+FIXED_KEYS = ("dataset", "train_per_class", "test_per_class", "split", "train")  # train.py
 MIA_SHADOWS = ("stratified", "first_n")
+RETRAIN_INITS = ("independent", "original")
+SPLIT_SCENARIOS = ("random", "class")
+SWEEP_METRICS = ("UA", "RA", "TA", "MIA")
 
 
 def method_config(config: ml_collections.ConfigDict, method: str) -> UnlearnConfig:
@@ -59,18 +85,60 @@ def method_config(config: ml_collections.ConfigDict, method: str) -> UnlearnConf
     return make_dataclass(UnlearnConfig, values, f"unlearning ({method})")
 
 
-def _check(config: ml_collections.ConfigDict) -> None:
-    for method in config.run_methods:
+def _no_duplicates(name: str, values) -> tuple:
+    values = tuple(values)
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise UserError(f"{name} lists {', '.join(repeated)} more than once: {values}")
+    return values
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every setting of one scenario before any work, one line naming the bad one.
+
+    Raises:
+      UserError: a bad, unknown or repeated value.
+    """
+    seeds = _no_duplicates("seeds", config.seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"seeds must be a non-empty tuple of integers, got {seeds}")
+    methods = _no_duplicates("run_methods", config.run_methods)
+    for method in (*methods, *config.methods):
         try:
             get_method(method)
         except ValueError as error:
             raise UserError(str(error)) from error
-    for fraction in (*config.sweep_fractions, config.mask.fraction):
+    for fraction in (
+        *_no_duplicates("sweep_fractions", config.sweep_fractions),
+        config.mask.fraction,
+    ):
         if not 0.0 < fraction <= 1.0:
             raise UserError(f"mask fraction must be in (0, 1], got {fraction}")
     if config.get("mia_shadow", "stratified") not in MIA_SHADOWS:
         raise UserError(f"mia_shadow must be one of {MIA_SHADOWS}, got {config.mia_shadow!r}")
+    kinds = _no_duplicates("mia_kinds", config.mia_kinds)
+    unknown = [k for k in kinds if k not in FEATURE_KINDS]
+    if not kinds or unknown:
+        raise UserError(f"mia_kinds must be a non-empty subset of {FEATURE_KINDS}, got {kinds}")
+    if config.get("retrain_init", "independent") not in RETRAIN_INITS:
+        raise UserError(f"retrain_init must be one of {RETRAIN_INITS}, got {config.retrain_init!r}")
+    if config.split.get("scenario", "random") not in SPLIT_SCENARIOS:
+        raise UserError(
+            f"split.scenario must be one of {SPLIT_SCENARIOS}, got {config.split.scenario!r}"
+        )
+    recipes(config)
+    for method in {*methods, *config.methods} - {"Retrain"}:
+        method_config(config, method)
     tuning_grids(config)
+
+
+def recipes(config: ml_collections.ConfigDict) -> tuple[TrainConfig, TrainConfig]:
+    """The original model's and Retrain's training recipes (Retrain's overrides applied)."""
+    train = make_dataclass(TrainConfig, config.train.to_dict(), "train")
+    retrain = make_dataclass(
+        TrainConfig, {**config.train.to_dict(), **overrides(config.retrain)}, "retrain"
+    )
+    return train, retrain
 
 
 def scenario_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
@@ -78,7 +146,7 @@ def scenario_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collecti
     the keys in `config.scenario_settings[name]` (e.g. `split`, `sweep_fractions`), a name
     without settings is `config` as it is. No `scenarios` (or an empty tuple) is one unnamed
     scenario, `config` itself."""
-    names = tuple(config.get("scenarios") or ())
+    names = _no_duplicates("scenarios", config.get("scenarios") or ())
     if not names:
         return {"": config}
     settings = config.get("scenario_settings") or {}
@@ -98,364 +166,497 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
 
     With several `config.scenarios` (e.g. 10% random and class-wise forgetting) each runs in
     `workdir/<name>/` (its own results.json and results.md); the original models, trained on the
-    same train indices, are shared (`workdir/seed_<s>/original_<hash>`), and the top-level
+    same train indices, are shared (`workdir/seed_<s>/original_<fp>`), and the top-level
     results.json / results.md hold every scenario's summary / table.
 
     Raises:
       UserError: a bad setting, data or split file, or a diverged run (the message says which).
     """
+    scenarios = scenario_configs(config)
+    for scenario in scenarios.values():
+        validate(scenario)  # every scenario, before any work
     with locked(workdir):
-        scenarios = scenario_configs(config)
         if len(scenarios) == 1:
-            return _train_and_evaluate(next(iter(scenarios.values())), workdir)
-        for scenario in scenarios.values():
-            _check(scenario)
-        check_config(workdir, config, (*FIXED_KEYS, "scenarios", "scenario_settings"))
+            return run_scenario(next(iter(scenarios.values())), workdir, workdir)
         write_config(workdir, config)
         tables, summary = [], {}
         for name, scenario in scenarios.items():
             subdir = os.path.join(workdir, name)
-            tables.append(f"## {name}\n\n" + _train_and_evaluate(scenario, subdir, workdir))
+            tables.append(f"## {name}\n\n" + run_scenario(scenario, subdir, workdir))
             with open(os.path.join(subdir, "results.json")) as f:
                 summary[name] = {
                     "results": os.path.join(name, "results.json"),
                     "summary": json.load(f)["summary"],
                 }
-        report.write_results(
+        write_results(
             os.path.join(workdir, "results.json"),
             {"config": config.to_dict(), "scenarios": summary},
         )
         text = "\n\n".join(tables)
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(text + "\n")
+        write_text(os.path.join(workdir, "results.md"), text + "\n")
         return text
 
 
-def _model(config: TrainConfig, dataset):
+# ------------------------------------------------------------------------------------------------
+# What the stages share.
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every stage of one scenario reads: its config, data, recipes, model, evaluation."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    original_root: str  # where the original models live (shared by the scenarios)
+    dataset: Dataset
+    data_fingerprint: str
+    train_config: TrainConfig
+    retrain_config: TrainConfig
+    model: nn.Module
+    predict_fn: Callable
+    grids: dict
+    strategy: str
+
+    @property
+    def results_path(self) -> str:
+        return os.path.join(self.workdir, "results.json")
+
+    def evaluation(self) -> dict:
+        """The evaluation settings (part of every row's fingerprint)."""
+        return {
+            "mia_kinds": tuple(self.config.mia_kinds),
+            "mia_shadow": self.config.get("mia_shadow", "stratified"),
+            "first_n": bool(self.config.get("mia_report_first_n", False)),
+            "loss_mia": True,
+        }
+
+    def evaluate(self, variables, split: Split, seed: int, predict_fn=None) -> dict:
+        """The paper's metrics of a model (`evaluate_unlearning`) with this scenario's settings:
+        "stratified" shadow sets are drawn from the split seed, "first_n" are upstream's."""
+        settings = self.evaluation()
+        return evaluate_unlearning(
+            predict_fn or self.predict_fn,
+            variables,
+            self.dataset.train_images,
+            self.dataset.train_labels,
+            self.dataset.test_images,
+            self.dataset.test_labels,
+            split,
+            mia_kinds=settings["mia_kinds"],
+            shadow_seed=seed if settings["mia_shadow"] == "stratified" else None,
+            loss_mia=settings["loss_mia"],
+            also_first_n=settings["first_n"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedRun:
+    """One seed's split, its unlearning task and original model, and their fingerprints."""
+
+    seed: int
+    split: Split
+    directory: str  # workdir/seed_<s>
+    task: UnlearnTask
+    original: TrainState
+    original_fingerprint: str
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str, original_root: str) -> Setup:
+    """Data, recipes and model of a (validated) scenario; nothing is written."""
+    dataset = load_data(config)
+    train_config, retrain_config = recipes(config)
     try:
         # One module object for equal models: both scenarios' runs share compiled programs.
-        return canonical_module(
-            create_model(config.model, dataset.num_classes, dataset.mean, dataset.std, config.width)
+        model = canonical_module(
+            create_model(
+                train_config.model,
+                dataset.num_classes,
+                dataset.mean,
+                dataset.std,
+                train_config.width,
+            )
         )
     except ValueError as error:
         raise UserError(f"bad train config: {error}") from error
-
-
-def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, original_root: str | None = None
-) -> str:
-    """One scenario in `workdir`; `original_root`: where the original models are shared."""
-    # Everything that can be wrong with the config is checked before anything is written.
-    _check(config)
-    check_config(workdir, config, FIXED_KEYS)
-    dataset = load_data(config)
-    splits = {
-        seed: build_split(dataset, {**config.split.to_dict(), "seed": seed})
-        for seed in config.seeds
-    }
-    train_config = make_dataclass(TrainConfig, config.train.to_dict(), "train")
-    retrain_config = make_dataclass(
-        TrainConfig, {**config.train.to_dict(), **overrides(config.retrain)}, "retrain"
-    )
-    method_configs = {m: method_config(config, m) for m in config.run_methods if m != "Retrain"}
-    model = _model(train_config, dataset)
-    write_config(workdir, config)
-    predict_fn = make_predict_fn(model.apply)
-    images, labels = dataset.train_images, dataset.train_labels
-    results_path = os.path.join(workdir, "results.json")
-    results = load_results(results_path, {"runs": [], "sweep": {}, "masks": {}})
     grids = tuning_grids(config)
-    strategy = config.tuning.get("strategy", "auto") if grids else "auto"
-    results["config"] = config.to_dict()
-    hashes = {
-        m: config_hash(c, config.mask.fraction if m in MASKED_METHODS else None)
-        for m, c in method_configs.items()
-    }
-    hashes["Retrain"] = config_hash(retrain_config)
-    hashes["Original"] = config_hash(train_config)
-    # A row is redone only if its method runs now with another config; other rows are kept.
-    results["runs"] = [
-        r
-        for r in results["runs"]
-        if r.get("config_hash") == hashes.get(r["method"], r.get("config_hash"))
-    ]
-    sweep_hash = config_hash(method_config(config, "SalUn"), list(config.sweep_fractions))
-    results["sweep"] = {
-        k: v for k, v in results["sweep"].items() if v.get("config_hash") == sweep_hash
-    }
-    # "stratified": class-stratified random MIA shadow sets drawn from the split seed (the same
-    # for every method of a seed); "first_n": upstream's first n retain / test samples.
-    stratified = config.get("mia_shadow", "stratified") == "stratified"
+    return Setup(
+        config=config,
+        workdir=workdir,
+        original_root=original_root,
+        dataset=dataset,
+        data_fingerprint=dataset.fingerprint(),
+        train_config=train_config,
+        retrain_config=retrain_config,
+        model=model,
+        predict_fn=make_predict_fn(model.apply),
+        grids=grids,
+        strategy=config.tuning.get("strategy", "auto") if grids else "auto",
+    )
 
-    def shadow_seed(seed):
-        return seed if stratified else None
 
-    # Rows evaluated with other shadow sets are redone.
-    results["runs"] = [
-        r for r in results["runs"] if r["metrics"].get("shadow_seed") == shadow_seed(r["seed"])
-    ]
-    done = {(r["method"], r["seed"]) for r in results["runs"]}
-    # Tuned rows: kept only if their grid, method config and split are unchanged.
-    tuned_hashes = {m: tuning_hash(grid, method_configs[m], strategy) for m, grid in grids.items()}
-    results["tuned_runs"] = [
-        r
-        for r in results.get("tuned_runs", [])
-        if r["method"] in grids and r.get("config_hash") == tuned_hashes[r["method"]]
-    ]
-    tuned_done = {(r["method"], r["seed"]) for r in results["tuned_runs"]}
-    results["tuning"] = {
-        seed: {m: v for m, v in entry.items() if m == "Retrain" or (m, int(seed)) in tuned_done}
-        for seed, entry in results.get("tuning", {}).items()
-    }
+def _model_fingerprint(setup: Setup, **parts) -> str:
+    return fingerprint(
+        data=setup.data_fingerprint, model=repr(setup.model), code=code_version(), **parts
+    )
 
-    def evaluate(variables, split, seed, fn=predict_fn):
-        return evaluate_unlearning(
-            fn,
-            variables,
-            images,
-            labels,
-            dataset.test_images,
-            dataset.test_labels,
-            split,
-            mia_kinds=tuple(config.mia_kinds),
-            shadow_seed=shadow_seed(seed),
-            loss_mia=True,
-            also_first_n=config.get("mia_report_first_n", False),
-        )
 
-    def record(method, seed, metrics, split, **extra):
-        results["runs"].append(
-            {
-                "method": method,
-                "seed": seed,
-                "split_hash": split.hash,
-                "config_hash": hashes[method],
-                "code": code_version(),
-                "metrics": metrics,
-                **extra,
-            }
-        )
-        write_results(results_path, results)  # after every method: nothing lost
-        logging.info(
-            "seed %d %s: %s",
-            seed,
-            method,
-            {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)},
-        )
+def _row_fingerprint(setup: Setup, model_fingerprint: str, split: Split) -> str:
+    return fingerprint(model=model_fingerprint, split=split.hash, evaluation=setup.evaluation())
 
-    def run_method(method, seed, task, original, mask, rng, **run_options):
-        method_fn = get_method(method)
-        cfg = (
-            dataclasses.replace(retrain_config, seed=seed + 1000)
-            if method == "Retrain"
-            else method_configs[method]
-        )
-        try:
-            return method_fn(original, task, cfg, rng, mask=mask, **run_options)
-        except TrainingDivergedError as error:
-            raise UserError(f"seed {seed}: {error}") from error
 
+def _row(ledger: dict, key: str, row_fingerprint: str) -> dict | None:
+    return next((r for r in ledger[key] if r.get("fingerprint") == row_fingerprint), None)
+
+
+def _record(setup: Setup, ledger: dict, row: dict, key: str = "runs") -> None:
+    """Adds a row to the ledger and writes results.json at once (nothing lost)."""
+    ledger[key].append({**row, "code": code_version()})
+    write_results(setup.results_path, ledger)
+    metrics = {k: round(v, 2) for k, v in row["metrics"].items() if isinstance(v, float)}
+    logging.info("seed %d %s: %s", row["seed"], row["method"], metrics)
+
+
+def run_scenario(config: ml_collections.ConfigDict, workdir: str, original_root: str) -> str:
+    """One scenario in `workdir`: the stages in order; returns its table."""
+    setup = prepare(config, workdir, original_root)
+    splits = split_stage(setup)
+    write_config(workdir, config)
+    ledger = load_results(
+        setup.results_path, {"runs": [], "tuned_runs": [], "sweep": {}, "masks": {}, "tuning": {}}
+    )
+    ledger["config"] = config.to_dict()
+    current: set[str] = set()  # fingerprints of the rows this config asks for
     for seed in config.seeds:
-        seed_dir = os.path.join(workdir, f"seed_{seed}")
-        split = save_split_once(seed_dir, dataset, splits[seed])
-        logging.info("seed %d: split %s %s", seed, split.hash, split.sizes())
-        original_dir = os.path.join(seed_dir, "original")
-        if original_root is not None:
-            # Shared across scenarios: keyed by the train indices it is trained on.
-            train_key = hashlib.sha256(split.train.astype("int64").tobytes()).hexdigest()[:12]
-            original_dir = os.path.join(original_root, f"seed_{seed}", f"original_{train_key}")
-        try:
-            original_run = train_classifier(
-                images,
-                labels,
-                split.train,
-                model,
-                dataclasses.replace(train_config, seed=seed),
-                workdir=original_dir,
-                desc=f"original s{seed}",
-            )
-            original = original_run.state
-        except TrainingDivergedError as error:
-            raise UserError(str(error)) from error
-        if ("Original", seed) not in done:
-            record(
-                "Original",
-                seed,
-                evaluate(original.variables, split, seed),
-                split,
-                model_code=original_run.code,
-            )
-        task = UnlearnTask(model, images, labels, split, dataset.num_classes)
-        retrain_dir = os.path.join(seed_dir, f"retrain_{hashes['Retrain']}")
-        if "Retrain" in config.run_methods and ("Retrain", seed) not in done:
-            output = run_method("Retrain", seed, task, None, None, None, workdir=retrain_dir)
-            metrics = evaluate(output.state.variables, split, seed)
-            metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
-            record("Retrain", seed, metrics, split, model_code=output.code, history=output.history)
+        run = original_stage(setup, ledger, seed, splits[seed], current)
+        retrain_stage(setup, ledger, run, current)
+        scores, masks, saliency_fingerprint = mask_stage(setup, ledger, run)
+        method_stage(setup, ledger, run, masks, saliency_fingerprint, current)
+        tuning_stage(setup, ledger, run, scores, saliency_fingerprint, current)
+        sweep_stage(setup, ledger, run, masks, saliency_fingerprint)
+    return report_stage(setup, ledger, current, splits[config.seeds[-1]])
 
-        # Saliency scores once per seed; masks for every fraction from one ranking.
-        start = time.perf_counter()
-        scores = jax.block_until_ready(
-            saliency.classification_scores(
-                original,
-                images,
-                labels,
-                split.forget,
-                batch_size=config.unlearn.batch_size,
-                crop_padding=config.unlearn.crop_padding,
-                flip=config.unlearn.flip,
-                seed=seed,
-            )
+
+# ------------------------------------------------------------------------------------------------
+# The stages.
+
+
+def split_stage(setup: Setup) -> dict[int, Split]:
+    """Every seed's split, all built (and so checked) before any is checked against or saved as
+    `seed_<s>/split.npz`."""
+    splits = {
+        seed: build_split(setup.dataset, {**setup.config.split.to_dict(), "seed": seed})
+        for seed in setup.config.seeds
+    }
+    for seed, split in splits.items():
+        directory = os.path.join(setup.workdir, f"seed_{seed}")
+        splits[seed] = save_split_once(directory, setup.dataset, split)
+        logging.info("seed %d: split %s %s", seed, split.hash, split.sizes())
+    return splits
+
+
+def original_stage(setup: Setup, ledger: dict, seed: int, split: Split, current: set) -> SeedRun:
+    """Trains (or restores) the original model of a seed and records its row."""
+    recipe = dataclasses.replace(setup.train_config, seed=seed)
+    model_fingerprint = _model_fingerprint(setup, recipe=recipe, indices=split.train)
+    directory = os.path.join(setup.original_root, f"seed_{seed}", f"original_{model_fingerprint}")
+    try:
+        out = train_classifier(
+            setup.dataset.train_images,
+            setup.dataset.train_labels,
+            split.train,
+            setup.model,
+            recipe,
+            workdir=directory,
+            desc=f"original s{seed}",
         )
-        scores_seconds = time.perf_counter() - start
-        fractions = sorted({float(f) for f in (*config.sweep_fractions, config.mask.fraction)})
-        start = time.perf_counter()
-        masks = saliency.mask_sweep(scores, fractions)
-        ranking_seconds = time.perf_counter() - start
-        mask_dir = os.path.join(seed_dir, "masks")
+    except (TrainingDivergedError, StaleRunError) as error:
+        raise UserError(str(error)) from error
+    run = SeedRun(
+        seed=seed,
+        split=split,
+        directory=os.path.join(setup.workdir, f"seed_{seed}"),
+        task=UnlearnTask(
+            setup.model,
+            setup.dataset.train_images,
+            setup.dataset.train_labels,
+            split,
+            setup.dataset.num_classes,
+        ),
+        original=out.state,
+        original_fingerprint=model_fingerprint,
+    )
+    row_fingerprint = _row_fingerprint(setup, model_fingerprint, split)
+    current.add(row_fingerprint)
+    if _row(ledger, "runs", row_fingerprint) is None:
+        metrics = setup.evaluate(out.state.variables, split, seed)
+        row = {"method": "Original", "seed": seed, "split_hash": split.hash, "metrics": metrics}
+        _record(setup, ledger, {**row, "fingerprint": row_fingerprint, "model_code": out.code})
+    return run
+
+
+def retrain_model(setup: Setup, run: SeedRun) -> tuple[TrainConfig, str, str]:
+    """Retrain's recipe, model fingerprint and directory for a seed. `retrain_init`:
+    "independent" initialisation (and batch order) from seed + 1000, or "original": the original
+    model's initial weights, as upstream's `main_forget.py` builds it."""
+    independent = setup.config.get("retrain_init", "independent") == "independent"
+    seed = run.seed + 1000 if independent else run.seed
+    recipe = dataclasses.replace(setup.retrain_config, seed=seed)
+    model_fingerprint = _model_fingerprint(setup, recipe=recipe, indices=run.split.retain)
+    return recipe, model_fingerprint, os.path.join(run.directory, f"retrain_{model_fingerprint}")
+
+
+def retrain_stage(setup: Setup, ledger: dict, run: SeedRun, current: set) -> None:
+    """Retrain on D_r when `run_methods` asks for it (a current row is kept either way)."""
+    recipe, model_fingerprint, directory = retrain_model(setup, run)
+    row_fingerprint = _row_fingerprint(setup, model_fingerprint, run.split)
+    asked = "Retrain" in setup.config.run_methods
+    if asked or _row(ledger, "runs", row_fingerprint) is not None:
+        current.add(row_fingerprint)
+    if asked and _row(ledger, "runs", row_fingerprint) is None:
+        output = _run_method(setup, run, "Retrain", recipe, None, workdir=directory)
+        metrics = setup.evaluate(output.state.variables, run.split, run.seed)
+        metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
+        row = {"method": "Retrain", "seed": run.seed, "split_hash": run.split.hash}
+        row.update(metrics=metrics, fingerprint=row_fingerprint, model_code=output.code)
+        _record(setup, ledger, {**row, "history": output.history})
+
+
+def _run_method(setup: Setup, run: SeedRun, method: str, config, mask, **run_options):
+    try:
+        return get_method(method)(
+            run.original, run.task, config, method_key(run.seed, method), mask=mask, **run_options
+        )
+    except (TrainingDivergedError, StaleRunError) as error:
+        raise UserError(f"seed {run.seed}: {error}") from error
+
+
+def mask_stage(setup: Setup, ledger: dict, run: SeedRun) -> tuple:
+    """Saliency scores at the original model, once per seed, and a mask for every fraction from
+    one ranking; the chosen fraction's stats go to the ledger. Returns (scores, {fraction:
+    mask}, the scores' fingerprint)."""
+    config = setup.config
+    options = dict(
+        batch_size=config.unlearn.batch_size,
+        crop_padding=config.unlearn.crop_padding,
+        flip=config.unlearn.flip,
+        seed=run.seed,
+    )
+    saliency_fingerprint = fingerprint(
+        original=run.original_fingerprint, forget=run.split.forget, **options
+    )
+    start = time.perf_counter()
+    scores = jax.block_until_ready(
+        saliency.classification_scores(
+            run.original, run.task.images, run.task.labels, run.split.forget, **options
+        )
+    )
+    scores_seconds = time.perf_counter() - start
+    fractions = sorted({float(f) for f in (*config.sweep_fractions, config.mask.fraction)})
+    start = time.perf_counter()
+    masks = saliency.mask_sweep(scores, fractions)
+    ranking_seconds = time.perf_counter() - start
+    mask_dir = os.path.join(run.directory, f"masks_{saliency_fingerprint}")
+    if is_primary():
         os.makedirs(mask_dir, exist_ok=True)
         for fraction, mask in masks.items():
-            if is_primary():
-                saliency.save_mask(os.path.join(mask_dir, f"with_{fraction:.2f}.npz"), mask)
-        chosen = masks[float(config.mask.fraction)]
-        stats = saliency.mask_stats(chosen)
-        results["masks"][str(seed)] = {
-            "fraction": stats["fraction"],
-            "ones": stats["ones"],
-            "size": stats["size"],
-            "scores_seconds": scores_seconds,
-            "ranking_seconds": ranking_seconds,
-            "per_leaf": stats["per_leaf"],
-        }
-        if seed == config.seeds[0]:
-            report.plot_layer_saliency(
-                list(stats["per_leaf"]),
-                list(stats["per_leaf"].values()),
-                os.path.join(workdir, "plots", "layer_saliency.png"),
-                title=f"salient share per layer (mask {config.mask.fraction})",
-            )
-
-        for index, method in enumerate(config.run_methods):
-            if method == "Retrain" or (method, seed) in done:
-                continue
-            output = run_method(
-                method,
-                seed,
-                task,
-                original,
-                chosen if method in MASKED_METHODS else None,
-                jax.random.key(seed * 100 + index),
-            )
-            fn = predict_fn if output.model is None else make_predict_fn(output.model.apply)
-            metrics = evaluate(output.state.variables, split, seed, fn)
-            metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
-            record(method, seed, metrics, split, history=output.history)
-
-        # Fair tuning: every tunable method's grid as one population, selected on validation
-        # against this seed's Retrain (salun_jax.tuning), then evaluated on the test set.
-        pending = [m for m in grids if (m, seed) not in tuned_done]
-        if pending:
-            # Restored from its checkpoint when it already ran.
-            retrain_state = run_method(
-                "Retrain", seed, task, None, None, None, workdir=retrain_dir
-            ).state
-            val_split = tuning.validation_split(split, labels, dataset.test_labels)
-            reference = tuning.validation_metrics(
-                predict_fn, retrain_state.variables, task, val_split, seed
-            )
-            seed_tuning = results["tuning"].setdefault(str(seed), {})
-            seed_tuning["Retrain"] = reference
-            for method in pending:
-                start = time.perf_counter()  # the whole grid: the tuned row's run time
-                summary, variables = tuning.tune_method(
-                    method,
-                    original,
-                    task,
-                    method_configs[method],
-                    grids[method],
-                    reference,
-                    predict_fn,
-                    val_split,
-                    seed=seed,
-                    mask_scores=scores,
-                    strategy=strategy,
-                )
-                seconds = time.perf_counter() - start
-                seed_tuning[method] = {**summary, "seconds": seconds}
-                results["tuned_runs"].append(
-                    {
-                        "method": method,
-                        "seed": seed,
-                        "split_hash": split.hash,
-                        "config_hash": tuned_hashes[method],
-                        "code": code_version(),
-                        "metrics": {**evaluate(variables, split, seed), "run_time_s": seconds},
-                        "chosen": summary["chosen"],
-                    }
-                )
-                write_results(results_path, results)
-                logging.info("seed %d %s tuned: %s", seed, method, summary["chosen"])
-
-        # Mask-fraction sweep of SalUn (first seed only).
-        key = str(seed)
-        if config.sweep_fractions and seed == config.seeds[0] and key not in results["sweep"]:
-            sweep = {
-                "fractions": [],
-                "UA": [],
-                "RA": [],
-                "TA": [],
-                "MIA": [],
-                "config_hash": sweep_hash,
-            }
-            for fraction in sorted(config.sweep_fractions):
-                output = run_method(
-                    "SalUn", seed, task, original, masks[fraction], jax.random.key(seed * 100 + 99)
-                )
-                metrics = evaluate(output.state.variables, split, seed)
-                sweep["fractions"].append(fraction)
-                for name in ("UA", "RA", "TA", "MIA"):
-                    sweep[name].append(metrics[name])
-            results["sweep"][key] = sweep
-            write_results(results_path, results)
-        if key in results["sweep"]:
-            sweep = results["sweep"][key]
-            report.plot_sweep(
-                sweep["fractions"],
-                {k: sweep[k] for k in ("UA", "RA", "TA", "MIA")},
-                os.path.join(workdir, "plots", "salun_mask_sweep.png"),
-                title=f"SalUn vs mask fraction (seed {seed})",
-            )
-
-    runs = [r for r in results["runs"] if r["seed"] in config.seeds]
-    reference = "Retrain" if any(r["method"] == "Retrain" for r in runs) else None
-    results["summary"] = report.summarize(runs, reference_method=reference)
-    table = report.markdown_table(results["summary"], reference_method=reference)
-    write_results(results_path, results)
-    header = (
-        f"{dataset.name}, {config.split.scenario} forgetting, {len(split.forget)} of "
-        f"{len(split.train)} train images, {train_config.model} x{train_config.width}, "
-        f"seeds {list(config.seeds)}; mean±std (|gap| to Retrain); RTE in seconds\n\n"
-        + report.code_versions_note(runs)
-    )
-    text = header + table
-    tuned = [r for r in results["tuned_runs"] if r["seed"] in config.seeds]
-    if tuned and reference is not None:
-        size = next(iter(grids.values())).size
-        retrain_runs = [r for r in runs if r["method"] == "Retrain"]
-        results["tuned_summary"] = report.summarize(
-            retrain_runs + tuned, reference_method=reference
+            saliency.save_mask(os.path.join(mask_dir, f"with_{fraction:.2f}.npz"), mask)
+    stats = saliency.mask_stats(masks[float(config.mask.fraction)])
+    ledger["masks"][str(run.seed)] = {
+        "fraction": stats["fraction"],
+        "ones": stats["ones"],
+        "size": stats["size"],
+        "directory": os.path.relpath(mask_dir, setup.workdir),
+        "fingerprint": saliency_fingerprint,
+        "scores_seconds": scores_seconds,
+        "ranking_seconds": ranking_seconds,
+        "per_leaf": stats["per_leaf"],
+    }
+    if run.seed == config.seeds[0]:
+        report.plot_layer_saliency(
+            list(stats["per_leaf"]),
+            list(stats["per_leaf"].values()),
+            os.path.join(setup.workdir, "plots", "layer_saliency.png"),
+            title=f"salient share per layer (mask {config.mask.fraction})",
         )
+    return scores, masks, saliency_fingerprint
+
+
+def _method_fingerprint(setup, run, method, config, saliency_fingerprint, fraction) -> str:
+    masked = method in MASKED_METHODS
+    return _model_fingerprint(
+        setup,
+        method=method,
+        recipe=config,
+        original=run.original_fingerprint,
+        split=run.split.hash,
+        mask=[saliency_fingerprint, fraction] if masked else None,
+    )
+
+
+def method_stage(setup, ledger, run, masks, saliency_fingerprint, current) -> None:
+    """Runs every method of `run_methods` that has no current row; keeps the current rows of
+    methods that ran before (a shorter `run_methods` drops nothing that is still valid)."""
+    config = setup.config
+    fraction = float(config.mask.fraction)
+    for method in METHODS["classification"]:
+        if method == "Retrain":
+            continue
+        method_config_ = method_config(config, method)
+        model_fingerprint = _method_fingerprint(
+            setup, run, method, method_config_, saliency_fingerprint, fraction
+        )
+        row_fingerprint = _row_fingerprint(setup, model_fingerprint, run.split)
+        if _row(ledger, "runs", row_fingerprint) is not None:
+            current.add(row_fingerprint)
+            continue
+        if method not in config.run_methods:
+            continue
+        mask = masks[fraction] if method in MASKED_METHODS else None
+        output = _run_method(setup, run, method, method_config_, mask)
+        predict_fn = None if output.model is None else make_predict_fn(output.model.apply)
+        metrics = setup.evaluate(output.state.variables, run.split, run.seed, predict_fn)
+        metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
+        row = {"method": method, "seed": run.seed, "split_hash": run.split.hash}
+        row.update(metrics=metrics, fingerprint=row_fingerprint, history=output.history)
+        _record(setup, ledger, row)
+        current.add(row_fingerprint)
+
+
+def tuning_stage(setup, ledger, run, scores, saliency_fingerprint, current) -> None:
+    """Fair tuning: every tunable method's grid as one population, selected on validation
+    against this seed's Retrain (salun_jax.tuning), then evaluated on the test set."""
+    if not setup.grids:
+        return
+    recipe, retrain_fingerprint, retrain_dir = retrain_model(setup, run)
+    pending = {}
+    for method, grid in setup.grids.items():
+        row_fingerprint = fingerprint(
+            tuned=method,
+            grid=[grid.learning_rates, grid.knob, grid.values, setup.strategy],
+            recipe=method_config(setup.config, method),
+            retrain=retrain_fingerprint,
+            saliency=saliency_fingerprint,
+            evaluation=setup.evaluation(),
+            code=code_version(),
+        )
+        current.add(row_fingerprint)
+        if _row(ledger, "tuned_runs", row_fingerprint) is None:
+            pending[method] = row_fingerprint
+    if not pending:
+        return
+    # Restored from its checkpoint (it ran in `retrain_stage`).
+    retrain_state = _run_method(setup, run, "Retrain", recipe, None, workdir=retrain_dir).state
+    val_split = tuning.validation_split(run.split, run.task.labels, setup.dataset.test_labels)
+    reference = tuning.validation_metrics(
+        setup.predict_fn, retrain_state.variables, run.task, val_split, run.seed
+    )
+    for method, row_fingerprint in pending.items():
+        start = time.perf_counter()  # the whole grid: the tuned row's run time
+        summary, variables = tuning.tune_method(
+            method,
+            run.original,
+            run.task,
+            method_config(setup.config, method),
+            setup.grids[method],
+            reference,
+            setup.predict_fn,
+            val_split,
+            seed=run.seed,
+            mask_scores=scores,
+            strategy=setup.strategy,
+        )
+        seconds = time.perf_counter() - start
+        metrics = {**setup.evaluate(variables, run.split, run.seed), "run_time_s": seconds}
+        row = {"method": method, "seed": run.seed, "split_hash": run.split.hash}
+        row.update(metrics=metrics, fingerprint=row_fingerprint, chosen=summary["chosen"])
+        row.update(tuning={**summary, "seconds": seconds}, retrain_validation=reference)
+        _record(setup, ledger, row, key="tuned_runs")
+
+
+def sweep_stage(setup: Setup, ledger: dict, run: SeedRun, masks, saliency_fingerprint) -> None:
+    """SalUn over the mask fractions (first seed only), and its plot."""
+    config, key = setup.config, str(run.seed)
+    if not config.sweep_fractions or run.seed != config.seeds[0]:
+        return
+    fractions = sorted(float(f) for f in config.sweep_fractions)
+    salun_config = method_config(config, "SalUn")
+    sweep_fingerprint = fingerprint(
+        points=[
+            _method_fingerprint(setup, run, "SalUn", salun_config, saliency_fingerprint, f)
+            for f in fractions
+        ],
+        evaluation=setup.evaluation(),
+    )
+    if ledger["sweep"].get(key, {}).get("fingerprint") != sweep_fingerprint:
+        sweep = {"fractions": [], **{name: [] for name in SWEEP_METRICS}}
+        for fraction in fractions:
+            output = _run_method(setup, run, "SalUn", salun_config, masks[fraction])
+            metrics = setup.evaluate(output.state.variables, run.split, run.seed)
+            sweep["fractions"].append(fraction)
+            for name in SWEEP_METRICS:
+                sweep[name].append(metrics[name])
+        ledger["sweep"][key] = {**sweep, "fingerprint": sweep_fingerprint}
+        write_results(setup.results_path, ledger)
+    sweep = ledger["sweep"][key]
+    report.plot_sweep(
+        sweep["fractions"],
+        {k: sweep[k] for k in SWEEP_METRICS},
+        os.path.join(setup.workdir, "plots", "salun_mask_sweep.png"),
+        title=f"SalUn vs mask fraction (seed {run.seed})",
+    )
+
+
+def _row_order(config: ml_collections.ConfigDict) -> Callable[[dict], tuple]:
+    """Rows by seed, then Original, Retrain, `run_methods` and the registry's order."""
+    names = ["Original", "Retrain", *config.run_methods, *METHODS["classification"]]
+    return lambda row: (row["seed"], names.index(row["method"]))
+
+
+def report_stage(setup: Setup, ledger: dict, current: set, split: Split) -> str:
+    """Keeps exactly the current rows, summarizes them and writes results.json / results.md."""
+    config = setup.config
+    order = _row_order(config)
+    ledger["runs"] = sorted((r for r in ledger["runs"] if r["fingerprint"] in current), key=order)
+    ledger["tuned_runs"] = sorted(
+        (r for r in ledger["tuned_runs"] if r["fingerprint"] in current), key=order
+    )
+    ledger["tuning"] = {}
+    for row in ledger["tuned_runs"]:
+        entry = ledger["tuning"].setdefault(str(row["seed"]), {})
+        entry["Retrain"] = row["retrain_validation"]
+        entry[row["method"]] = row["tuning"]
+    kept = {str(s) for s in config.seeds[:1]} if config.sweep_fractions else set()
+    ledger["sweep"] = {k: v for k, v in ledger["sweep"].items() if k in kept}
+    runs = ledger["runs"]
+    reference = "Retrain" if any(r["method"] == "Retrain" for r in runs) else None
+    ledger["summary"] = report.summarize(runs, reference_method=reference)
+    header = (
+        f"{setup.dataset.name}, {config.split.scenario} forgetting, {len(split.forget)} of "
+        f"{len(split.train)} train images, {setup.train_config.model} "
+        f"x{setup.train_config.width}, seeds {list(config.seeds)}; mean±std (|gap| to Retrain); "
+        "RTE in seconds\n\n" + report.code_versions_note(runs)
+    )
+    text = header + report.markdown_table(ledger["summary"], reference_method=reference)
+    tuned = ledger["tuned_runs"]
+    if tuned and reference is not None:
+        size = next(iter(setup.grids.values())).size
+        retrain_runs = [r for r in runs if r["method"] == "Retrain"]
+        ledger["tuned_summary"] = report.summarize(retrain_runs + tuned, reference_method=reference)
         text += (
             f"\n\n### Tuned: {size} settings per method (learning rate x one knob), one "
             "population each, selected on the validation split by Avg. Gap to Retrain (UA, RA, "
             "validation accuracy, MIA); test metrics of the chosen models\n\n"
-            + report.markdown_table(results["tuned_summary"], reference_method=reference)
+            + report.markdown_table(ledger["tuned_summary"], reference_method=reference)
             + "\n\nChosen settings:\n\n"
-            + chosen_table(results["tuning"])
+            + chosen_table(ledger["tuning"])
         )
-        write_results(results_path, results)
-    write_text(os.path.join(workdir, "results.md"), text + "\n")
+    write_results(setup.results_path, ledger)
+    write_text(os.path.join(setup.workdir, "results.md"), text + "\n")
     return text
+
+
+# ------------------------------------------------------------------------------------------------
+# The original model alone (experiments/train.py).
 
 
 def train_original(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -463,20 +664,29 @@ def train_original(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics.jsonl with validation accuracy, results.json); returns the results.
 
     Raises:
-      UserError: a bad setting, data or split file, or a diverged run.
+      UserError: a bad setting, data or split file, a work directory of another run, or a
+        diverged run.
     """
     with locked(workdir):
         check_config(workdir, config, FIXED_KEYS)
         dataset = load_data(config)
         split = build_split(dataset, config.split.to_dict())
-        train_config = make_dataclass(TrainConfig, config.train.to_dict(), "train")
-        model = _model(train_config, dataset)
+        train_config, _ = recipes(config)
+        setup_model = canonical_module(
+            create_model(
+                train_config.model,
+                dataset.num_classes,
+                dataset.mean,
+                dataset.std,
+                train_config.width,
+            )
+        )
         write_config(workdir, config)
         split = save_split_once(workdir, dataset, split)
-        return _train_original(config, workdir, dataset, split, train_config, model)
+        return _train_original(workdir, dataset, split, train_config, setup_model)
 
 
-def _train_original(config, workdir, dataset, split, train_config, model) -> dict:
+def _train_original(workdir, dataset, split, train_config, model) -> dict:
     predict_fn = make_predict_fn(model.apply)
     images, labels = dataset.train_images, dataset.train_labels
 
@@ -493,7 +703,7 @@ def _train_original(config, workdir, dataset, split, train_config, model) -> dic
         out = train_classifier(
             images, labels, split.train, model, train_config, workdir=workdir, eval_fn=eval_fn
         )
-    except TrainingDivergedError as error:
+    except (TrainingDivergedError, StaleRunError) as error:
         raise UserError(str(error)) from error
     results = {
         "dataset": dataset.name,

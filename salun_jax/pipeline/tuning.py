@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from salun_jax import tuning
-from salun_jax.pipeline.common import UserError, config_hash
+from salun_jax.pipeline.common import UserError
 
 
 def tuning_grids(config: ml_collections.ConfigDict) -> dict[str, tuning.TuningGrid]:
@@ -47,11 +47,6 @@ def tuning_grids(config: ml_collections.ConfigDict) -> dict[str, tuning.TuningGr
     except ValueError as error:
         raise UserError(str(error)) from error
     return grids
-
-
-def tuning_hash(grid: tuning.TuningGrid, method_config, strategy: str) -> str:
-    """What a tuned row depends on besides the split: the grid and the method's config."""
-    return config_hash(method_config, [grid.learning_rates, grid.knob, grid.values, strategy])
 
 
 def chosen_table(tuning_results: dict) -> str:

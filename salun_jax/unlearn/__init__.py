@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 
 from salun_jax.train import TrainConfig, train_classifier
@@ -92,12 +93,21 @@ def get_method(name: str, kind: str = "classification") -> Callable[..., Unlearn
     return METHODS[kind][name]
 
 
+def method_key(seed: int, method: str):
+    """The random key of `method` for split seed `seed`, derived from the method's name (not its
+    position in a list): a result never depends on which other methods ran, or in what order.
+    The pipelines and `unlearn` (by default) both use it."""
+    import jax
+
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(method.encode()) & 0x7FFFFFFF)
+
+
 def unlearn(
     name: str, state, task: UnlearnTask, config=None, rng=None, mask=None, **run_options
 ) -> UnlearnOutput:
     """Runs method `name` (its kind from the task's type) with `config` (default: the kind's
-    default unlearning config; Retrain needs its training config) and `rng` (default: key 0)."""
-    import jax
+    default unlearning config; Retrain needs its training config) and `rng` (default:
+    `method_key(seed, name)` with the seed of the task's split, as the pipeline does)."""
 
     if isinstance(task, SDTask):
         kind = "sd"
@@ -116,9 +126,10 @@ def unlearn(
             "diffusion": DiffusionUnlearnConfig,
             "sd": SDUnlearnConfig,
         }[kind]()
-    return method(
-        state, task, config, jax.random.key(0) if rng is None else rng, mask=mask, **run_options
-    )
+    if rng is None:
+        split = getattr(task, "split", None)
+        rng = method_key(int((split.description if split else {}).get("seed", 0)), name)
+    return method(state, task, config, rng, mask=mask, **run_options)
 
 
 __all__ = [
@@ -132,6 +143,7 @@ __all__ = [
     "UnlearnOutput",
     "UnlearnTask",
     "get_method",
+    "method_key",
     "retrain",
     "unlearn",
 ]
