@@ -8,8 +8,9 @@ The paper's pipeline, one call a step (see README.md):
     original = train_classifier(data.train_images, data.train_labels, split.train, model,
                                 TrainConfig(model="small_cnn", epochs=20, batch_size=64)).state
     task = UnlearnTask(model, data.train_images, data.train_labels, split, data.num_classes)
-    mask = salun_mask(original, task, fraction=0.5)
-    unlearned = unlearn("SalUn", original, task, UnlearnConfig(epochs=5), mask=mask).state
+    config = UnlearnConfig(epochs=5)
+    mask = salun_mask(original, task, fraction=0.5, config=config)
+    unlearned = unlearn("SalUn", original, task, config, mask=mask).state
     metrics = evaluate(unlearned, task, data.test_images, data.test_labels)
 """
 
@@ -17,7 +18,7 @@ from salun_jax import population, tuning
 from salun_jax.data import load_dataset
 from salun_jax.data.splits import Split, load_split, make_split, save_split
 from salun_jax.evaluation.classification import evaluate
-from salun_jax.loop import RunOutput, TrainingDivergedError, run
+from salun_jax.loop import RunOutput, StaleRunError, TrainingDivergedError, run
 from salun_jax.models import create_model
 from salun_jax.optim import (
     make_adam,
@@ -46,6 +47,7 @@ from salun_jax.unlearn import (
     UnlearnOutput,
     UnlearnTask,
     get_method,
+    method_key,
     unlearn,
 )
 from salun_jax.version import __version__
@@ -60,6 +62,7 @@ __all__ = [
     "SDTask",
     "SDUnlearnConfig",
     "Split",
+    "StaleRunError",
     "TrainConfig",
     "TrainState",
     "TrainingDivergedError",
@@ -79,6 +82,7 @@ __all__ = [
     "make_split",
     "make_step",
     "mask_from_scores",
+    "method_key",
     "mask_stats",
     "mask_sweep",
     "multistep_schedule",

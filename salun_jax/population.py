@@ -535,17 +535,19 @@ def population_salun_masks(
     batch_size: int = 256,
     crop_padding: int = 4,
     flip: bool = True,
-    seed: int = 0,
+    seed: int | None = None,
     strategy: str = "auto",
 ) -> PyTree:
     """SalUn's 0/1 mask of every member (leaves [N, ...]), in one compiled program.
 
     Member i's mask equals `saliency.salun_mask(member(states, i), task, fraction, ...)` with the
-    same batch size, augmentation and seed: the same shuffled forget batches for all members,
-    batch b augmented with fold_in(key(seed), b).
+    same batch size, augmentation and seed (default, as there: the task's split seed): the same
+    shuffled forget batches for all members, batch b augmented with fold_in(key(seed), b).
 
     References: SalUn Eq. 3; upstream `generate_mask.py`.
     """
+    if seed is None:
+        seed = int(task.split.description.get("seed", 0))
     batches = gather_batches(
         {"image": task.images, "label": task.labels},
         task.forget,

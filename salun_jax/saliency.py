@@ -309,16 +309,33 @@ def salun_mask(
     task,
     fraction: float = 0.5,
     *,
-    batch_size: int = 256,
-    crop_padding: int = 4,
-    flip: bool = True,
+    config=None,
+    batch_size: int | None = None,
+    crop_padding: int | None = None,
+    flip: bool | None = None,
     seed: int | None = None,
 ) -> PyTree:
     """SalUn's 0/1 mask of a classifier: the top `fraction` of `classification_scores` at the
-    original `state` over the task's forget set (`task`: images, labels, forget). The batch size
-    and augmentation are the unlearning run's (`UnlearnConfig`: the defaults agree), `seed` that of
-    the task's split unless given, as the pipeline computes it."""
+    original `state` over the task's forget set (`task`: images, labels, forget).
+
+    The saliency pass uses the unlearning run's batch size and augmentation, as the pipeline does:
+    pass that run's `config` (an `UnlearnConfig`), or `batch_size` / `crop_padding` / `flip` (whose
+    defaults, 256 / 4 / True, are `UnlearnConfig`'s), not both. `seed` defaults to the task's
+    split seed, as the pipeline's.
+
+    Raises:
+      ValueError: a fraction outside (0, 1], or `config` together with one of the three.
+    """
     _check_fraction(fraction)
+    given = (batch_size, crop_padding, flip)
+    if config is not None:
+        if any(value is not None for value in given):
+            raise ValueError("salun_mask takes config or batch_size/crop_padding/flip, not both")
+        batch_size, crop_padding, flip = config.batch_size, config.crop_padding, config.flip
+    else:
+        batch_size = 256 if batch_size is None else batch_size
+        crop_padding = 4 if crop_padding is None else crop_padding
+        flip = True if flip is None else flip
     if seed is None:
         seed = int(task.split.description.get("seed", 0))
     scores = classification_scores(

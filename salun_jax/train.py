@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from salun_jax import loop, optim
+from salun_jax import loop, optim, provenance, validation
 from salun_jax.data.batches import epoch_batches, warn_if_padded
 from salun_jax.losses import classification_loss
 from salun_jax.step import TrainState, create_train_state, make_step
@@ -35,14 +35,28 @@ class TrainConfig:
     gamma: float = 0.1
     crop_padding: int = 4
     flip: bool = True
-    seed: int = 0
+    # Init, keys and batch order; make_split's default seed, as the pipeline trains the original
+    # model of split seed s with seed s.
+    seed: int = 1
 
     def __post_init__(self):
-        if self.epochs < 0 or self.batch_size <= 0:
-            raise ValueError(
-                f"epochs must be >= 0 and batch_size > 0, got epochs={self.epochs}, "
-                f"batch_size={self.batch_size}"
-            )
+        validation.check_sgd_config(self)
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"TrainConfig.model must be a model name, got {self.model!r}")
+        validation.check_real("TrainConfig.width", self.width, 0.0, low_open=True)
+        validation.check_int("TrainConfig.seed", self.seed)
+
+
+def check_training_data(
+    images: np.ndarray, labels: np.ndarray, train_indices: np.ndarray, model: nn.Module
+) -> None:
+    """`train_classifier`'s data checks (see its Raises)."""
+    n = validation.check_images_uint8("images", images)[0]
+    num_classes = getattr(model, "num_classes", None)
+    validation.check_labels(
+        "labels", labels, num_classes if isinstance(num_classes, int) else None, n
+    )
+    validation.check_indices("train_indices", train_indices, n, non_empty=True)
 
 
 def index_batches(indices: np.ndarray, batch_size: int) -> loop.BatchesFn:
@@ -71,8 +85,17 @@ def train_classifier(
     member (`salun_jax.population`) equals this run with the population's order seed.
 
     Raises:
+      ValueError: a bad argument (checked before any work): `images` not uint8 [N, H, W, C]
+        (0..255, as `load_dataset` gives them; see `salun_jax.validation`), `labels` not integer
+        class ids in [0, K) (K: the model's `num_classes`) of one per image, `train_indices`
+        empty or outside [0, N), or `config` not a `TrainConfig`.
       salun_jax.loop.TrainingDivergedError: the loss became non-finite.
     """
+    check_training_data(images, labels, train_indices, model)
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if order_seed is not None:
+        validation.check_int("order_seed", order_seed)
     steps_per_epoch = math.ceil(len(train_indices) / config.batch_size)
     # Values in the optimizer state: seeds and Retrain share the compiled step.
     tx = optim.multistep_sgd(
@@ -83,6 +106,15 @@ def train_classifier(
         config.momentum,
         config.weight_decay,
     )
+    order_seed = config.seed if order_seed is None else order_seed
+    fingerprint = None
+    if workdir is not None:  # what made the run, checked before its checkpoints are resumed
+        fingerprint = {
+            "settings": provenance.fingerprint(config=config, model=repr(model), order=order_seed),
+            "data": provenance.fingerprint(images=images, labels=labels),
+            "indices": provenance.fingerprint(indices=np.asarray(train_indices)),
+            "code": provenance.code_version(),
+        }
     state = create_train_state(model, jax.random.key(config.seed), images.shape[1:], tx)
     step = make_step(classification_loss(crop_padding=config.crop_padding, flip=config.flip))
     return loop.run(
@@ -92,9 +124,10 @@ def train_classifier(
         index_batches(train_indices, config.batch_size),
         num_epochs=config.epochs,
         key=jax.random.key(config.seed),
-        seed=config.seed if order_seed is None else order_seed,
+        seed=order_seed,
         workdir=workdir,
         eval_fn=eval_fn,
         progress=progress,
         desc=desc,
+        fingerprint=fingerprint,
     )

@@ -1,5 +1,6 @@
 """The README's Python API example runs as written and gives sensible numbers."""
 
+import json
 import os
 import re
 
@@ -37,3 +38,60 @@ def test_readme_api_example_runs_as_written():
     ):
         m = np.asarray(m, bool)
         np.testing.assert_array_equal(np.asarray(after)[~m], np.asarray(before)[~m])
+
+
+def _run_readme_example(**split_options) -> dict:
+    code = _readme_example()
+    if split_options:
+        options = ", ".join(f"{k}={v!r}" for k, v in split_options.items())
+        code = code.replace('scenario="random", forget_fraction=0.1', options)
+        assert options in code
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    return namespace
+
+
+@pytest.mark.xla_optimized
+def test_readme_api_flow_gives_the_pipelines_row(tmp_path):
+    """The README's calls and the pipeline (`experiments/unlearn.py`'s function) with the same
+    settings, split and seed give the same SalUn row: one set of defaults (stratified MIA shadow
+    sets from the split seed, the RL schedule, the original model's seed, the mask's batches and
+    the method's key from its name)."""
+    import dataclasses
+
+    import ml_collections
+
+    from salun_jax.pipeline import classification
+
+    api = _run_readme_example()
+    recipe, config = api["recipe"], api["config"]
+    seed = int(api["split"].description["seed"])
+    assert recipe.seed == seed  # the original model of split seed s is trained with seed s
+    pipeline_config = ml_collections.ConfigDict(
+        {
+            "dataset": "digits",
+            "seeds": (seed,),
+            "split": {"scenario": "random", "forget_fraction": 0.1, "val_fraction": 0.1},
+            "train": {**dataclasses.asdict(recipe), "model": "small_cnn", "width": 0.5},
+            "retrain": {},
+            "unlearn": dataclasses.asdict(config),
+            "methods": {},
+            "run_methods": ("SalUn",),
+            "mask": {"fraction": 0.5},
+            "sweep_fractions": (),
+            "mia_kinds": ("confidence",),
+        }
+    )
+    classification.train_and_evaluate(pipeline_config, str(tmp_path))
+    rows = json.loads((tmp_path / "results.json").read_text())["runs"]
+    row = next(r["metrics"] for r in rows if r["method"] == "SalUn")
+    assert {k: row[k] for k in ("UA", "RA", "TA", "MIA")} == {
+        k: api["metrics"][k] for k in ("UA", "RA", "TA", "MIA")
+    }
+
+
+@pytest.mark.xla_optimized
+def test_readme_api_flow_forgets_a_class_with_the_library_defaults():
+    metrics = _run_readme_example(scenario="class", forget_class=3)["metrics"]
+    assert metrics["UA"] >= 80.0, metrics
+    assert metrics["RA"] > 90.0 and metrics["TA"] > 85.0, metrics

@@ -417,13 +417,13 @@ def test_stratified_shadow_indices_unequal_and_unmatchable_classes():
 
 
 @pytest.mark.parametrize("num_forget", [40, 300])  # retain larger / smaller than test
-def test_evaluate_unlearning_default_shadow_sets_are_upstreams(num_forget):
+def test_evaluate_unlearning_first_n_shadow_sets_are_upstreams(num_forget):
     from salun_jax.evaluation.classification import evaluate_unlearning
 
     args, table = _class_sorted_run(num_forget=num_forget)
     _, _, _, train_labels, _, test_labels, split = args
     kinds = ("confidence", "entropy")
-    metrics = evaluate_unlearning(*args, mia_kinds=kinds)
+    metrics = evaluate_unlearning(*args, mia_kinds=kinds, mia_shadow="first_n")
     assert set(metrics) == {"UA", "RA", "TA", "MIA", "MIA_all"}  # schema unchanged
     # Today's computation, spelled out: the first n retain vs the first n test samples.
     n = min(len(split.retain), len(split.test))
@@ -448,7 +448,7 @@ def test_evaluate_unlearning_with_shadow_seed_and_loss_mia():
     assert first["shadow_seed"] == 5
     assert 0.0 <= first["MIA_loss"] <= 100.0
     assert evaluate_unlearning(*args, shadow_seed=5, loss_mia=True) == first  # reproducible
-    plain = evaluate_unlearning(*args)
+    plain = evaluate_unlearning(*args, mia_shadow="first_n")
     assert {k: first[k] for k in ("UA", "RA", "TA")} == {k: plain[k] for k in ("UA", "RA", "TA")}
     both = evaluate_unlearning(*args, shadow_seed=5, also_first_n=True)
     assert both["MIA"] == first["MIA"]  # the stratified MIA, unchanged

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from salun_jax import validation
+
 _ARRAYS = ("train", "val", "forget", "retain", "test")
 
 
@@ -105,8 +107,8 @@ def make_split(
     Raises:
       ValueError: unknown scenario, or sizes/classes out of range.
     """
-    train_labels = np.asarray(train_labels)
-    test_labels = np.asarray(test_labels)
+    train_labels = validation.check_labels("make_split train_labels", train_labels)
+    test_labels = validation.check_labels("make_split test_labels", test_labels)
     train, val = train_val_split(train_labels, val_fraction, seed)
     forget_rng = np.random.RandomState(seed - 1 if seed > 0 else 0)
     test = np.arange(test_labels.size, dtype=np.int64)
@@ -229,4 +231,43 @@ def check_split(split: Split, train_labels: np.ndarray, test_labels: np.ndarray)
         raise SplitMismatchError(
             f"split (dataset {d.get('dataset')!r}, hash {split.hash}) does not match this data "
             f"set: {'; '.join(problems)}"
+        )
+
+
+def check_split_fits(
+    split: Split,
+    train_labels: np.ndarray,
+    test_labels: np.ndarray | None = None,
+    *,
+    records: bool = True,
+) -> None:
+    """Raises ValueError unless `split` can index these arrays: its train/val/forget/retain
+    indices 1-D integers in [0, len(train_labels)) and (given `test_labels`) its test indices in
+    [0, len(test_labels)); and, where its description records them (a `make_split` split), the
+    data set's sizes and (given `test_labels`) the labels digest match (`SplitMismatchError`).
+    A hand-made split without those records, or `records=False`, is checked by its indices
+    only."""
+    if not isinstance(split, Split):
+        raise ValueError(
+            f"split must be a salun_jax Split (make_split), got {type(split).__name__}"
+        )
+    for name in ("train", "val", "forget", "retain"):
+        validation.check_indices(f"split.{name}", getattr(split, name), len(train_labels))
+    if test_labels is not None:
+        validation.check_indices("split.test", split.test, len(test_labels))
+    d = split.description if records and isinstance(split.description, dict) else {}
+    problems = []
+    if "num_train_images" in d and d["num_train_images"] != len(train_labels):
+        problems.append(f"train size {d['num_train_images']} in split vs {len(train_labels)}")
+    if test_labels is not None and "num_test_images" in d:
+        if d["num_test_images"] != len(test_labels):
+            problems.append(f"test size {d['num_test_images']} in split vs {len(test_labels)}")
+        elif "labels_digest" in d and d["labels_digest"] != _labels_digest(
+            train_labels, test_labels
+        ):
+            problems.append("the labels differ (same sizes, different label arrays)")
+    if problems:
+        raise SplitMismatchError(
+            f"split (dataset {d.get('dataset')!r}, hash {split.hash}) was made for other data: "
+            f"{'; '.join(problems)}"
         )

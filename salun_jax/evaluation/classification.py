@@ -11,8 +11,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from salun_jax import validation
 from salun_jax.data.augment import to_float
-from salun_jax.data.splits import Split
+from salun_jax.data.splits import Split, check_split_fits
 from salun_jax.evaluation.metrics import accuracy
 from salun_jax.evaluation.mia import from_logits, stratified_shadow_indices, svc_mia
 from salun_jax.evaluation.mia import loss_mia as _loss_mia
@@ -80,6 +81,7 @@ def evaluate_unlearning(
     shadow_seed: int | None = None,
     loss_mia: bool = False,
     also_first_n: bool = False,
+    mia_shadow: str = "stratified",
 ) -> dict[str, Any]:
     """The paper's metrics, in percent.
 
@@ -88,19 +90,38 @@ def evaluate_unlearning(
     trained on n = min(|retain|, |test|) retain samples (members) vs n test samples.
 
     Args:
-      shadow_seed: None (default, upstream): the shadow sets are the first n retain and the first
-        n test samples in index order, which is class-skewed when the data are stored sorted by
-        class. An int: a random class-stratified draw (`stratified_shadow_indices`) from that
-        seed; pass the split seed so that every method of a seed sees the same shadow sets.
+      mia_shadow: the MIA's shadow sets. "stratified" (default, as the pipeline): a random
+        class-stratified draw of retain and test samples (`stratified_shadow_indices`) from
+        `shadow_seed`. "first_n" (upstream): the first n retain and the first n test samples in
+        index order, which is class-skewed when the data are stored sorted by class.
+      shadow_seed: the stratified draw's seed; None: the split's seed, so every method of a split
+        sees the same shadow sets (ignored by "first_n").
       loss_mia: also run the challenge starting kit's loss-threshold attack (`mia.loss_mia`, forget
-        vs test cross-entropy, seeded with `shadow_seed` or 0).
-      also_first_n: with a `shadow_seed`, also report "MIA_first_n", the confidence MIA with
+        vs test cross-entropy, seeded with the shadow seed, or 0 for "first_n").
+      also_first_n: with "stratified", also report "MIA_first_n", the confidence MIA with
         upstream's first-n shadow sets on the same model (the class-skew bias, before vs after).
 
     Returns:
       {"UA", "RA", "TA", "MIA"} floats, plus "MIA_all" {kind: percent} for `mia_kinds`;
-      "shadow_seed" when one is given; "MIA_loss" (attack accuracy, percent) when `loss_mia`.
+      "shadow_seed" with "stratified" shadow sets; "MIA_loss" (attack accuracy, percent) when
+      `loss_mia`.
+
+    Raises:
+      ValueError: before any prediction, a bad argument: images not uint8 [N, H, W, C] (0..255,
+        as `load_dataset` gives them; `predict_fn` scales them, so float images would be scaled
+        twice) or train and test images of other [H, W, C]; labels not 1-D non-negative integer
+        class ids, one per image; split indices outside these arrays. (Only the indices: the
+        split's recorded sizes and labels digest are `evaluate`'s check, since tuning passes a
+        validation split whose "test" indices point into the train arrays.)
     """
+    check_evaluation_data(train_images, train_labels, test_images, test_labels)
+    check_split_fits(split, train_labels, test_labels, records=False)
+    if mia_shadow not in ("stratified", "first_n"):
+        raise ValueError(f"mia_shadow must be 'stratified' or 'first_n', got {mia_shadow!r}")
+    if mia_shadow == "first_n":
+        shadow_seed = None
+    elif shadow_seed is None:
+        shadow_seed = int(split.description.get("seed", 0))
     if "confidence" not in mia_kinds:
         mia_kinds = ("confidence", *mia_kinds)
     test_x, test_y = test_images[split.test], test_labels[split.test]
@@ -152,6 +173,24 @@ def evaluate_unlearning(
     return metrics
 
 
+def check_evaluation_data(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int | None = None,
+    train_names: tuple[str, str] = ("train_images", "train_labels"),
+) -> None:
+    """The image and label checks of `evaluate_unlearning` / `evaluate` (labels in
+    [0, num_classes) when it is given); `train_names` name the train arrays in messages."""
+    images_name, labels_name = train_names
+    n = validation.check_images_uint8(images_name, train_images)[0]
+    m = validation.check_images_uint8("test_images", test_images)[0]
+    validation.check_same_image_shape("test_images", test_images, images_name, train_images)
+    validation.check_labels(labels_name, train_labels, num_classes, n)
+    validation.check_labels("test_labels", test_labels, num_classes, m)
+
+
 def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per-example softmax cross-entropy in float64: `logsumexp(z) - z_y`, `[N]`."""
     z = np.asarray(logits, dtype=np.float64)
@@ -164,7 +203,23 @@ def evaluate(
     state, task, test_images: np.ndarray, test_labels: np.ndarray, **options
 ) -> dict[str, Any]:
     """`evaluate_unlearning` of a train state on a task (`task`: images, labels, split), the
-    test arrays indexed by the split's test indices. `options` go to `evaluate_unlearning`."""
+    test arrays indexed by the split's test indices. `options` go to `evaluate_unlearning`.
+
+    Raises:
+      ValueError: test images not uint8 [M, H, W, C] of the task's [H, W, C]; test labels not
+        class ids in [0, task.num_classes), one per image; a split that was made for other data
+        (its test indices outside the test arrays, or its recorded sizes or labels digest not
+        those of the task's and these labels: `salun_jax.data.splits.SplitMismatchError`).
+    """
+    check_evaluation_data(
+        task.images,
+        task.labels,
+        test_images,
+        test_labels,
+        task.num_classes,
+        ("task.images", "task.labels"),
+    )
+    check_split_fits(task.split, task.labels, test_labels)
     return evaluate_unlearning(
         make_predict_fn(state.apply_fn),
         state.variables,

@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from salun_jax import loop, optim
+from salun_jax import loop, optim, validation
 from salun_jax.data.batches import epoch_batches, warn_if_padded
-from salun_jax.data.splits import Split
+from salun_jax.data.splits import Split, check_split_fits
 from salun_jax.losses import LossFn
 from salun_jax.saliency import mask_stats
 from salun_jax.step import TrainState, make_step
@@ -34,6 +34,26 @@ class UnlearnTask:
     labels: np.ndarray  # int32 [N]
     split: Split
     num_classes: int
+
+    def __post_init__(self):
+        """Checks the data before any work (see `salun_jax.validation`): images uint8
+        [N, H, W, C] (0..255, as `load_dataset` gives them), labels integer class ids in
+        [0, num_classes) one per image, and a split that indexes these arrays (and, if it
+        records them, was made for a train set of this size)."""
+        validation.check_int("UnlearnTask.num_classes", self.num_classes, 1)
+        n = validation.check_images_uint8("UnlearnTask.images", self.images)[0]
+        validation.check_labels("UnlearnTask.labels", self.labels, self.num_classes, n)
+        model_classes = getattr(self.model, "num_classes", None)
+        if isinstance(model_classes, int) and model_classes < self.num_classes:
+            raise ValueError(
+                f"UnlearnTask.num_classes is {self.num_classes}, but the model has only "
+                f"{model_classes} outputs"
+            )
+        if not isinstance(self.split, Split):
+            raise ValueError(
+                f"UnlearnTask.split must be a Split (make_split), got {type(self.split).__name__}"
+            )
+        check_split_fits(self.split, self.labels)
 
     @property
     def forget(self) -> np.ndarray:
@@ -66,7 +86,11 @@ class UnlearnConfig:
     flip: bool = True
     mask_mode: str = "hard"  # "hard" (PR #33 fix) or "paper" (gradient-only masking)
     update_batch_stats: bool = True  # BN running statistics update in train mode (upstream)
-    rl_variant: str = "sequential"  # RL/SalUn: "sequential" (HEAD) or "concat" (paper time)
+    # RL/SalUn: "concat" (forget and retain mixed in shuffled batches: the paper-time code, HEAD's
+    # CIFAR-100/TinyImageNet branch) or "sequential" (forget batches then retain batches: HEAD's
+    # CIFAR-10/SVHN branch; class-wise it under-forgets, since train-mode BatchNorm normalises
+    # single-class forget batches by their own statistics).
+    rl_variant: str = "concat"
     rl_exclude_true_label: bool = False  # paper Eq. 5 says y' != y; upstream draws uniformly
     l1_coefficient: float = 0.0  # l1-sparse: alpha of the decaying l1 term
     no_l1_epochs: int = 0
@@ -82,11 +106,17 @@ class UnlearnConfig:
             raise ValueError(f"unknown mask_mode {self.mask_mode!r}; known: hard, paper")
         if self.rl_variant not in ("sequential", "concat"):
             raise ValueError(f"unknown rl_variant {self.rl_variant!r}; known: sequential, concat")
-        if self.epochs < 0 or self.batch_size <= 0:
-            raise ValueError(
-                f"epochs must be >= 0 and batch_size > 0, got epochs={self.epochs}, "
-                f"batch_size={self.batch_size}"
-            )
+        # learning_rate 0 is allowed: IU is one-shot (no SGD); its configs may say so.
+        validation.check_sgd_config(self, zero_learning_rate_ok=True)
+        for name in ("update_batch_stats", "rl_exclude_true_label", "remove_shadow_logit"):
+            validation.check_bool(f"UnlearnConfig.{name}", getattr(self, name))
+        validation.check_bool("UnlearnConfig.iu_augment", self.iu_augment)
+        validation.check_real("UnlearnConfig.l1_coefficient", self.l1_coefficient, 0.0)
+        validation.check_int("UnlearnConfig.no_l1_epochs", self.no_l1_epochs, 0)
+        validation.check_real("UnlearnConfig.iu_step_size", self.iu_step_size)
+        validation.check_real("UnlearnConfig.boundary_bound", self.boundary_bound, 0.0)
+        validation.check_real("UnlearnConfig.soft_mask_ratio", self.soft_mask_ratio, 0.0, 1.0)
+        validation.check_int("UnlearnConfig.woodfisher_samples", self.woodfisher_samples, 0)
 
 
 class UnlearnOutput(NamedTuple):
