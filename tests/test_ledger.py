@@ -3,6 +3,7 @@ function `experiments/unlearn.py` runs): every stored model and row is keyed by 
 what made it, so nothing made by other data or settings is reused, a row does not depend on which
 other methods ran, and bad settings are refused before any work."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -157,3 +158,25 @@ def test_duplicate_seeds_give_one_line_and_do_not_poison_the_workdir(experiment,
     line = bad.stderr.strip().splitlines()[-1]
     assert line == "error: seeds lists 1 more than once: (1, 1)", bad.stderr[-2000:]
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
+
+
+def test_train_classifier_workdir_refuses_another_recipe_or_data(digits, tmp_path):
+    """`train_classifier(workdir=D)` called again with another recipe (or other data) used to
+    return the first model; now it resumes only the same run and names what differs."""
+    import salun_jax as sj
+
+    model = sj.create_model("small_cnn", 10, digits.mean, digits.std, width=0.25)
+    x, y = digits.train_images, digits.train_labels
+    indices = np.arange(200)
+    recipe = sj.TrainConfig(epochs=1, batch_size=100, crop_padding=1, flip=False)
+    first = sj.train_classifier(x, y, indices, model, recipe, workdir=str(tmp_path), progress=False)
+    same = sj.train_classifier(x, y, indices, model, recipe, workdir=str(tmp_path), progress=False)
+    assert same.history == first.history  # the same run resumes (nothing to train)
+    other = dataclasses.replace(recipe, learning_rate=0.05)
+    with pytest.raises(sj.StaleRunError, match="holds a run made with other settings"):
+        sj.train_classifier(x, y, indices, model, other, workdir=str(tmp_path), progress=False)
+    flipped = np.ascontiguousarray(x[:, :, ::-1])
+    with pytest.raises(sj.StaleRunError, match="other data"):
+        sj.train_classifier(flipped, y, indices, model, recipe, workdir=str(tmp_path))
+    with pytest.raises(sj.StaleRunError, match="other indices"):
+        sj.train_classifier(x, y, indices[1:], model, recipe, workdir=str(tmp_path))
