@@ -243,7 +243,8 @@ class Setup:
             self.dataset.test_labels,
             split,
             mia_kinds=settings["mia_kinds"],
-            shadow_seed=seed if settings["mia_shadow"] == "stratified" else None,
+            mia_shadow=settings["mia_shadow"],
+            shadow_seed=seed,
             loss_mia=settings["loss_mia"],
             also_first_n=settings["first_n"],
         )
