@@ -180,3 +180,17 @@ def test_train_classifier_workdir_refuses_another_recipe_or_data(digits, tmp_pat
         sj.train_classifier(flipped, y, indices, model, recipe, workdir=str(tmp_path))
     with pytest.raises(sj.StaleRunError, match="other indices"):
         sj.train_classifier(x, y, indices[1:], model, recipe, workdir=str(tmp_path))
+
+
+@pytest.mark.parametrize("init", ["original", "independent"])
+def test_retrain_init_shares_the_original_models_initial_weights_or_not(tmp_path, init):
+    """With no training (0 epochs) each model is its initialisation: "original" gives Retrain the
+    original model's initial weights (the same predictions, so the same row), "independent" its
+    own."""
+    config = _config(
+        retrain_init=init, run_methods=("Retrain",), **{"train.epochs": 0, "train.milestones": ()}
+    )
+    classification.train_and_evaluate(config, str(tmp_path))
+    rows = _rows(tmp_path)
+    same = _quality(rows["Retrain"]) == _quality(rows["Original"])
+    assert same == (init == "original")
