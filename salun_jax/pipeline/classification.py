@@ -672,7 +672,7 @@ def train_original(config: ml_collections.ConfigDict, workdir: str) -> dict:
         check_config(workdir, config, FIXED_KEYS)
         dataset = load_data(config)
         split = build_split(dataset, config.split.to_dict())
-        train_config, _ = recipes(config)
+        train_config = make_dataclass(TrainConfig, config.train.to_dict(), "train")
         setup_model = canonical_module(
             create_model(
                 train_config.model,

@@ -1,9 +1,20 @@
-"""The command line of the experiment scripts: absl flags with one-line errors."""
+"""The command line of the experiment scripts: absl flags with one-line errors.
+
+`--help` (and `--helpfull`) print the flags and exit 0; `--show_config` prints the config with
+the overrides applied and exits. What a user or the OS can cause ends in one `error: ...` line on
+stderr, without a traceback: a bad flag or config (exit 2), a `UserError` (2), an OS error naming
+a file such as a full disk or a read-only directory (2), Ctrl-C (130: the same command resumes).
+Other exceptions are bugs and keep their traceback.
+"""
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
+import re
+import signal
 import sys
 from collections.abc import Callable
 
@@ -11,14 +22,197 @@ from salun_jax.pipeline.common import UserError
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
-    """orbax logs every save at INFO through absl; keep its warnings, drop the chatter."""
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    """orbax logs every save at INFO through absl; keep its warnings, drop the chatter. An
+    error of its background threads that a full disk caused keeps its line, not its traceback
+    (the run then ends with one line naming the file)."""
+    if "orbax" not in record.pathname:
+        return True
+    if record.exc_info and record.exc_info[1] is not None and _no_space(record.exc_info[1]):
+        record.exc_info, record.exc_text = None, None
+    return record.levelno >= logging.WARNING
 
 
 def fail(message: str) -> None:
     """Exits with one clear error line (no traceback) for errors a user can fix."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# How a full disk reads in errors that C++ libraries (tensorstore under orbax) raise as text.
+_NO_SPACE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|File too large")
+_QUOTED_PATH = re.compile(r"""["'](/[^"']+)["']""")
+_HELP_FLAGS = ("help", "helpshort", "?", "helpfull")
+_FILE_ATTRIBUTES = ("fp", "_fileobj", "fileobj", "_file", "file", "raw")  # of writers (zipfile)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions it was raised from or while handling (each once)."""
+    seen, todo = [], [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and what it was explicitly raised from (`raise ... from`)."""
+    out = []
+    while error is not None and not any(error is e for e in out):
+        out.append(error)
+        error = error.__cause__
+    return out
+
+
+def _file_being_written(error: BaseException) -> str | None:
+    """The name of the open file in the innermost frame of `error`'s traceback that has one: a
+    failed `write` raises an OSError without the file's name (e.g. ENOSPC, EFBIG)."""
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in list(frame.f_locals.values()):
+            for candidate in (value, *(getattr(value, a, None) for a in _FILE_ATTRIBUTES)):
+                if isinstance(candidate, io.IOBase):
+                    name = getattr(candidate, "name", None)
+                    if isinstance(name, str) and name:
+                        return name
+    return None
+
+
+def _quiet_closed_loop(unraisable) -> None:
+    """sys.unraisablehook: drops "Event loop is closed" from tensorstore's write callbacks that
+    complete after orbax gave up a save (a full disk, Ctrl-C); the failure itself is reported
+    (Python ignores unraisable exceptions anyway). Others go to the default hook."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _no_space(error: BaseException) -> tuple[str | None, str] | None:
+    """(the file being written or None, the reason) if a full disk or quota caused `error`:
+    ENOSPC, EDQUOT or EFBIG in its chain, or their text in an error of a C++ library."""
+    chain = _chain(error)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            where = e.filename if e.filename is not None else _file_being_written(e)
+            return where, e.strerror or os.strerror(e.errno)
+    for e in chain:
+        found = None if isinstance(e, OSError) else _NO_SPACE_TEXT.search(str(e))
+        if found:
+            paths = _QUOTED_PATH.findall(str(e))  # tensorstore: the database, then the file
+            return (paths[-1] if paths else None), found[0]
+    return None
+
+
+def os_failure(error: BaseException) -> tuple[str, int] | None:
+    """(the one line, the exit code) for a failure a user or the OS caused, or None for a bug.
+
+    - Ctrl-C (a `KeyboardInterrupt` anywhere in the chain: also an error raised while unwinding
+      after it, e.g. by an async checkpoint save cut short): says the same command resumes, 130.
+    - a full disk or quota (ENOSPC, EDQUOT, EFBIG anywhere in the chain, or their text in an
+      error of a C++ library): names the file being written, 2.
+    - another `OSError` with a file name (EACCES, EROFS, ENOTDIR, EISDIR, ...), raised or raised
+      from: names the file, 2.
+    """
+    chain = _chain(error)
+    if any(isinstance(e, KeyboardInterrupt) for e in chain):
+        return (
+            "interrupted; run the same command again to resume from the last checkpoint",
+            INTERRUPTED_EXIT,
+        )
+    no_space = _no_space(error)
+    if no_space:
+        where, reason = no_space
+        where = f"writing {where}" if where else "on the device"
+        return f"no space left {where} ({reason}); free some space and rerun", 2
+    for e in _causes(error):
+        if isinstance(e, OSError) and e.filename is not None:
+            reason = e.strerror or type(e).__name__
+            other = f" -> {e.filename2}" if e.filename2 is not None else ""
+            return f"{reason}: {e.filename}{other}", 2
+    return None
+
+
+def _exit_now(message: str, code: int) -> None:
+    """Prints the error line and ends the process at once: no interpreter shutdown, so nothing
+    that is still running (an async checkpoint save, its thread pool) can print a traceback
+    after it. Whatever was being written is left as a kill leaves it, which a rerun handles."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the line short
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    tqdm = sys.modules.get("tqdm")  # a progress bar's line has no end yet: start a new one
+    bars = getattr(getattr(tqdm, "tqdm", None), "_instances", None)
+    try:
+        os.write(2, (("\n" if bars else "") + f"error: {message}\n").encode())
+    finally:
+        os._exit(code)
+
+
+def _on_sigint(signum, frame) -> None:
+    del signum, frame
+    _exit_now(*os_failure(KeyboardInterrupt()))
+
+
+def _help_asked(argv: list[str]) -> str | None:
+    """`help` or `helpfull` if the command line asks for help (before any `--`)."""
+    for arg in argv[1:]:
+        if arg == "--":
+            return None
+        name = arg.lstrip("-") if arg.startswith("-") else None
+        if name in _HELP_FLAGS:
+            return "helpfull" if name == "helpfull" else "help"
+    return None
+
+
+def _print_and_exit(write: Callable[[], None]) -> None:
+    """Runs `write` (printing to stdout) and exits 0, also when a reader such as `head` closed
+    the pipe early."""
+    try:
+        write()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    sys.exit(0)
+
+
+def _print_help(full: bool) -> None:
+    """absl's usage text (the script's docstring and its flags) on stdout, and how to see a
+    config's fields."""
+    from absl import flags
+
+    main = sys.modules["__main__"]
+    doc = (main.__doc__ or f"\nUSAGE: {sys.argv[0]} [flags]\n").rstrip("\n")
+    if full:
+        flag_text = flags.FLAGS.get_help()
+    else:
+        modules = [sys.argv[0], __name__]
+        flag_text = "\n".join(
+            text for text in (flags.FLAGS.module_help(m) for m in modules) if text.strip()
+        )
+    found = re.search(r"--config[ =](\S+\.py)", main.__doc__ or "")
+    config = found[1] if found else "experiments/configs/<file>.py"
+    script = sys.argv[0]
+    print(doc)
+    if flag_text:
+        print("\nflags:\n" + flag_text)
+    print(
+        f"\nSee a config's fields: python {script} --config {config} --show_config\n"
+        "Change one: --config.<field>=<value>, e.g. --config.train.epochs=5; a config file's "
+        f"variant (where it has some, e.g. tiny): --config {config}:<variant>."
+    )
+    if not full:
+        print("Try --helpfull to get a list of all flags.")
 
 
 def enable_compilation_cache(directory: str | None = None, cache_dir: str | None = None) -> str:
@@ -80,13 +274,26 @@ def _env_int(name: str) -> int | None:
 
 def run(main: Callable, config_flag) -> None:
     """`absl.app.run(main)`, but a bad flag or config override (unknown key, missing config file)
-    and any `UserError` raised by `main` end with one clear error line instead of a traceback.
-    The config is locked after the overrides, so a mistyped key cannot add a setting."""
+    and any `UserError` raised by `main` end with one clear error line instead of a traceback,
+    and so do Ctrl-C and OS errors naming a file (`os_failure`). `--help` / `--helpfull` print
+    the flags, `--show_config` the config; both exit 0 without running. The config is locked
+    after the overrides, so a mistyped key cannot add a setting."""
+    try:
+        _run(main, config_flag)
+    except (KeyboardInterrupt, OSError) as error:  # while parsing or starting up
+        failure = os_failure(error)
+        if failure is None:
+            raise
+        _exit_now(*failure)
+
+
+def _run(main: Callable, config_flag) -> None:
     from absl import app, flags
 
     from salun_jax.host_memory import keep_freed_host_memory
 
     keep_freed_host_memory()  # before JAX starts its backend and its threads
+    sys.unraisablehook = _quiet_closed_loop
     cache_flag = flags.DEFINE_bool(
         "compilation_cache",
         True,
@@ -115,7 +322,16 @@ def run(main: Callable, config_flag) -> None:
         False,
         "Join a multi-process run that JAX detects itself (TPU pod slice, SLURM, Open MPI).",
     )
+    show_config_flag = flags.DEFINE_bool(
+        "show_config",
+        False,
+        "Print the config (the --config file with its --config.<field> overrides) as JSON "
+        "and exit without running; --workdir is not needed.",
+    )
     logging.getLogger("absl").addFilter(_quiet_orbax)
+    help_asked = _help_asked(sys.argv)
+    if help_asked:  # absl's --help exits 1 and needs the required flags: handled here
+        _print_and_exit(lambda: _print_help(full=help_asked == "helpfull"))
     for i, arg in enumerate(sys.argv):  # config_flags prints a traceback for a missing file
         path = (
             arg.split("=", 1)[1]
@@ -124,8 +340,13 @@ def run(main: Callable, config_flag) -> None:
         )
         if path is not None and not os.path.exists(path.split(":", 1)[0]):
             fail(f"no config file {path}")
+    showing = any(re.fullmatch(r"--?show_config(=(true|1))?", a, re.I) for a in sys.argv[1:])
+    if showing and "workdir" in flags.FLAGS and flags.FLAGS["workdir"].default is None:
+        flags.FLAGS.set_default("workdir", "")  # required to run, not to show the config
     try:
         remaining = flags.FLAGS(sys.argv)
+        if config_flag.value is None:
+            fail(f"--config is required: python {sys.argv[0]} --config <config file>")
         config_flag.value.lock()  # config_flags reports a bad config file only when read
     except Exception as error:  # noqa: BLE001 - anything raised while parsing flags is user input
         text = " ".join(
@@ -134,8 +355,26 @@ def run(main: Callable, config_flag) -> None:
             if line.strip()
         )
         fail(f"bad command line: {text}")
+    if show_config_flag.value:
+        _print_and_exit(
+            lambda: print(config_flag.value.to_json_best_effort(indent=2, sort_keys=True))
+        )
 
     def guarded_main(argv):
+        try:
+            _guarded(argv)
+        except UserError as error:
+            fail(str(error))
+        except BaseException as error:  # noqa: BLE001 - sorted: one line for what a user caused
+            failure = os_failure(error)
+            if failure is None:
+                raise  # a bug: keep the traceback
+            _exit_now(*failure)
+        # Done: a Ctrl-C while the interpreter shuts down (waiting for a last async checkpoint
+        # save) ends with the same line, not a traceback from its threads.
+        signal.signal(signal.SIGINT, _on_sigint)
+
+    def _guarded(argv):
         try:
             initialize_distributed(
                 coordinator_flag.value,
@@ -150,10 +389,7 @@ def run(main: Callable, config_flag) -> None:
             enable_compilation_cache(
                 cache_dir=(config.get("cache_dir") or None) if config else None
             )
-        try:
-            main(argv)
-        except UserError as error:
-            fail(str(error))
+        main(argv)
 
     app.run(guarded_main, flags_parser=lambda argv: remaining)  # parsed once
 

@@ -177,10 +177,43 @@ def save_split_once(directory: str, dataset, split: Split) -> Split:
 
 
 def load_results(path: str, empty: dict) -> dict:
-    """results.json, or `empty` when there is none or it is unreadable (with a warning)."""
-    if os.path.exists(path):
-        try:
-            return {**empty, **report.read_results(path)}
-        except ValueError:
-            logging.warning("results file %s is unreadable; starting a new one", path)
+    """results.json, or `empty` when there is none.
+
+    A damaged file (not JSON, truncated, not an object, or a key of `empty` holding another type
+    than in `empty`, e.g. `{"runs": "x"}`) is moved aside to `<path>.damaged-<time>` (kept, not
+    overwritten by this run's results), with a warning naming both; the run starts a new one.
+    An OS error reading it (no permission, a directory) is raised: the command line names it.
+    """
+    import time  # noqa: PLC0415 - local: the rest of this module is not this function's
+
+    if not os.path.exists(path):
+        return empty
+    try:
+        loaded = report.read_results(path)
+    except FileNotFoundError:  # moved aside meanwhile by process 0 of a multi-process run
+        return empty
+    except ValueError as error:  # JSON errors and bad UTF-8 both are ValueErrors
+        problem = f"unreadable ({str(error).splitlines()[0]})"
+    else:
+        if not isinstance(loaded, dict):
+            problem = f"a JSON {type(loaded).__name__}, not an object"
+        else:
+            wrong = [
+                f"{key!r} is a {type(loaded[key]).__name__}, not a {type(value).__name__}"
+                for key, value in empty.items()
+                if key in loaded and not isinstance(loaded[key], type(value))
+            ]
+            if not wrong:
+                return {**empty, **loaded}
+            problem = "damaged: " + "; ".join(wrong)
+    if not is_primary():  # process 0 moves it; the others start new results as it does
+        return empty
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside, n = f"{path}.damaged-{stamp}", 1
+    while os.path.exists(aside):
+        aside, n = f"{path}.damaged-{stamp}-{n}", n + 1
+    os.replace(path, aside)
+    logging.warning(
+        "results file %s is %s; moved it to %s and starting new results", path, problem, aside
+    )
     return empty
