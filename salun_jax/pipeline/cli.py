@@ -287,48 +287,53 @@ def run(main: Callable, config_flag) -> None:
         _exit_now(*failure)
 
 
-def _run(main: Callable, config_flag) -> None:
-    from absl import app, flags
+def _define_flags() -> dict:
+    """The flags every entry point has besides --config / --workdir: {name: flag holder}."""
+    from absl import flags
 
-    from salun_jax.host_memory import keep_freed_host_memory
+    return {
+        "compilation_cache": flags.DEFINE_bool(
+            "compilation_cache",
+            True,
+            "Keep compiled programs in the persistent JAX cache (jax_compilation/ in the data "
+            "cache: --config.cache_dir, else $SALUN_JAX_CACHE or ~/.cache/salun_jax): reruns "
+            "compile nothing. --nocompilation_cache turns it off.",
+        ),
+        "coordinator_address": flags.DEFINE_string(
+            "coordinator_address",
+            os.environ.get("SALUN_JAX_COORDINATOR_ADDRESS"),
+            "host:port of process 0 for a multi-process run (jax.distributed); with "
+            "--num_processes and --process_id. Env: SALUN_JAX_COORDINATOR_ADDRESS.",
+        ),
+        "num_processes": flags.DEFINE_integer(
+            "num_processes",
+            _env_int("SALUN_JAX_NUM_PROCESSES"),
+            "Processes in a multi-process run. Env: SALUN_JAX_NUM_PROCESSES.",
+        ),
+        "process_id": flags.DEFINE_integer(
+            "process_id",
+            _env_int("SALUN_JAX_PROCESS_ID"),
+            "This process's id, 0 .. num_processes - 1. Env: SALUN_JAX_PROCESS_ID.",
+        ),
+        "distributed": flags.DEFINE_bool(
+            "distributed",
+            False,
+            "Join a multi-process run that JAX detects itself (TPU pod slice, SLURM, Open MPI).",
+        ),
+        "show_config": flags.DEFINE_bool(
+            "show_config",
+            False,
+            "Print the config (the --config file with its --config.<field> overrides) as JSON "
+            "and exit without running; --workdir is not needed.",
+        ),
+    }
 
-    keep_freed_host_memory()  # before JAX starts its backend and its threads
-    sys.unraisablehook = _quiet_closed_loop
-    cache_flag = flags.DEFINE_bool(
-        "compilation_cache",
-        True,
-        "Keep compiled programs in the persistent JAX cache (jax_compilation/ in the data "
-        "cache: --config.cache_dir, else $SALUN_JAX_CACHE or ~/.cache/salun_jax): reruns "
-        "compile nothing. --nocompilation_cache turns it off.",
-    )
-    coordinator_flag = flags.DEFINE_string(
-        "coordinator_address",
-        os.environ.get("SALUN_JAX_COORDINATOR_ADDRESS"),
-        "host:port of process 0 for a multi-process run (jax.distributed); with "
-        "--num_processes and --process_id. Env: SALUN_JAX_COORDINATOR_ADDRESS.",
-    )
-    num_processes_flag = flags.DEFINE_integer(
-        "num_processes",
-        _env_int("SALUN_JAX_NUM_PROCESSES"),
-        "Processes in a multi-process run. Env: SALUN_JAX_NUM_PROCESSES.",
-    )
-    process_id_flag = flags.DEFINE_integer(
-        "process_id",
-        _env_int("SALUN_JAX_PROCESS_ID"),
-        "This process's id, 0 .. num_processes - 1. Env: SALUN_JAX_PROCESS_ID.",
-    )
-    distributed_flag = flags.DEFINE_bool(
-        "distributed",
-        False,
-        "Join a multi-process run that JAX detects itself (TPU pod slice, SLURM, Open MPI).",
-    )
-    show_config_flag = flags.DEFINE_bool(
-        "show_config",
-        False,
-        "Print the config (the --config file with its --config.<field> overrides) as JSON "
-        "and exit without running; --workdir is not needed.",
-    )
-    logging.getLogger("absl").addFilter(_quiet_orbax)
+
+def _parse(config_flag) -> list[str]:
+    """Parses the command line (help, a missing config file, bad flags: one line or exit 0);
+    returns the arguments left for absl's app.run."""
+    from absl import flags
+
     help_asked = _help_asked(sys.argv)
     if help_asked:  # absl's --help exits 1 and needs the required flags: handled here
         _print_and_exit(lambda: _print_help(full=help_asked == "helpfull"))
@@ -355,7 +360,20 @@ def _run(main: Callable, config_flag) -> None:
             if line.strip()
         )
         fail(f"bad command line: {text}")
-    if show_config_flag.value:
+    return remaining
+
+
+def _run(main: Callable, config_flag) -> None:
+    from absl import app
+
+    from salun_jax.host_memory import keep_freed_host_memory
+
+    keep_freed_host_memory()  # before JAX starts its backend and its threads
+    sys.unraisablehook = _quiet_closed_loop
+    options = _define_flags()
+    logging.getLogger("absl").addFilter(_quiet_orbax)
+    remaining = _parse(config_flag)
+    if options["show_config"].value:
         _print_and_exit(
             lambda: print(config_flag.value.to_json_best_effort(indent=2, sort_keys=True))
         )
@@ -377,14 +395,14 @@ def _run(main: Callable, config_flag) -> None:
     def _guarded(argv):
         try:
             initialize_distributed(
-                coordinator_flag.value,
-                num_processes_flag.value,
-                process_id_flag.value,
-                auto=distributed_flag.value,
+                options["coordinator_address"].value,
+                options["num_processes"].value,
+                options["process_id"].value,
+                auto=options["distributed"].value,
             )
         except (ValueError, RuntimeError) as error:
             fail(f"cannot join the multi-process run: {error}")
-        if cache_flag.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        if options["compilation_cache"].value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
             config = config_flag.value
             enable_compilation_cache(
                 cache_dir=(config.get("cache_dir") or None) if config else None
