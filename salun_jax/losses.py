@@ -437,7 +437,7 @@ def diffusion_ascent_loss(
         loss_i   = -forget_i + alpha * retain_i
 
     so the batch mean is upstream's `forget_loss + alpha * retain_loss` with `forget_loss =
-    -noise_loss(D_f)` (`DDPM/runners/diffusion.py`; ../shared/docs/reference-salun.md §6.4).
+    -noise_loss(D_f)` (upstream `DDPM/runners/diffusion.py`, `--method ga`).
     `rng` splits into (forget, retain); forget into (noise, t, null, dropout), retain into
     (noise, t, null). Forget and retain inputs go through the UNet as one batch (the forget
     dropout key), as in `diffusion_forget_loss`.
@@ -507,9 +507,9 @@ def ddpm_esd_loss(
     eps_0 is the frozen original (`state.extra["frozen"]`), in eval mode; the trained pass is in
     train mode (dropout), as the other DDPM losses. The grid is upstream's "uniform" DDIM grid of
     `num_steps` (`samplers.ddim_grid`); every UNet query sits at the level x_k has reached (the
-    consistent form of ESD's diffusers rewrite; the original script queried ~2 grid steps
-    noisier, ../shared/docs/reference-sd.md §5.1). `start_guidance` is the DDPM's own CFG weight
-    w in (1 + w) eps_c - w eps_null (w 2 = SD's s 3, ESD's default).
+    consistent form of ESD's diffusers rewrite; the original `train-esd.py` stops its chain
+    about two grid steps before the level it queries). `start_guidance` is the DDPM's own CFG
+    weight w in (1 + w) eps_c - w eps_null (w 2 = SD's s 3, ESD's default).
 
     Returns:
       `loss_fn(params, batch, rng, state)` reading `label` (the forget class of each example),

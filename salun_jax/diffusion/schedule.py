@@ -2,8 +2,9 @@
 
 References:
   Ho et al. 2020 (DDPM) Eq. 4; upstream `DDPM/configs/cifar10_train.yml` (`beta_schedule
-  linear`, 1e-4 .. 0.02, T = 1000); Stable Diffusion's "scaled_linear" (ldm's "linear",
-  ../shared/docs/reference-sd.md §4).
+  linear`, 1e-4 .. 0.02, T = 1000); Stable Diffusion's "scaled_linear", betas =
+  linspace(sqrt(0.00085), sqrt(0.012), 1000)^2 (ldm's "linear"; diffusers
+  `schedulers/scheduling_ddim.py`).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ size, the chunking or the number of devices.
 
 References:
   Song et al. 2021 (DDIM) Eq. 12; Karras et al. 2022 (Euler on the sigma ODE); Ho & Salimans
-  2022 (CFG); diffusers `schedulers/scheduling_{ddim,euler_discrete,lms_discrete}.py`;
-  ../shared/docs/reference-sd.md §4.
+  2022 (CFG); diffusers `schedulers/scheduling_{ddim,euler_discrete,lms_discrete}.py` (DDIM
+  with SD's settings: "leading" spacing, `steps_offset 1`, `set_alpha_to_one False`).
 """
 
 from __future__ import annotations

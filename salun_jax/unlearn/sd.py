@@ -13,14 +13,16 @@ UnlearnOutput`, the shared saliency mask, masked optimizer, step builder and loo
     cross-attention only), AdamW; no textual inversion (the concept's own tokens are used).
 
 Each step draws a fresh forget (and retain) batch from shuffled cyclic loaders; `faithful=True`
-reuses the first unshuffled batch at every step, as the paper-time scripts did (reference-salun
-§7.3-7.4: `next(iter(loader))`; the object script drew its retain batch at random, the nudity
-script fixed both: here both are fixed).
+reuses the first unshuffled batch at every step, as the paper-time scripts did (upstream
+`SD/train-scripts/random_label.py` and `nsfw_removal.py` before their 2026 fix:
+`next(iter(loader))`; the object script drew its retain batch at random, the nudity script fixed
+both: here both are fixed).
 
 References:
   SalUn (Fan et al., ICLR 2024) Eq. 3, 7 and upstream `SD/train-scripts/{generate_mask,
-  random_label,nsfw_removal}.py`; ESD (Gandikota et al., ICCV 2023); FMN (Zhang et al., 2023);
-  ../shared/docs/reference-salun.md §7, ../shared/docs/reference-sd.md §5-6.
+  random_label,nsfw_removal}.py`; ESD (Gandikota et al., ICCV 2023) and its
+  `train-scripts/train-esd.py`; FMN (Zhang et al., 2023) and its `src/train_attn.py`,
+  `configs/attn.yaml`.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ class SDUnlearnConfig:
       fmn_only_cross_attention: FMN trains the cross-attention layers only (FMN default: the
         whole UNet).
       fmn_use_pooler: FMN also re-steers every <|endoftext|> position (FMN default; with SD
-        v1.x's padding by <|endoftext|> this includes all padding, reference-sd §6.2).
+        v1.x's padding by <|endoftext|> this includes all padding; FMN's `src/train_attn.py`).
     """
 
     epochs: int = 5
