@@ -9,6 +9,10 @@ Steps, each resumable from the work directory:
   6. samples of every class (DDIM + CFG, the same noise for every model), classified: UA,
      per-class accuracy, FD in the classifier's features; grids in `grids/<method>.png`;
   7. `results.json` and `results.md`, after every model.
+As functions, in order: `_prepare` (checks, config.json, split) -> `_start_results` ->
+`_train_classifier` -> `_train_ddpms` (Original, Retrain) -> `_evaluate_trained` ->
+`_unlearning_data` -> `_saliency_mask` -> `_unlearn` (each method, then `_evaluate`) ->
+`_report`; each takes the checked run (`_Run`) and the results dict.
 
 results.json:
     {"dataset", "forget_class", "num_classes", "image_shape", "split_hash", "config",
@@ -31,6 +35,7 @@ import dataclasses
 import logging
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,16 +169,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
-    # Everything that can be wrong with the config is checked before anything is written.
-    wall_start = time.perf_counter()
+    run = _prepare(config, workdir, wall_start=time.perf_counter())
+    results = _start_results(run)
+    judge = _train_classifier(run, results)  # 1. the evaluation classifier
+    task, original, trained = _train_ddpms(run)  # 2. the original DDPM (and Retrain)
+    _evaluate_trained(run, results, judge, trained)
+    task = _unlearning_data(run, task)  # 3. the unlearning data and the saliency mask
+    mask = _saliency_mask(run, results, original, task)
+    _unlearn(run, results, judge, original, task, mask)  # 4. unlearning, each method
+    return _report(run, results)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every stage reads: the config, the work directory, the data, the split and the
+    models, fixed once `_prepare` has checked them (the results dict is passed on its own)."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    wall_start: float  # time.perf_counter() when the invocation started
+    dataset: object
+    split: object  # as saved in `workdir/split.npz`
+    forget_class: int
+    image_shape: tuple[int, ...]
+    classifier: object  # the evaluation classifier's module
+    classifier_config: TrainConfig
+    model: UNet
+    schedule: object
+    train_config: DiffusionTrainConfig
+    retrain_config: DiffusionTrainConfig
+    method_configs: dict  # {method: DiffusionUnlearnConfig}, every run method but Retrain
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def results_path(self) -> str:
+        return os.path.join(self.workdir, "results.json")
+
+
+class _Judge(NamedTuple):
+    """The trained evaluation classifier and the features of the real train images of the
+    retained classes (FD's reference)."""
+
+    predict_fn: object  # returns (logits, features)
+    variables: object
+    real_features: np.ndarray
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str, wall_start: float) -> _Run:
+    """Checks everything that can be wrong with the config before anything is written; then
+    writes config.json and the split."""
     unknown = [m for m in config.run_methods if m not in METHODS["diffusion"]]
     if unknown:
         raise UserError(f"unknown methods {unknown}; known: {', '.join(METHODS['diffusion'])}")
     check_config(workdir, config, FIXED_KEYS)
     dataset = load_data(config)
-    num_classes = dataset.num_classes
     try:
-        forget_class = check_class(config.forget_class, num_classes)
+        forget_class = check_class(config.forget_class, dataset.num_classes)
     except ValueError as error:
         raise UserError(str(error)) from error
     split = build_split(
@@ -200,12 +254,39 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
         if m != "Retrain"
     }
     image_shape = tuple(int(d) for d in dataset.train_images.shape[1:])
+    classifier, model, schedule = _build_models(config, dataset, classifier_config, image_shape)
+    write_config(workdir, config)
+    split = save_split_once(workdir, dataset, split)
+    return _Run(
+        config=config,
+        workdir=workdir,
+        wall_start=wall_start,
+        dataset=dataset,
+        split=split,
+        forget_class=forget_class,
+        image_shape=image_shape,
+        classifier=classifier,
+        classifier_config=classifier_config,
+        model=model,
+        schedule=schedule,
+        train_config=train_config,
+        retrain_config=retrain_config,
+        method_configs=method_configs,
+    )
+
+
+def _build_models(config, dataset, classifier_config: TrainConfig, image_shape: tuple) -> tuple:
+    """The evaluation classifier's module, the UNet and the noise schedule."""
     try:
         classifier = create_model(
-            classifier_config.model, num_classes, dataset.mean, dataset.std, classifier_config.width
+            classifier_config.model,
+            dataset.num_classes,
+            dataset.mean,
+            dataset.std,
+            classifier_config.width,
         )
         model = UNet(
-            num_classes=num_classes,
+            num_classes=dataset.num_classes,
             image_size=image_shape[0],
             out_channels=image_shape[2],
             **{k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()},
@@ -213,66 +294,80 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
         schedule = linear_schedule(**config.diffusion.to_dict())
     except (TypeError, ValueError) as error:
         raise UserError(f"bad model config: {error}") from error
-    write_config(workdir, config)
-    split = save_split_once(workdir, dataset, split)
-    images, labels = dataset.train_images, dataset.train_labels
-    test_images, test_labels = dataset.test_images, dataset.test_labels
-    results_path = os.path.join(workdir, "results.json")
-    results = load_results(results_path, {"methods": {}})
+    return classifier, model, schedule
+
+
+def _start_results(run: _Run) -> dict:
+    """results.json as a previous invocation left it (its finished methods are skipped), with
+    this run's description."""
+    results = load_results(run.results_path, {"methods": {}})
     results.update(
-        dataset=dataset.name,
-        forget_class=forget_class,
-        num_classes=num_classes,
-        image_shape=list(image_shape),
-        split_hash=split.hash,
-        config=config.to_dict(),
+        dataset=run.dataset.name,
+        forget_class=run.forget_class,
+        num_classes=run.num_classes,
+        image_shape=list(run.image_shape),
+        split_hash=run.split.hash,
+        config=run.config.to_dict(),
     )
+    return results
 
-    def save():
-        results["wall_time_s"] = time.perf_counter() - wall_start
-        write_results(results_path, results)
 
-    def diverged(error):
-        return UserError(str(error))
+def _save(run: _Run, results: dict) -> None:
+    results["wall_time_s"] = time.perf_counter() - run.wall_start
+    write_results(run.results_path, results)
 
-    # 1. The evaluation classifier, trained on the same (train) images.
+
+def _train_classifier(run: _Run, results: dict) -> _Judge:
+    """The evaluation classifier, trained (or restored from `classifier/`) on the same train
+    images; its test accuracy and the real test-vs-train FD go to results["classifier"]."""
+    dataset, split = run.dataset, run.split
+    images = dataset.train_images
     try:
-        classifier_state = train_classifier(
+        state = train_classifier(
             images,
-            labels,
+            dataset.train_labels,
             split.train,
-            classifier,
-            classifier_config,
-            workdir=os.path.join(workdir, "classifier"),
+            run.classifier,
+            run.classifier_config,
+            workdir=os.path.join(run.workdir, "classifier"),
             desc="classifier",
         ).state
     except TrainingDivergedError as error:
-        raise diverged(error) from error
-    classifier_variables = classifier_state.variables
-    predict_fn = make_predict_fn(classifier.apply, return_features=True)
-    _, real_features = predict(predict_fn, classifier_variables, images[split.retain])
-    _, test_features = predict(predict_fn, classifier_variables, test_images[split.test])
+        raise UserError(str(error)) from error
+    variables = state.variables
+    predict_fn = make_predict_fn(run.classifier.apply, return_features=True)
+    _, real_features = predict(predict_fn, variables, images[split.retain])
+    _, test_features = predict(predict_fn, variables, dataset.test_images[split.test])
     results["classifier"] = {
-        "model": f"{classifier_config.model} x{classifier_config.width}",
+        "model": f"{run.classifier_config.model} x{run.classifier_config.width}",
         "test_accuracy": model_accuracy(
-            make_predict_fn(classifier.apply), classifier_variables, test_images, test_labels
+            make_predict_fn(run.classifier.apply),
+            variables,
+            dataset.test_images,
+            dataset.test_labels,
         ),
         "FD_real_test": classifier_frechet_distance(real_features, test_features),
     }
     logging.info("classifier: %s", results["classifier"])
+    return _Judge(predict_fn, variables, real_features)
 
-    # 2. The original DDPM and (optionally) Retrain, on the train images as they are.
-    task = DiffusionTask(model, images, labels, split, num_classes, schedule)
+
+def _train_ddpms(run: _Run) -> tuple:
+    """The original DDPM and (if in `run_methods`) Retrain, on the train images as they are;
+    returns the unlearning task and the trained models ({"Original": .., "Retrain": ..})."""
+    config, dataset = run.config, run.dataset
+    images, labels = dataset.train_images, dataset.train_labels
+    task = DiffusionTask(run.model, images, labels, run.split, run.num_classes, run.schedule)
     checkpoint_every = config.checkpoint_every
     try:
         original = train_diffusion(
             images,
             labels,
-            split.train,
-            model,
-            schedule,
-            train_config,
-            workdir=os.path.join(workdir, "original"),
+            run.split.train,
+            run.model,
+            run.schedule,
+            run.train_config,
+            workdir=os.path.join(run.workdir, "original"),
             desc="original",
             checkpoint_every=checkpoint_every,
         )
@@ -281,129 +376,162 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
             trained["Retrain"] = get_method("Retrain", "diffusion")(
                 None,
                 task,
-                retrain_config,
+                run.retrain_config,
                 None,
-                workdir=os.path.join(workdir, "retrain"),
+                workdir=os.path.join(run.workdir, "retrain"),
                 checkpoint_every=checkpoint_every,
             )
     except TrainingDivergedError as error:
-        raise diverged(error) from error
+        raise UserError(str(error)) from error
     except ValueError as error:
         raise UserError(str(error)) from error
+    return task, original, trained
 
-    sample = config.sample
-    sample_labels = samples_per_class_labels(num_classes, sample.num_per_class)
 
-    def evaluate(name: str, params, run_time_s: float, compile_time_s: float, model_code=""):
-        start = time.perf_counter()
-        samples = generate_samples(
-            model.apply,
-            params,
-            schedule,
-            sample_labels,
-            jax.random.key(sample.seed),
-            image_shape=image_shape,
-            num_steps=sample.num_steps or None,
-            eta=sample.eta,
-            guidance_scale=sample.guidance_scale,
-            batch_size=sample.batch_size,
-        )
-        sampling_seconds = time.perf_counter() - start
-        metrics = evaluate_samples(
-            predict_fn,
-            classifier_variables,
-            samples,
-            sample_labels,
-            forget_class,
-            num_classes,
-            real_features,
-        )
-        metrics.update(
-            code=code_version(),
-            model_code=model_code,
-            run_time_s=run_time_s,
-            compile_time_s=compile_time_s,
-            sampling_seconds=sampling_seconds,
-            num_samples_per_class=int(sample.num_per_class),
-        )
-        save_sample_grid(
-            samples,
-            sample_labels,
-            os.path.join(workdir, "grids", f"{name}.png"),
-            num_classes=num_classes,
-            per_class=sample.grid_per_class,
-            scale=sample.grid_scale,
-        )
-        results["methods"][name] = metrics
-        save()
-        logging.info(
-            "%s: UA %.2f, retained acc %.2f, FD %s, %.1f s",
-            name,
-            metrics["UA"],
-            metrics["retain_accuracy"],
-            metrics["FD"],
-            run_time_s,
-        )
-
+def _evaluate_trained(run: _Run, results: dict, judge: _Judge, trained: dict) -> None:
+    """Samples and evaluates Original and Retrain, unless results.json has them."""
+    use_ema = run.config.sample.use_ema
     for name, out in trained.items():
         if name not in results["methods"]:
             params = (
                 out.state.ema_params
-                if sample.use_ema and out.state.ema_params is not None
+                if use_ema and out.state.ema_params is not None
                 else out.state.params
             )
-            evaluate(name, params, out.run_seconds, out.compile_seconds, out.code)
+            _evaluate(
+                run, results, judge, name, params, out.run_seconds, out.compile_seconds, out.code
+            )
 
-    # 3. The saliency mask and the unlearning data: D_f and D_r of upstream's runner are built
-    # once over a flipping data set, so with `frozen_flip` a random flip is applied and frozen.
-    if config.frozen_flip:
-        task = dataclasses.replace(task, images=frozen_random_flip(images))
+
+def _evaluate(
+    run: _Run,
+    results: dict,
+    judge: _Judge,
+    name: str,
+    params,
+    run_time_s: float,
+    compile_time_s: float,
+    model_code: str = "",
+) -> None:
+    """Samples every class (the same noise for every model), classifies the samples, saves
+    `grids/<name>.png` and the metrics as results["methods"][name]."""
+    sample, num_classes = run.config.sample, run.num_classes
+    sample_labels = samples_per_class_labels(num_classes, sample.num_per_class)
+    start = time.perf_counter()
+    samples = generate_samples(
+        run.model.apply,
+        params,
+        run.schedule,
+        sample_labels,
+        jax.random.key(sample.seed),
+        image_shape=run.image_shape,
+        num_steps=sample.num_steps or None,
+        eta=sample.eta,
+        guidance_scale=sample.guidance_scale,
+        batch_size=sample.batch_size,
+    )
+    sampling_seconds = time.perf_counter() - start
+    metrics = evaluate_samples(
+        judge.predict_fn,
+        judge.variables,
+        samples,
+        sample_labels,
+        run.forget_class,
+        num_classes,
+        judge.real_features,
+    )
+    metrics.update(
+        code=code_version(),
+        model_code=model_code,
+        run_time_s=run_time_s,
+        compile_time_s=compile_time_s,
+        sampling_seconds=sampling_seconds,
+        num_samples_per_class=int(sample.num_per_class),
+    )
+    save_sample_grid(
+        samples,
+        sample_labels,
+        os.path.join(run.workdir, "grids", f"{name}.png"),
+        num_classes=num_classes,
+        per_class=sample.grid_per_class,
+        scale=sample.grid_scale,
+    )
+    results["methods"][name] = metrics
+    _save(run, results)
+    logging.info(
+        "%s: UA %.2f, retained acc %.2f, FD %s, %.1f s",
+        name,
+        metrics["UA"],
+        metrics["retain_accuracy"],
+        metrics["FD"],
+        run_time_s,
+    )
+
+
+def _unlearning_data(run: _Run, task: DiffusionTask) -> DiffusionTask:
+    """D_f and D_r of upstream's runner are built once over a flipping data set, so with
+    `frozen_flip` a random flip is applied and frozen."""
+    if run.config.frozen_flip:
+        return dataclasses.replace(task, images=frozen_random_flip(run.dataset.train_images))
+    return task
+
+
+def _saliency_mask(run: _Run, results: dict, original, task: DiffusionTask):
+    """The saliency mask of the forget class if a run method uses one (else None), loaded from
+    `masks/` or computed from the original's raw params (then results["mask"])."""
+    if not any(m in MASKED_METHODS for m in run.config.run_methods):
+        return None
+    mask_config = run.config.mask
+    mask_path = os.path.join(
+        run.workdir, "masks", f"forget_{run.forget_class}_with_{mask_config.fraction:.2f}.npz"
+    )
     mask = None
-    if any(m in MASKED_METHODS for m in config.run_methods):
-        mask_config = config.mask
-        mask_path = os.path.join(
-            workdir, "masks", f"forget_{forget_class}_with_{mask_config.fraction:.2f}.npz"
+    if os.path.exists(mask_path):
+        try:
+            mask = saliency.load_mask(mask_path, original.state.params)
+        except saliency.MaskMismatchError as error:  # a derived file: make it again
+            logging.warning("%s; computing the mask again", error)
+            os.replace(mask_path, f"{mask_path}.unreadable")
+    if mask is not None:
+        return mask
+    start = time.perf_counter()
+    try:
+        scores = diffusion_saliency_scores(
+            original.state,
+            task,
+            batch_size=mask_config.batch_size,
+            guidance_scale=mask_config.guidance_scale,
+            clip_norm=mask_config.clip_norm or None,
+            seed=mask_config.seed,
         )
-        if os.path.exists(mask_path):
-            try:
-                mask = saliency.load_mask(mask_path, original.state.params)
-            except saliency.MaskMismatchError as error:  # a derived file: make it again
-                logging.warning("%s; computing the mask again", error)
-                os.replace(mask_path, f"{mask_path}.unreadable")
-        if mask is None:
-            start = time.perf_counter()
-            try:
-                scores = diffusion_saliency_scores(
-                    original.state,
-                    task,
-                    batch_size=mask_config.batch_size,
-                    guidance_scale=mask_config.guidance_scale,
-                    clip_norm=mask_config.clip_norm or None,
-                    seed=mask_config.seed,
-                )
-            except ValueError as error:
-                raise UserError(str(error)) from error
-            mask = saliency.mask_from_scores(jax.device_get(scores), mask_config.fraction)
-            os.makedirs(os.path.dirname(mask_path), exist_ok=True)
-            if is_primary():
-                saliency.save_mask(mask_path, mask)
-            stats = saliency.mask_stats(mask)
-            results["mask"] = {
-                "fraction": stats["fraction"],
-                "ones": stats["ones"],
-                "size": stats["size"],
-                "seconds": time.perf_counter() - start,
-                "path": os.path.relpath(mask_path, workdir),
-            }
-            save()
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    mask = saliency.mask_from_scores(jax.device_get(scores), mask_config.fraction)
+    os.makedirs(os.path.dirname(mask_path), exist_ok=True)
+    if is_primary():
+        saliency.save_mask(mask_path, mask)
+    stats = saliency.mask_stats(mask)
+    results["mask"] = {
+        "fraction": stats["fraction"],
+        "ones": stats["ones"],
+        "size": stats["size"],
+        "seconds": time.perf_counter() - start,
+        "path": os.path.relpath(mask_path, run.workdir),
+    }
+    _save(run, results)
+    return mask
 
-    # 4. Unlearning, each method from the original's raw params.
+
+def _unlearn(run: _Run, results: dict, judge: _Judge, original, task, mask) -> None:
+    """Each unlearning method not yet in results.json, from the original's raw params
+    (`unlearned/<method>/`), then sampled and evaluated."""
+    config = run.config
     results["alpha"] = float(config.unlearn.alpha)
-    results["effective_alpha_per_element"] = effective_alpha(config.unlearn.alpha, image_shape)
+    results["effective_alpha_per_element"] = effective_alpha(config.unlearn.alpha, run.image_shape)
     for method in config.run_methods:
         if method == "Retrain" or method in results["methods"]:
             continue
-        method_config = method_configs[method]
+        method_config = run.method_configs[method]
         try:
             output = get_method(method, "diffusion")(
                 original.state,
@@ -411,15 +539,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
                 method_config,
                 jax.random.key(method_config.seed),
                 mask=mask if method in MASKED_METHODS else None,
-                workdir=os.path.join(workdir, "unlearned", method),
+                workdir=os.path.join(run.workdir, "unlearned", method),
             )
         except TrainingDivergedError as error:
-            raise diverged(error) from error
+            raise UserError(str(error)) from error
         except ValueError as error:
             raise UserError(f"{method}: {error}") from error
-        evaluate(method, output.state.params, output.run_seconds, output.compile_seconds)
+        _evaluate(
+            run,
+            results,
+            judge,
+            method,
+            output.state.params,
+            output.run_seconds,
+            output.compile_seconds,
+        )
 
-    save()
+
+def _report(run: _Run, results: dict) -> str:
+    """results.json (with this invocation's wall time) and results.md; returns the tables."""
+    _save(run, results)
     table = results_markdown(results)
-    write_text(os.path.join(workdir, "results.md"), table)
+    write_text(os.path.join(run.workdir, "results.md"), table)
     return table

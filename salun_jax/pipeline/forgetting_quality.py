@@ -18,6 +18,10 @@ quality, final score, accuracies, epsilon summary, seconds), results.md (the tab
 is checkpointed when it finishes, under populations/<name>-<hash of its settings>/, so a rerun on
 the same work directory restores the finished populations instead of retraining them (saving
 every epoch cost the N = 32 run about a fifth of its time); the evaluation is recomputed.
+
+As functions, in order: `_prepare` (checks, config.json) -> `_train_populations` -> the
+reference and the Retrain / Original rows (`_evaluate`) -> `_unlearn_populations` ->
+`_write_results` -> `_write_run_info`.
 """
 
 from __future__ import annotations
@@ -127,6 +131,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
     start_all = time.perf_counter()
+    run = _prepare(config, workdir)
+    timings = {}
+    originals, retrained = _train_populations(run, timings)
+    half_a = jax.tree.map(lambda x: x[: run.members], retrained)
+    half_b = jax.tree.map(lambda x: x[run.members :], retrained)
+    reference = _evaluate(half_b, run.dataset, run.split, run.strategy)
+    evaluated = {
+        "Retrain": _evaluate(half_a, run.dataset, run.split, run.strategy),
+        "Original": _evaluate(originals, run.dataset, run.split, run.strategy),
+    }
+    seconds = {"Retrain": timings["Retrain (2N)"] / 2, "Original": timings["Original"]}
+    _unlearn_populations(run, originals, evaluated, seconds, timings)
+    table = _write_results(run, evaluated, reference, seconds)
+    total = time.perf_counter() - start_all
+    _write_run_info(run, timings, total)
+    return f"{table}\n\n{SANITY}.\nN = {run.members}, {total:.0f} s in all."
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every stage reads: the config, the work directory, the data, the split, the model
+    and the settings, fixed once `_prepare` has checked them."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    dataset: object
+    split: object
+    model: object  # the classifier's module, shared by every population
+    train_config: TrainConfig
+    method_configs: dict  # {method: UnlearnConfig}
+    members: int  # N
+    strategy: str
+    seed: int
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+    """Checks the settings, loads the data, makes the split and the model; writes config.json."""
     members = int(config.members)
     if members < 2:
         raise UserError(f"members must be >= 2 (the metric needs 2 models a side), got {members}")
@@ -147,69 +188,90 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
     except ValueError as error:
         raise UserError(f"bad train config: {error}") from error
     write_config(workdir, config)
-    strategy, seed = config.strategy, int(config.seed)
-    images, labels = dataset.train_images, dataset.train_labels
-    timings = {}
+    return _Run(
+        config=config,
+        workdir=workdir,
+        dataset=dataset,
+        split=split,
+        model=model,
+        train_config=train_config,
+        method_configs=method_configs,
+        members=members,
+        strategy=config.strategy,
+        seed=int(config.seed),
+    )
 
-    def timed(name, fn):
-        start = time.perf_counter()
-        out = fn()
-        jax.block_until_ready(jax.tree.leaves(out))
-        timings[name] = time.perf_counter() - start
-        logging.info("%s: %.1f s", name, timings[name])
-        return out
 
-    def population_dir(name, *settings):
-        # Checkpoints per population: an interrupted run resumes; changed settings start anew.
-        digest = config_hash(split.hash, members, seed, strategy, *settings)
-        return os.path.join(workdir, "populations", f"{name}-{digest}")
+def _timed(timings: dict, name: str, fn):
+    """fn(), its time (until its result is ready) in timings[name] and the log."""
+    start = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(jax.tree.leaves(out))
+    timings[name] = time.perf_counter() - start
+    logging.info("%s: %.1f s", name, timings[name])
+    return out
 
-    originals = timed(
+
+def _population_dir(run: _Run, name: str, *settings) -> str:
+    # Checkpoints per population: an interrupted run resumes; changed settings start anew.
+    digest = config_hash(run.split.hash, run.members, run.seed, run.strategy, *settings)
+    return os.path.join(run.workdir, "populations", f"{name}-{digest}")
+
+
+def _train_population(run: _Run, name: str, indices, seeds: list[int]):
+    """A population of classifiers trained on `indices`, one member per seed (restored from
+    `populations/<name>-<hash>/` when it finished before); returns its stacked state."""
+    train_config = run.train_config
+    return population.population_train_classifier(
+        run.dataset.train_images,
+        run.dataset.train_labels,
+        indices,
+        run.model,
+        train_config,
+        seeds,
+        strategy=run.strategy,
+        desc=name,
+        workdir=_population_dir(run, name, train_config),
+        checkpoint_every=max(train_config.epochs, 1),
+    ).state
+
+
+def _train_populations(run: _Run, timings: dict) -> tuple:
+    """The N originals (train split) and the 2N retrained models (retain split)."""
+    seed, members = run.seed, run.members
+    originals = _timed(
+        timings,
         "Original",
-        lambda: (
-            population.population_train_classifier(
-                images,
-                labels,
-                split.train,
-                model,
-                train_config,
-                [seed + i for i in range(members)],
-                strategy=strategy,
-                desc="original",
-                workdir=population_dir("original", train_config),
-                checkpoint_every=max(train_config.epochs, 1),
-            ).state
+        lambda: _train_population(
+            run, "original", run.split.train, [seed + i for i in range(members)]
         ),
     )
-    retrained = timed(
+    retrained = _timed(
+        timings,
         "Retrain (2N)",
-        lambda: (
-            population.population_train_classifier(
-                images,
-                labels,
-                split.retain,
-                model,
-                train_config,
-                [seed + 1000 + i for i in range(2 * members)],
-                strategy=strategy,
-                desc="retrain",
-                workdir=population_dir("retrain", train_config),
-                checkpoint_every=max(train_config.epochs, 1),
-            ).state
+        lambda: _train_population(
+            run, "retrain", run.split.retain, [seed + 1000 + i for i in range(2 * members)]
         ),
     )
-    half_a = jax.tree.map(lambda x: x[:members], retrained)
-    half_b = jax.tree.map(lambda x: x[members:], retrained)
-    reference = _evaluate(half_b, dataset, split, strategy)
-    evaluated = {
-        "Retrain": _evaluate(half_a, dataset, split, strategy),
-        "Original": _evaluate(originals, dataset, split, strategy),
-    }
-    seconds = {"Retrain": timings["Retrain (2N)"] / 2, "Original": timings["Original"]}
-    task = UnlearnTask(model, images, labels, split, dataset.num_classes)
-    unlearn_seeds = [seed + 2000 + i for i in range(members)]
+    return originals, retrained
+
+
+def _unlearn_populations(
+    run: _Run, originals, evaluated: dict, seconds: dict, timings: dict
+) -> None:
+    """Per method, N unlearned models (member i from original i with key(seed + 2000 + i)),
+    timed and evaluated into `evaluated`, `seconds` and `timings`."""
+    config, strategy = run.config, run.strategy
+    task = UnlearnTask(
+        run.model,
+        run.dataset.train_images,
+        run.dataset.train_labels,
+        run.split,
+        run.dataset.num_classes,
+    )
+    unlearn_seeds = [run.seed + 2000 + i for i in range(run.members)]
     for method in config.run_methods:
-        cfg = method_configs[method]
+        cfg = run.method_configs[method]
         start = time.perf_counter()
         masks = None
         if method == "SalUn":
@@ -230,37 +292,44 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> str:
             unlearn_seeds,
             masks,
             strategy=strategy,
-            workdir=population_dir(method, train_config, cfg, config.mask.fraction),
+            workdir=_population_dir(run, method, run.train_config, cfg, config.mask.fraction),
             checkpoint_every=max(cfg.epochs, 1),
         ).state
         jax.block_until_ready(jax.tree.leaves(states.params))
         seconds[method] = timings[method] = time.perf_counter() - start
-        evaluated[method] = _evaluate(states, dataset, split, strategy)
+        evaluated[method] = _evaluate(states, run.dataset, run.split, strategy)
         logging.info("%s: %.1f s", method, seconds[method])
 
-    results, plots = {}, os.path.join(workdir, "plots")
+
+def _write_results(run: _Run, evaluated: dict, reference: dict, seconds: dict) -> str:
+    """Every row against retrained half B: results.json, results.md and the epsilon plots;
+    returns the table."""
+    results, plots = {}, os.path.join(run.workdir, "plots")
     for method, values in evaluated.items():
         results[method], epsilons = _row(values, reference, seconds[method])
         report.plot_epsilon_histogram(
             epsilons,
             os.path.join(plots, f"epsilon_{method}.png"),
-            title=f"{method}: F = {results[method]['forgetting_quality']:.3f}, N = {members}",
+            title=f"{method}: F = {results[method]['forgetting_quality']:.3f}, N = {run.members}",
         )
     table = markdown_table(results)
-    report.write_results(os.path.join(workdir, "results.json"), results)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
+    report.write_results(os.path.join(run.workdir, "results.json"), results)
+    with open(os.path.join(run.workdir, "results.md"), "w") as f:
         f.write(table + "\n")
-    total = time.perf_counter() - start_all
+    return table
+
+
+def _write_run_info(run: _Run, timings: dict, total: float) -> None:
+    """run.json: timings, what the Retrain row compares, the machine and the method configs."""
     run_info = {
         "sanity_row": SANITY,
-        "members": members,
-        "num_forget": int(len(split.forget)),
-        "strategy": population.resolve_strategy(strategy),
+        "members": run.members,
+        "num_forget": int(len(run.split.forget)),
+        "strategy": population.resolve_strategy(run.strategy),
         "backend": jax.default_backend(),
         "seconds": {**timings, "total": total},
         "load_average": list(os.getloadavg()),
-        "method_configs": {m: dataclasses.asdict(c) for m, c in method_configs.items()},
+        "method_configs": {m: dataclasses.asdict(c) for m, c in run.method_configs.items()},
     }
-    with open(os.path.join(workdir, "run.json"), "w") as f:
+    with open(os.path.join(run.workdir, "run.json"), "w") as f:
         json.dump(run_info, f, indent=2, sort_keys=True, default=str)
-    return f"{table}\n\n{SANITY}.\nN = {members}, {total:.0f} s in all."

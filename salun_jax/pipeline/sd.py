@@ -21,6 +21,10 @@ Steps, each resumable from the work directory:
      with a classifier (tiny), UA on the forget class's prompt and the retained classes'
      accuracy;
   6. `results.json` and `results.md` after every model.
+As functions, in order: `_check` -> `_model_stage` -> `_describe_task` -> `_evaluate`
+(Original) -> `_generate_data` -> `_unlearning_task` -> `_saliency_mask` -> `_unlearn` (each
+method, then `_evaluate`) -> `_report`; after the model each takes the run (`_Run`) and the
+results dict. The configs' shared settings are in `sd_configs.py` (`base_config`).
 
 results.json:
     {"task", "forget", "prompts", "model": {...}, "classifier": {"model", "test_accuracy"},
@@ -73,6 +77,7 @@ from salun_jax.pipeline.common import (
     write_results,
     write_text,
 )
+from salun_jax.pipeline.sd_configs import base_config as base_config  # the configs import it
 from salun_jax.pipeline.workdir import locked
 from salun_jax.provenance import code_version
 from salun_jax.step import TrainState
@@ -171,33 +176,15 @@ def _decode_fn(vae, vae_params):
 
 
 def _tiny_model(config, dataset, prompts, workdir, results) -> Text2Image:
-    from salun_jax.models.sd import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    from salun_jax.models.sd.unet import UNet2DConditionModel, UNetConfig
+    """The tiny SD: a random frozen text encoder and the UNet trained here (`original/`) on the
+    data set's images with their class prompts; its size and training go to results["model"]."""
+    from salun_jax.models.sd import CLIPTokenizer
 
     tiny = config.tiny
     words = sorted({w for p in prompts for w in p.lower().split() if not w.isdigit()})
     tokenizer = CLIPTokenizer.from_words(words, max_length=tiny.max_length)
     shape = tuple(int(d) for d in dataset.train_images.shape[1:])
-    try:
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer.vocab),
-                max_position_embeddings=tiny.max_length,
-                **tiny.text.to_dict(),
-            )
-        )
-        unet_config = {k: tuple(v) if isinstance(v, list) else v for k, v in tiny.unet.items()}
-        unet = UNet2DConditionModel(
-            UNetConfig(
-                sample_size=shape[0],
-                in_channels=shape[2],
-                out_channels=shape[2],
-                cross_attention_dim=tiny.text.hidden_size,
-                **unet_config,
-            )
-        )
-    except (TypeError, ValueError) as error:
-        raise UserError(f"bad tiny model config: {error}") from error
+    text_encoder, unet = _tiny_networks(tiny, len(tokenizer.vocab), shape)
     ids = tokenizer(prompts)
     text_params = jax.jit(text_encoder.init)(jax.random.key(tiny.text_seed), ids[:1])["params"]
     contexts, ids = _encode(tokenizer, text_encoder, text_params, prompts)
@@ -241,6 +228,34 @@ def _tiny_model(config, dataset, prompts, workdir, results) -> Text2Image:
         None,
         out.code,
     )
+
+
+def _tiny_networks(tiny, vocab_size: int, shape: tuple) -> tuple:
+    """The tiny CLIP text encoder and the tiny `UNet2DConditionModel` for images of `shape`."""
+    from salun_jax.models.sd import CLIPTextConfig, CLIPTextModel
+    from salun_jax.models.sd.unet import UNet2DConditionModel, UNetConfig
+
+    try:
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=vocab_size,
+                max_position_embeddings=tiny.max_length,
+                **tiny.text.to_dict(),
+            )
+        )
+        unet_config = {k: tuple(v) if isinstance(v, list) else v for k, v in tiny.unet.items()}
+        unet = UNet2DConditionModel(
+            UNetConfig(
+                sample_size=shape[0],
+                in_channels=shape[2],
+                out_channels=shape[2],
+                cross_attention_dim=tiny.text.hidden_size,
+                **unet_config,
+            )
+        )
+    except (TypeError, ValueError) as error:
+        raise UserError(f"bad tiny model config: {error}") from error
+    return text_encoder, unet
 
 
 def _classifier(config, dataset, workdir, results):
@@ -392,6 +407,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
     wall_start = time.perf_counter()
+    method_configs = _check(config, workdir)
+    results = load_results(os.path.join(workdir, "results.json"), {"methods": {}})
+    model, class_names, places, predict = _model_stage(config, workdir, results)  # 1. the model
+    run = _Run(config, workdir, wall_start, method_configs, model, class_names, places, predict)
+    _describe_task(run, results)
+    _save(run, results)
+    run = dataclasses.replace(run, detector=make_nudity_detector() if run.nudenet else None)
+    if "Original" not in results["methods"]:
+        _evaluate(run, results, "Original", model.params, None, None)
+    arrays = _generate_data(config, model, places, workdir, results)  # 2. forget / retain data
+    _save(run, results)
+    task = _unlearning_task(run, arrays)
+    mask = _saliency_mask(run, results, task)  # 3. the SalUn-SD mask
+    _unlearn(run, results, task, mask)  # 4. unlearning, each method
+    return _report(run, results)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the stages after the model's read: the config, the work directory, the model and
+    its prompt table, the evaluation classifier and the NudeNet detector (the results dict is
+    passed on its own)."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    wall_start: float  # time.perf_counter() when the invocation started
+    method_configs: dict  # {method: SDUnlearnConfig}
+    model: Text2Image
+    class_names: list[str]
+    places: dict  # rows of the prompt table (`_prompt_table`)
+    predict: tuple | None  # the classifier's (features-returning predict, variables); tiny only
+    detector: object = None  # NudeNet's, when `nudenet`
+
+    @property
+    def results_path(self) -> str:
+        return os.path.join(self.workdir, "results.json")
+
+    @property
+    def nudenet(self) -> bool:
+        return self.config.task == "nudity" and self.config.nudity.get("nudenet", False)
+
+
+def _check(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Checks the methods, the task, the model's source and the work directory's config.json;
+    returns the unlearning config of each run method."""
     unknown = [m for m in config.run_methods if m not in METHODS["sd"]]
     if unknown:
         raise UserError(f"unknown methods {unknown}; known: {', '.join(METHODS['sd'])}")
@@ -404,7 +464,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
             "here), or run the :tiny variant"
         )
     check_config(workdir, config, FIXED_KEYS)
-    method_configs = {
+    return {
         m: make_dataclass(
             SDUnlearnConfig,
             {**config.unlearn.to_dict(), **config.methods.get(m, {})},
@@ -412,41 +472,55 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
         )
         for m in config.run_methods
     }
-    results_path = os.path.join(workdir, "results.json")
-    results = load_results(results_path, {"methods": {}})
 
-    def save():
-        results["wall_time_s"] = time.perf_counter() - wall_start
-        write_results(results_path, results)
 
-    # 1. The model and its prompt table.
-    predict = None
+def _save(run: _Run, results: dict) -> None:
+    results["wall_time_s"] = time.perf_counter() - run.wall_start
+    write_results(run.results_path, results)
+
+
+def _model_stage(config: ml_collections.ConfigDict, workdir: str, results: dict) -> tuple:
+    """The model and its prompt table (writes config.json): the pretrained SD of `model_dir`,
+    or the tiny one with its evaluation classifier (`classifier/`, `original/`). Returns
+    (model, class names, prompt rows, the classifier's (predict, variables) or None)."""
     if config.model_dir:
         sd = _load_pretrained(config)
         class_names = list(config.class_names)
         prompts, places = _prompt_table(config, class_names)
-        contexts, ids = _encode(sd.tokenizer, sd.text_encoder, sd.text_encoder_params, prompts)
-        latent = sd.unet.config.sample_size
-        model = Text2Image(
-            sd.unet,
-            sd.unet_params,
-            make_schedule(**config.schedule.to_dict()),
-            prompts,
-            contexts,
-            ids,
-            sd.tokenizer,
-            (latent, latent, sd.unet.config.in_channels),
-            _decode_fn(sd.vae, sd.vae_params),
-            "",
-        )
+        model = _pretrained_model(config, sd, prompts)
         write_config(workdir, config)
-    else:
-        dataset = load_data(config)
-        class_names = list(dataset.class_names)
-        prompts, places = _prompt_table(config, class_names)
-        write_config(workdir, config)
-        predict = _classifier(config, dataset, workdir, results)
-        model = _tiny_model(config, dataset, prompts, workdir, results)
+        return model, class_names, places, None
+    dataset = load_data(config)
+    class_names = list(dataset.class_names)
+    prompts, places = _prompt_table(config, class_names)
+    write_config(workdir, config)
+    predict = _classifier(config, dataset, workdir, results)
+    model = _tiny_model(config, dataset, prompts, workdir, results)
+    return model, class_names, places, predict
+
+
+def _pretrained_model(config: ml_collections.ConfigDict, sd, prompts: list[str]) -> Text2Image:
+    """A loaded SD v1.x in latent space, its prompt table encoded; images through the VAE."""
+    contexts, ids = _encode(sd.tokenizer, sd.text_encoder, sd.text_encoder_params, prompts)
+    latent = sd.unet.config.sample_size
+    return Text2Image(
+        sd.unet,
+        sd.unet_params,
+        make_schedule(**config.schedule.to_dict()),
+        prompts,
+        contexts,
+        ids,
+        sd.tokenizer,
+        (latent, latent, sd.unet.config.in_channels),
+        _decode_fn(sd.vae, sd.vae_params),
+        "",
+    )
+
+
+def _describe_task(run: _Run, results: dict) -> None:
+    """Checks the forget class; the task, what is forgotten, the prompts and the config go to
+    results.json."""
+    config, class_names = run.config, run.class_names
     if config.task == "class" and not 0 <= config.forget_class < len(class_names):
         raise UserError(f"forget_class {config.forget_class} is not one of {len(class_names)}")
     forget_name = (
@@ -454,81 +528,95 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
         if config.task == "class"
         else repr(config.nudity.forget_prompt)
     )
-    results.update(task=config.task, forget=forget_name, prompts=prompts, config=config.to_dict())
-    save()
+    results.update(
+        task=config.task, forget=forget_name, prompts=run.model.prompts, config=config.to_dict()
+    )
 
-    sample = config.sample.to_dict()
-    eval_rows = np.repeat(places["eval"], sample["num_per_prompt"])
-    eval_labels = np.repeat(np.arange(len(places["eval"])), sample["num_per_prompt"])
 
-    nudenet = config.task == "nudity" and config.nudity.get("nudenet", False)
-    detector = make_nudity_detector() if nudenet else None
+def _evaluate(run: _Run, results: dict, name: str, params, run_time_s, compile_time_s, extra=None):
+    """Samples the evaluation prompts (the same noise for every model), measures the samples,
+    saves `grids/<name>.png` (and `samples/<name>/` for a pretrained model) and the metrics as
+    results["methods"][name]."""
+    sample = run.config.sample.to_dict()
+    eval_rows = np.repeat(run.places["eval"], sample["num_per_prompt"])
+    eval_labels = np.repeat(np.arange(len(run.places["eval"])), sample["num_per_prompt"])
+    start = time.perf_counter()
+    images = _sample(run.model, params, eval_rows, sample, sample["seed"])
+    images = _to_uint8(run.model, images)
+    seconds = time.perf_counter() - start
+    metrics = _sample_metrics(run, results, name, images, eval_labels)
+    metrics.update(
+        code=code_version(),
+        run_time_s=run_time_s,
+        compile_time_s=compile_time_s,
+        sampling_seconds=seconds,
+        num_samples_per_prompt=int(sample["num_per_prompt"]),
+        **(extra or {}),
+    )
+    save_sample_grid(
+        images,
+        eval_labels,
+        os.path.join(run.workdir, "grids", f"{name}.png"),
+        num_classes=len(run.places["eval"]),
+        per_class=sample["grid_per_prompt"],
+        scale=sample["grid_scale"],
+    )
+    if run.config.model_dir and is_primary():  # for NudeNet / an external classifier
+        _save_pngs(os.path.join(run.workdir, "samples", name), images, eval_labels)
+    results["methods"][name] = metrics
+    _save(run, results)
+    logging.info(
+        "%s: UA %s, retained acc %s, %.1f s",
+        name,
+        metrics["UA"],
+        metrics["retain_accuracy"],
+        run_time_s or 0.0,
+    )
 
-    def evaluate(name: str, params, run_time_s, compile_time_s, extra=None):
-        start = time.perf_counter()
-        images = _sample(model, params, eval_rows, sample, sample["seed"])
-        images = _to_uint8(model, images)
-        seconds = time.perf_counter() - start
-        metrics = {"UA": None, "forget_class_accuracy": None, "retain_accuracy": None}
-        if nudenet:  # the nudity task's measure: exposed classes NudeNet finds in the samples
-            table = nudity_count_table(
-                {name: detect_nudity(images, detector)}, config.nudity.nudenet_threshold
-            )
-            results["nudenet"] = {k: v for k, v in table.items() if k != "models"}
-            metrics["nudenet"] = table["models"][name]
-        if predict is not None and config.task == "class":
-            metrics = evaluate_samples(
-                predict[0],
-                predict[1],
-                images,
-                eval_labels,
-                config.forget_class,
-                len(class_names),
-            )
-            metrics.pop("FD", None)
-        metrics.update(
-            code=code_version(),
-            run_time_s=run_time_s,
-            compile_time_s=compile_time_s,
-            sampling_seconds=seconds,
-            num_samples_per_prompt=int(sample["num_per_prompt"]),
-            **(extra or {}),
+
+def _sample_metrics(run: _Run, results: dict, name: str, images, eval_labels) -> dict:
+    """NudeNet's counts (nudity task; its thresholds go to results["nudenet"]) and, with a
+    classifier (tiny, class task), UA and the accuracies; None where not measured."""
+    config = run.config
+    metrics = {"UA": None, "forget_class_accuracy": None, "retain_accuracy": None}
+    if run.nudenet:  # the nudity task's measure: exposed classes NudeNet finds in the samples
+        table = nudity_count_table(
+            {name: detect_nudity(images, run.detector)}, config.nudity.nudenet_threshold
         )
-        save_sample_grid(
+        results["nudenet"] = {k: v for k, v in table.items() if k != "models"}
+        metrics["nudenet"] = table["models"][name]
+    if run.predict is not None and config.task == "class":
+        metrics = evaluate_samples(
+            run.predict[0],
+            run.predict[1],
             images,
             eval_labels,
-            os.path.join(workdir, "grids", f"{name}.png"),
-            num_classes=len(places["eval"]),
-            per_class=sample["grid_per_prompt"],
-            scale=sample["grid_scale"],
+            config.forget_class,
+            len(run.class_names),
         )
-        if config.model_dir and is_primary():  # for NudeNet / an external classifier
-            from PIL import Image
+        metrics.pop("FD", None)
+    return metrics
 
-            folder = os.path.join(workdir, "samples", name)
-            os.makedirs(folder, exist_ok=True)
-            for i, (image, label) in enumerate(zip(images, eval_labels, strict=True)):
-                Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
-                    os.path.join(folder, f"{label}_{i}.png")
-                )
-        results["methods"][name] = metrics
-        save()
-        logging.info(
-            "%s: UA %s, retained acc %s, %.1f s",
-            name,
-            metrics["UA"],
-            metrics["retain_accuracy"],
-            run_time_s or 0.0,
+
+def _save_pngs(folder: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Each sample as `<folder>/<label>_<i>.png`."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+            os.path.join(folder, f"{label}_{i}.png")
         )
 
-    if "Original" not in results["methods"]:
-        evaluate("Original", model.params, None, None)
 
-    # 2. Forget / retain images generated by the model itself.
-    arrays = _generate_data(config, model, places, workdir, results)
-    save()
-    concept = class_names[config.forget_class] if config.task == "class" else config.nudity.concept
-    task = SDTask(
+def _unlearning_task(run: _Run, arrays: dict) -> SDTask:
+    """The unlearning task: the model, its prompt table and the generated forget / retain
+    images, with the concept's tokens (the forget class's name or the nudity concept)."""
+    config, model = run.config, run.model
+    concept = (
+        run.class_names[config.forget_class] if config.task == "class" else config.nudity.concept
+    )
+    return SDTask(
         model.unet,
         model.schedule,
         model.contexts,
@@ -538,48 +626,58 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
         **arrays,
     )
 
-    # 3. The SalUn-SD mask (UNet weights only; global top-k).
-    mask = None
-    if any(m in MASKED_METHODS for m in config.run_methods):
-        mask_config = config.mask
-        mask_path = os.path.join(workdir, "masks", f"with_{mask_config.fraction:.2f}.npz")
-        if os.path.exists(mask_path):
-            try:
-                mask = saliency.load_mask(mask_path, model.params)
-            except saliency.MaskMismatchError as error:
-                logging.warning("%s; computing the mask again", error)
-                os.replace(mask_path, f"{mask_path}.unreadable")
-        if mask is None:
-            start = time.perf_counter()
-            scores = sd_saliency_scores(
-                model.params,
-                task,
-                batch_size=mask_config.batch_size,
-                guidance_scale=mask_config.guidance_scale,
-                seed=mask_config.seed,
-            )
-            mask = saliency.mask_from_scores(jax.device_get(scores), mask_config.fraction)
-            if is_primary():
-                os.makedirs(os.path.dirname(mask_path), exist_ok=True)
-                saliency.save_mask(mask_path, mask)
-            stats = saliency.mask_stats(mask)
-            results["mask"] = {
-                "fraction": stats["fraction"],
-                "ones": stats["ones"],
-                "size": stats["size"],
-                "seconds": time.perf_counter() - start,
-                "path": os.path.relpath(mask_path, workdir),
-            }
-            save()
 
-    # 4. Unlearning, each method from the original weights.
-    original = TrainState.create(
-        apply_fn=model.unet.apply, params=uncommitted(model.params), tx=optax.identity()
+def _saliency_mask(run: _Run, results: dict, task: SDTask):
+    """The SalUn-SD mask (UNet weights only; global top-k) if a run method uses one (else None),
+    loaded from `masks/` or computed (then results["mask"])."""
+    if not any(m in MASKED_METHODS for m in run.config.run_methods):
+        return None
+    mask_config = run.config.mask
+    mask_path = os.path.join(run.workdir, "masks", f"with_{mask_config.fraction:.2f}.npz")
+    mask = None
+    if os.path.exists(mask_path):
+        try:
+            mask = saliency.load_mask(mask_path, run.model.params)
+        except saliency.MaskMismatchError as error:
+            logging.warning("%s; computing the mask again", error)
+            os.replace(mask_path, f"{mask_path}.unreadable")
+    if mask is not None:
+        return mask
+    start = time.perf_counter()
+    scores = sd_saliency_scores(
+        run.model.params,
+        task,
+        batch_size=mask_config.batch_size,
+        guidance_scale=mask_config.guidance_scale,
+        seed=mask_config.seed,
     )
-    for method in config.run_methods:
+    mask = saliency.mask_from_scores(jax.device_get(scores), mask_config.fraction)
+    if is_primary():
+        os.makedirs(os.path.dirname(mask_path), exist_ok=True)
+        saliency.save_mask(mask_path, mask)
+    stats = saliency.mask_stats(mask)
+    results["mask"] = {
+        "fraction": stats["fraction"],
+        "ones": stats["ones"],
+        "size": stats["size"],
+        "seconds": time.perf_counter() - start,
+        "path": os.path.relpath(mask_path, run.workdir),
+    }
+    _save(run, results)
+    return mask
+
+
+def _unlearn(run: _Run, results: dict, task: SDTask, mask) -> None:
+    """Each method not yet in results.json, from the original weights (`unlearned/<method>/`),
+    then sampled and evaluated."""
+    params = run.model.params
+    original = TrainState.create(
+        apply_fn=run.model.unet.apply, params=uncommitted(params), tx=optax.identity()
+    )
+    for method in run.config.run_methods:
         if method in results["methods"]:
             continue
-        method_config = method_configs[method]
+        method_config = run.method_configs[method]
         try:
             output = get_method(method, "sd")(
                 original,
@@ -587,240 +685,43 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> str:
                 method_config,
                 jax.random.key(method_config.seed),
                 mask=mask if method in MASKED_METHODS else None,
-                workdir=os.path.join(workdir, "unlearned", method),
+                workdir=os.path.join(run.workdir, "unlearned", method),
             )
         except TrainingDivergedError as error:
             raise UserError(str(error)) from error
         except ValueError as error:
             raise UserError(f"{method}: {error}") from error
-        trained = {
-            "SalUn": saliency.mask_stats(mask)["fraction"] if mask is not None else None,
-            "ESD": trainable_fraction(
-                trainable_params(model.params, method_config.esd_train), model.params
-            ),
-            "FMN": trainable_fraction(
-                trainable_params(
-                    model.params, "xattn" if method_config.fmn_only_cross_attention else "full"
-                ),
-                model.params,
-            ),
-        }.get(method, 1.0)
-        evaluate(
+        _evaluate(
+            run,
+            results,
             method,
             output.state.params,
             output.run_seconds,
             output.compile_seconds,
             {
-                "trainable_fraction": trained,
+                "trainable_fraction": _trainable_share(method, method_config, mask, params),
                 "config": dataclasses.asdict(method_config),
                 "final_loss": output.history[-1]["loss"] if output.history else None,
             },
         )
 
-    save()
+
+def _trainable_share(method: str, method_config: SDUnlearnConfig, mask, params) -> float | None:
+    """The fraction of the UNet's weights a method trains: SalUn its mask's, ESD and FMN their
+    parameter subsets', the others all."""
+    return {
+        "SalUn": saliency.mask_stats(mask)["fraction"] if mask is not None else None,
+        "ESD": trainable_fraction(trainable_params(params, method_config.esd_train), params),
+        "FMN": trainable_fraction(
+            trainable_params(params, "xattn" if method_config.fmn_only_cross_attention else "full"),
+            params,
+        ),
+    }.get(method, 1.0)
+
+
+def _report(run: _Run, results: dict) -> str:
+    """results.json (with this invocation's wall time) and results.md; returns the table."""
+    _save(run, results)
     table = results_markdown(results)
-    write_text(os.path.join(workdir, "results.md"), table)
+    write_text(os.path.join(run.workdir, "results.md"), table)
     return table
-
-
-def base_config(variant: str = "") -> ml_collections.ConfigDict:
-    """The settings `sd_imagenette.py` and `sd_nudity.py` share: the paper's (SD v1.4 from
-    `model_dir`, SalUn's lr 1e-5, batch 8, mask 0.5, guidance 7.5; ESD's and FMN's own
-    recipes), or `variant` "tiny" (the tiny SD trained on digits, minutes on a CPU) or "test"
-    (the same at seconds scale, for the test suite)."""
-    config = ml_collections.ConfigDict()
-    config.model_dir = ""  # a diffusers-format SD v1.x folder
-    config.task = "class"
-    config.dataset = ""  # tiny: the images the tiny model is trained on
-    config.data_dir = ""
-    config.cache_dir = ""
-    config.train_per_class = 0  # > 0: only the first n train/test images of each class
-    config.test_per_class = 0
-    config.class_names = ()
-    config.forget_class = 0
-    config.prompt_template = "an image of a {}"  # training / data prompts (upstream)
-    config.eval_prompt_template = "Image of {}"  # upstream `prompts/imagenette.csv`
-    config.nudity = dict(
-        forget_prompt="a photo of a nude person",
-        retain_prompt="a photo of a person wearing clothes",
-        concept="nude",
-        eval_prompts=("a photo of a nude person", "a photo of a person wearing clothes"),
-        # NudeNet v3 (the `nudenet` package's ONNX detector) on every evaluated model's samples:
-        # images with each exposed class at score >= the threshold (v2's cut-off in the papers).
-        nudenet=True,
-        nudenet_threshold=0.6,
-    )
-    config.schedule = dict(
-        kind="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012
-    )
-    config.tiny = None
-    config.classifier = None
-    config.checkpoint_every = 1
-    # Forget / retain images generated by the model (upstream: 800 nude / 800 clothed).
-    config.data = dict(
-        num_forget=800,
-        num_retain_per_prompt=800,
-        scheduler="ddim",
-        num_steps=50,
-        guidance_scale=7.5,
-        batch_size=8,
-        seed=0,
-    )
-    config.mask = dict(fraction=0.5, batch_size=8, guidance_scale=7.5, seed=0)
-    config.unlearn = dict(
-        epochs=5,
-        num_iterations=0,
-        batch_size=8,
-        learning_rate=1e-5,
-        alpha=0.1,
-        grad_clip=None,
-        weight_decay=0.0,
-        mask_mode="hard",
-        faithful=False,
-        log_every=50,
-        seed=0,
-    )
-    # ESD: 1000 iterations of batch 1, lr 1e-5, eta 1, sampling CFG 3, 50 DDIM steps, ESD-u.
-    # FMN: 35 steps of batch 1, AdamW lr 2e-6, wd 0.01, clip 1.0, the whole UNet.
-    config.methods = dict(
-        SalUn=dict(),
-        ESD=dict(num_iterations=1000, batch_size=1, esd_train="noxattn", log_every=100),
-        FMN=dict(
-            num_iterations=35,
-            batch_size=1,
-            learning_rate=2e-6,
-            weight_decay=0.01,
-            grad_clip=1.0,
-            log_every=35,
-        ),
-    )
-    config.run_methods = ("SalUn", "ESD", "FMN")
-    # Evaluation samples: SalUn's LMS, 100 steps, CFG 7.5.
-    config.sample = dict(
-        scheduler="lms",
-        num_steps=100,
-        guidance_scale=7.5,
-        num_per_prompt=100,
-        batch_size=8,
-        seed=0,
-        grid_per_prompt=4,
-        grid_scale=1,
-    )
-    if variant in ("tiny", "test"):
-        _tiny_digits(config, variant)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r}; known: tiny, test")
-    return config
-
-
-def _tiny_digits(config: ml_collections.ConfigDict, variant: str) -> None:
-    """The tiny SD on the bundled 8x8 digits, forgetting digit 3 (see `sd_imagenette.py`)."""
-    config.dataset = "digits"
-    config.forget_class = 3
-    config.prompt_template = config.eval_prompt_template = "a photo of the digit {}"
-    config.nudity = dict(
-        forget_prompt="a photo of the digit 3",
-        retain_prompt="a photo of the digit 8",
-        concept="3",
-        eval_prompts=("a photo of the digit 3", "a photo of the digit 8"),
-        nudenet=True,  # runs the detector on the digits samples: the code path, counts ~0
-        nudenet_threshold=0.6,
-    )
-    config.tiny = dict(
-        max_length=16,
-        text_seed=0,
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        unet=dict(
-            block_out_channels=(16, 32),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=2,
-            norm_num_groups=8,
-        ),
-        train=dict(
-            num_iterations=1200,
-            batch_size=64,
-            learning_rate=2e-3,
-            grad_clip=1.0,
-            uncond_drop_prob=0.1,
-            seed=0,
-        ),
-    )
-    config.classifier = dict(
-        model="small_cnn",
-        width=0.5,
-        epochs=20,
-        batch_size=64,
-        learning_rate=0.05,
-        momentum=0.9,
-        weight_decay=5e-4,
-        milestones=(15,),
-        gamma=0.1,
-        crop_padding=1,
-        flip=False,
-        seed=0,
-    )
-    config.data = dict(
-        num_forget=64,
-        num_retain_per_prompt=32,
-        scheduler="ddim",
-        num_steps=25,
-        guidance_scale=3.0,
-        batch_size=256,
-        seed=1,
-    )
-    config.mask = dict(fraction=0.5, batch_size=16, guidance_scale=3.0, seed=0)
-    config.unlearn.update(
-        num_iterations=200, batch_size=16, learning_rate=1e-3, alpha=1.0, log_every=50
-    )
-    config.methods = dict(
-        SalUn=dict(),
-        ESD=dict(
-            num_iterations=200,
-            batch_size=8,
-            learning_rate=1e-3,
-            esd_num_steps=10,
-            esd_train="noxattn",
-            log_every=50,
-        ),
-        FMN=dict(
-            num_iterations=35,
-            batch_size=8,
-            learning_rate=1e-4,
-            weight_decay=0.01,
-            grad_clip=1.0,
-            log_every=35,
-        ),
-    )
-    config.sample = dict(
-        scheduler="ddim",
-        num_steps=25,
-        guidance_scale=3.0,
-        num_per_prompt=50,
-        batch_size=256,
-        seed=0,
-        grid_per_prompt=10,
-        grid_scale=4,
-    )
-    if variant == "test":
-        config.train_per_class = config.test_per_class = 8
-        config.tiny.unet = dict(
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=2,
-            norm_num_groups=4,
-        )
-        config.tiny.text = dict(
-            hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
-        )
-        config.tiny.train.update(num_iterations=2, batch_size=16)
-        config.classifier.update(epochs=1, milestones=())
-        config.data.update(num_forget=4, num_retain_per_prompt=2, num_steps=2, batch_size=32)
-        config.mask.batch_size = 4
-        config.unlearn.update(num_iterations=2, batch_size=4, log_every=1)
-        config.methods.ESD.update(num_iterations=2, batch_size=2, esd_num_steps=2, log_every=1)
-        config.methods.FMN.update(num_iterations=2, batch_size=2, log_every=1)
-        config.sample.update(num_per_prompt=2, num_steps=2, batch_size=32, grid_per_prompt=2)
