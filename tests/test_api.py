@@ -95,3 +95,30 @@ def test_readme_api_flow_forgets_a_class_with_the_library_defaults():
     metrics = _run_readme_example(scenario="class", forget_class=3)["metrics"]
     assert metrics["UA"] >= 80.0, metrics
     assert metrics["RA"] > 90.0 and metrics["TA"] > 85.0, metrics
+
+
+def test_upstream_method_names_are_aliases(digits):
+    """The original code's `--unlearn` names map to this registry's methods, and upstream's RL
+    with a mask is SalUn (the same run, the same key)."""
+    import jax
+    import numpy as np
+
+    import salun_jax as sj
+    from salun_jax.unlearn import UPSTREAM_NAMES
+
+    for upstream, ours in UPSTREAM_NAMES.items():
+        assert sj.get_method(upstream) is sj.get_method(ours)
+    with pytest.raises(ValueError, match="upstream's retrain, wfisher"):
+        sj.get_method("fisher")
+    x, y = digits.train_images, digits.train_labels
+    split = sj.make_split(y, digits.test_labels, scenario="random", forget_fraction=0.1)
+    model = sj.create_model("small_cnn", 10, digits.mean, digits.std, width=0.25)
+    recipe = sj.TrainConfig(epochs=1, batch_size=128, crop_padding=0, flip=False)
+    original = sj.train_classifier(x, y, split.train, model, recipe, progress=False).state
+    task = sj.UnlearnTask(model, x, y, split, 10)
+    config = sj.UnlearnConfig(epochs=1, batch_size=128, crop_padding=0, flip=False)
+    mask = sj.salun_mask(original, task, 0.5, config=config)
+    rl = sj.unlearn("RL", original, task, config, mask=mask, progress=False).state
+    salun = sj.unlearn("SalUn", original, task, config, mask=mask, progress=False).state
+    for a, b in zip(jax.tree.leaves(rl.params), jax.tree.leaves(salun.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -66,6 +66,7 @@ from salun_jax.train import TrainConfig, train_classifier
 from salun_jax.unlearn import (
     MASKED_METHODS,
     METHODS,
+    UPSTREAM_NAMES,
     UnlearnConfig,
     UnlearnTask,
     get_method,
@@ -104,6 +105,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"seeds must be a non-empty tuple of integers, got {seeds}")
     methods = _no_duplicates("run_methods", config.run_methods)
     for method in (*methods, *config.methods):
+        if method in UPSTREAM_NAMES:
+            raise UserError(
+                f"method {method!r} is upstream's name: write {UPSTREAM_NAMES[method]!r}"
+            )
         try:
             get_method(method)
         except ValueError as error:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Callable
 
@@ -52,6 +53,8 @@ def retrain(
     )
 
 
+_logger = logging.getLogger(__name__)
+
 METHODS: dict[str, dict[str, Callable[..., UnlearnOutput]]] = {
     "classification": {
         "Retrain": retrain,
@@ -80,15 +83,44 @@ METHODS: dict[str, dict[str, Callable[..., UnlearnOutput]]] = {
     },
 }
 MASKED_METHODS = ("SalUn",)
+# The original code's `--unlearn` names (Classification/unlearn/) and the method each is here.
+# SalUn is upstream's RL run with `--mask_path`: `unlearn("RL", ..., mask=m)` runs SalUn.
+UPSTREAM_NAMES = {
+    "retrain": "Retrain",
+    "wfisher": "IU",
+    "FT_prune": "l1-sparse",
+    "boundary_shrink": "BS",
+    "boundary_expanding": "BE",
+    "RL_proximal": "SalUn-soft",
+}
+
+
+def method_name(name: str, kind: str = "classification", mask=None) -> str:
+    """The registry's name of `name`: itself, or the method an upstream name (`UPSTREAM_NAMES`)
+    maps to, logged once per call; "RL" with a mask is SalUn (RL restricted to the salient
+    weights)."""
+    if kind == "classification" and name in UPSTREAM_NAMES:
+        _logger.info("upstream method name %r is %r here", name, UPSTREAM_NAMES[name])
+        name = UPSTREAM_NAMES[name]
+    if kind == "classification" and name == "RL" and mask is not None:
+        _logger.info("RL with a saliency mask is SalUn: running SalUn")
+        name = "SalUn"
+    return name
 
 
 def get_method(name: str, kind: str = "classification") -> Callable[..., UnlearnOutput]:
-    """Raises ValueError for an unknown kind or name, listing the known ones."""
+    """The method `name` of `kind` (upstream's names are aliases: `method_name`).
+
+    Raises:
+      ValueError: an unknown kind or name, listing the known ones.
+    """
     if kind not in METHODS:
         raise ValueError(f"unknown kind of task {kind!r}; known: {', '.join(METHODS)}")
+    name = method_name(name, kind)
     if name not in METHODS[kind]:
         raise ValueError(
             f"unknown {kind} unlearning method {name!r}; known: {', '.join(METHODS[kind])}"
+            + (f" (and upstream's {', '.join(UPSTREAM_NAMES)})" if kind == "classification" else "")
         )
     return METHODS[kind][name]
 
@@ -115,6 +147,7 @@ def unlearn(
         kind = "diffusion"
     else:
         kind = "classification"
+    name = method_name(name, kind, mask)
     method = get_method(name, kind)
     if config is None:
         if name == "Retrain":
@@ -142,8 +175,10 @@ __all__ = [
     "UnlearnConfig",
     "UnlearnOutput",
     "UnlearnTask",
+    "UPSTREAM_NAMES",
     "get_method",
     "method_key",
+    "method_name",
     "retrain",
     "unlearn",
 ]
