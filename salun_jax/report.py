@@ -315,9 +315,16 @@ def _new_figure(width: float, height: float):
 
 
 def _save_png(fig, path: str | os.PathLike) -> pathlib.Path:
+    """Writes `fig` as a PNG at 120 dpi, atomically (temporary file + `os.replace`)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 
@@ -452,6 +459,101 @@ def plot_epsilon_histogram(
     ax.set_xlabel(f"per-example epsilon (buckets of {bucket_width})")
     ax.set_ylabel("forget examples")
     ax.grid(True, axis="y", alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return _save_png(fig, path)
+
+
+AVG_GAP_LABEL = "Avg. Gap"
+
+
+def plot_gaps(
+    summary: Mapping[str, Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    keys: Sequence[str] = TABLE_KEYS,
+    reference_method: str = "Retrain",
+) -> pathlib.Path:
+    """Grouped bars of the main table: per method, |gap to the reference| of each metric and the
+    Avg. Gap (percentage points); writes a PNG.
+
+    One group per method in the summary's order, the reference itself left out (its gaps are
+    0); "Original" is drawn like any method. Each bar carries its value; a NaN gap is an empty
+    slot marked "n/a".
+
+    Args:
+      summary: the output of `summarize` with a reference method (gaps filled in).
+      path: PNG destination (parents created), e.g. `<workdir>/plots/gaps.png`.
+      title: optional figure title.
+      keys: the metrics to draw, in order (those of the table).
+      reference_method: the method the gaps were measured against, for the axis label and to
+        leave its row out.
+
+    Returns:
+      The path written.
+
+    Raises:
+      ValueError: an empty summary, one without gaps (summarized with `reference_method=None`),
+        a method lacking a key's gap, or no method but the reference.
+    """
+    keys = tuple(keys)
+    if not summary:
+        raise ValueError("summary is empty; nothing to plot.")
+    no_gaps = [m for m, entry in summary.items() if entry.get("gap") is None]
+    if no_gaps:
+        raise ValueError(
+            f"The summary has no gaps for {no_gaps}: summarize the runs with a reference "
+            "method (e.g. summarize(runs, reference_method='Retrain')) to plot gaps."
+        )
+    methods = [m for m in summary if m != reference_method]
+    if not methods:
+        raise ValueError(f"The summary holds only {reference_method!r}; no gaps to plot.")
+    for method in methods:
+        missing = [k for k in keys if k not in summary[method]["gap"]]
+        if missing:
+            raise ValueError(f"The gaps of {method!r} lack keys {missing}.")
+    series = {k: [float(summary[m]["gap"][k]) for m in methods] for k in keys}
+    series[AVG_GAP_LABEL] = [
+        float("nan") if summary[m].get("avg_gap") is None else float(summary[m]["avg_gap"])
+        for m in methods
+    ]
+
+    fig = _new_figure(min(16.0, max(6.0, 0.3 * len(series) * len(methods) + 2.0)), 4.5)
+    ax = fig.add_subplot()
+    positions = np.arange(len(methods), dtype=np.float64)
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        is_avg = name == AVG_GAP_LABEL
+        bars = ax.bar(
+            positions + (i - (len(series) - 1) / 2) * width,
+            values,
+            width,
+            label=name,
+            color="0.25" if is_avg else f"C{i}",
+            edgecolor="black",
+            linewidth=0.5,
+            hatch="//" if is_avg else None,
+        )
+        ax.bar_label(
+            bars,
+            labels=[format_number(v, 1) for v in values],
+            fontsize=7,
+            padding=1,
+            rotation=90 if len(methods) > 4 else 0,
+        )
+    ax.set_xticks(positions, labels=[str(m) for m in methods])
+    if max(len(str(m)) for m in methods) > 8:
+        for label in ax.get_xticklabels():
+            label.set_rotation(20)
+            label.set_horizontalalignment("right")
+    top = max((v for values in series.values() for v in values if math.isfinite(v)), default=0.0)
+    ax.set_ylim(0.0, 1.2 * top if top > 0 else 1.0)  # room for the value labels
+    ax.set_ylabel(f"|gap to {reference_method}| (percentage points)")
+    ax.set_xlabel("method (lower is closer to retraining)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(title="metric", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         ax.set_title(title)
     return _save_png(fig, path)

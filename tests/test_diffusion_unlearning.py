@@ -590,7 +590,15 @@ def test_sample_grid_png(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
     labels = np.array([0, 0, 1, 1, 2, 2])
     path = save_sample_grid(
-        images, labels, tmp_path / "grids" / "x.png", num_classes=3, per_class=2, scale=2, padding=1
+        images,
+        labels,
+        tmp_path / "grids" / "x.png",
+        num_classes=3,
+        per_class=2,
+        scale=2,
+        padding=1,
+        min_cell_px=0,  # the bare grid (tests/test_pictures.py checks labels, title, upscaling)
+        annotate=False,
     )
     with Image.open(path) as grid:
         assert grid.size == (2 * 17 + 1, 3 * 17 + 1)

@@ -281,9 +281,12 @@ def test_before_after_grid_rows_are_model_then_prompt(tmp_path):
         {"before": before, "after": after}, ["digit 3", "digit 5"], path
     )
     assert captions == ["before: digit 3", "before: digit 5", "after: digit 3", "after: digit 5"]
-    grid = np.asarray(Image.open(path))
-    assert grid.shape == (4 * 6 + 2, 3 * 6 + 2, 3)  # 4 rows, 3 columns of 4 px + 2 px padding
-    row_values = [grid[2 + 6 * r + 1, 3, 0] for r in range(4)]  # inside the first cell of a row
+    picture = np.asarray(Image.open(path))
+    # 4 rows, 3 columns of 4 px upscaled to 32 + 2 px padding, bottom-right of the picture
+    # (captions on the left, title above: tests/test_pictures.py).
+    grid = picture[-(4 * 34 + 2) :, -(3 * 34 + 2) :]
+    assert picture.shape[0] > grid.shape[0] and picture.shape[1] > grid.shape[1]
+    row_values = [grid[2 + 34 * r + 1, 3, 0] for r in range(4)]  # inside the first cell of a row
     assert row_values == [0, 100, 200, 200]
     with pytest.raises(ValueError, match="must be \\[P=2, S, H, W, C\\]"):
         sd.save_before_after_grid({"x": before[:1]}, ["a", "b"], path)

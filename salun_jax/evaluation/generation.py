@@ -8,7 +8,7 @@
     penultimate features of real and of generated images of the retained classes. This is NOT
     FID: upstream computes FID with Inception-v3 pool features on 45k samples; here the feature
     extractor is our own small classifier, so values are comparable only within one run.
-  * PNG grids of samples, one row per class.
+  * PNG grids of samples, one row per class, labelled, under a title (e.g. the method).
 
 All percentages are in [0, 100], as in the classification half.
 
@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -233,6 +234,132 @@ def evaluate_samples(
     return result
 
 
+MIN_CELL_PX = 32  # grids upscale each sample (integer factor) to at least this many pixels
+MAX_LABEL_CHARS = 48  # longer row labels (prompts) are cut, with "..."
+
+
+def _grid_font(size: int):
+    """Pillow's bundled font at `size` px (no font files needed); its fixed bitmap font where
+    this Pillow has no FreeType."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _text_size(font, text: str) -> tuple[int, int]:
+    left, top, right, bottom = font.getbbox(text)
+    return int(right - min(left, 0)), int(bottom - min(top, 0))
+
+
+def _cut(text: str, limit: int = MAX_LABEL_CHARS) -> str:
+    text = " ".join(str(text).split())  # one line
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def grid_scale(image_hw: tuple[int, int], scale: int = 1, min_cell_px: int = MIN_CELL_PX) -> int:
+    """The integer upscaling factor of a grid's cells: at least `scale`, and enough that the
+    longer side of a cell reaches `min_cell_px` (8x8 digits: 4, 28x28: 2, 512x512: `scale`)."""
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    return max(int(scale), -(-int(min_cell_px) // max(image_hw)) if min_cell_px > 0 else 1)
+
+
+def render_sample_grid(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    num_classes: int,
+    per_class: int = 10,
+    scale: int = 4,
+    padding: int = 1,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    min_cell_px: int = MIN_CELL_PX,
+    annotate: bool = True,
+) -> np.ndarray:
+    """The picture `save_sample_grid` writes, as uint8 [H, W] (grey samples) or [H, W, 3].
+
+    Row k holds the first `per_class` samples of class k, each upscaled by
+    `grid_scale((h, w), scale, min_cell_px)` with nearest neighbour, `padding` white pixels
+    between cells. With `annotate`, each row's label is drawn (black on white, right-aligned)
+    in a column to the left of the cells and `title` (if any) in a band above; the cells then
+    sit in the bottom-right corner of the picture, exactly as without `annotate`.
+
+    Args:
+      images: uint8 [N, H, W, C] (C = 1 or 3).
+      labels: [N] the row (class) of each sample.
+      num_classes: rows.
+      per_class: columns; missing samples stay white.
+      scale: the smallest upscaling factor.
+      padding: pixels between cells (white).
+      row_labels: one label per row (class name, prompt); None: "class 0", "class 1", ...
+        Labels longer than `MAX_LABEL_CHARS` are cut.
+      title: drawn above the grid; None or "": no title band.
+      min_cell_px: the smallest cell side in pixels the upscaling aims for (0: `scale` alone).
+      annotate: False gives the bare cells (no labels, no title).
+
+    Raises:
+      ValueError: images not uint8 [N, H, W, 1 or 3]; `row_labels` not one per row.
+    """
+    from PIL import Image, ImageDraw
+
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"images must be uint8 [N, H, W, 1 or 3], got {images.dtype} {images.shape}"
+        )
+    if row_labels is None:
+        row_labels = [f"class {k}" for k in range(num_classes)]
+    row_labels = [_cut(label) for label in row_labels]
+    if len(row_labels) != num_classes:
+        raise ValueError(f"row_labels must hold {num_classes} labels, got {len(row_labels)}")
+    h, w, c = images.shape[1:]
+    factor = grid_scale((h, w), scale, min_cell_px)
+    cell_h, cell_w = h * factor + padding, w * factor + padding
+    grid = np.full((num_classes * cell_h + padding, per_class * cell_w + padding, c), 255, np.uint8)
+    for k in range(num_classes):
+        for j, index in enumerate(np.flatnonzero(labels == k)[:per_class]):
+            cell = np.repeat(np.repeat(images[index], factor, axis=0), factor, axis=1)
+            top, left = padding + k * cell_h, padding + j * cell_w
+            grid[top : top + h * factor, left : left + w * factor] = cell
+    grid = grid[..., 0] if c == 1 else grid
+    if not annotate:
+        return grid
+
+    # Text about 40% of a cell's height (12 px at the 32 px minimum, at most 40 px).
+    size = int(np.clip(round(0.4 * h * factor), 12, 40))
+    font, title_font = _grid_font(size), _grid_font(int(size * 1.3))
+    margin = max(4, size // 2)
+    label_w = max(_text_size(font, label)[0] for label in row_labels) + 2 * margin
+    title = _cut(title or "", 2 * MAX_LABEL_CHARS)
+    title_w = _text_size(title_font, title)[0] if title else 0
+    title_h = _text_size(title_font, "Agjy")[1]  # one height for every title: equal-sized grids
+    band = title_h + 2 * margin if title else 0
+    label_w = max(label_w, title_w + 2 * margin - grid.shape[1])  # a wide title widens the left
+    canvas = Image.new(
+        "L" if c == 1 else "RGB",
+        (label_w + grid.shape[1], band + grid.shape[0]),
+        255 if c == 1 else (255, 255, 255),
+    )
+    canvas.paste(Image.fromarray(grid), (label_w, band))
+    draw, ink = ImageDraw.Draw(canvas), 0 if c == 1 else (0, 0, 0)
+
+    def text(x: float, y: float, string: str, font, align_right: bool) -> None:
+        # Anchors by hand (right or centre, vertically centred): bitmap fonts have none.
+        left, top, right, bottom = font.getbbox(string)
+        x = x - right if align_right else x - (left + right) / 2
+        draw.text((round(x), round(y - (top + bottom) / 2)), string, fill=ink, font=font)
+
+    for k, label in enumerate(row_labels):
+        text(label_w - margin, band + padding + k * cell_h + h * factor / 2, label, font, True)
+    if title:
+        text(canvas.width / 2, band / 2, title, title_font, False)
+    return np.asarray(canvas)
+
+
 def save_sample_grid(
     images: np.ndarray,
     labels: np.ndarray,
@@ -242,39 +369,62 @@ def save_sample_grid(
     per_class: int = 10,
     scale: int = 4,
     padding: int = 1,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    min_cell_px: int = MIN_CELL_PX,
+    annotate: bool = True,
 ) -> str:
-    """Writes a PNG grid: row k holds the first `per_class` samples generated for class k.
+    """Writes a PNG grid, atomically: row k holds the first `per_class` samples generated for
+    class k, labelled on the left, under a title (`render_sample_grid` draws it).
+
+    Only the picture is made here: the samples themselves are not changed or saved.
 
     Args:
       images: uint8 [N, H, W, C] (C = 1 or 3).
       labels: [N] the class of each sample.
       path: destination (parent folders created).
       num_classes: rows.
-      per_class: columns; missing samples stay black.
-      scale: nearest-neighbour upscaling of each image.
+      per_class: columns; missing samples stay white.
+      scale: the smallest nearest-neighbour upscaling of each image; raised until a cell is
+        `min_cell_px` pixels on its longer side.
       padding: pixels between cells (white).
+      row_labels: one label per row (class name or prompt); None: "class k".
+      title: drawn above the grid; None: the file's name without ".png" (the method, for
+        `grids/<method>.png`); "": none.
+      min_cell_px: see `scale` (0: `scale` exactly).
+      annotate: False writes the bare cells, without labels or title.
 
     Returns:
       The path written.
     """
     from PIL import Image
 
-    images, labels = np.asarray(images), np.asarray(labels)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(
-            f"images must be uint8 [N, H, W, 1 or 3], got {images.dtype} {images.shape}"
-        )
-    h, w, c = images.shape[1:]
-    cell_h, cell_w = h * scale + padding, w * scale + padding
-    grid = np.full((num_classes * cell_h + padding, per_class * cell_w + padding, c), 255, np.uint8)
-    for k in range(num_classes):
-        for j, index in enumerate(np.flatnonzero(labels == k)[:per_class]):
-            cell = np.repeat(np.repeat(images[index], scale, axis=0), scale, axis=1)
-            top, left = padding + k * cell_h, padding + j * cell_w
-            grid[top : top + h * scale, left : left + w * scale] = cell
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    if title is None:
+        title = os.path.splitext(os.path.basename(path))[0]
+    picture = render_sample_grid(
+        images,
+        labels,
+        num_classes=num_classes,
+        per_class=per_class,
+        scale=scale,
+        padding=padding,
+        row_labels=row_labels,
+        title=title,
+        min_cell_px=min_cell_px,
+        annotate=annotate,
+    )
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(
+        directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    )
+    try:
+        Image.fromarray(picture).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 

@@ -456,6 +456,7 @@ def save_before_after_grid(
     path: str | os.PathLike,
     *,
     scale: int = 1,
+    title: str | None = None,
 ) -> list[str]:
     """A PNG grid with one row per (model, prompt): the rows of the first model (e.g. "before"),
     then those of the next ("after"), ...; columns are the samples.
@@ -464,10 +465,11 @@ def save_before_after_grid(
       images_by_model: {model: uint8 [P, S, H, W, C]} (P prompts, S samples each).
       prompts: the P prompts (for the captions).
       path: the PNG to write (`generation.save_sample_grid`).
-      scale: nearest-neighbour upscaling.
+      scale: the smallest nearest-neighbour upscaling (raised for cells under 32 px).
+      title: drawn above the grid; None: the file's name, "": none.
 
     Returns:
-      The row captions, "model: prompt", top to bottom (print them next to the grid).
+      The row captions, "model: prompt", top to bottom; they are also drawn left of the rows.
     """
     stacks, captions = [], []
     for name, images in images_by_model.items():
@@ -484,6 +486,14 @@ def save_before_after_grid(
     flat = np.concatenate([s.reshape(-1, *s.shape[2:]) for s in stacks])
     rows = np.repeat(np.arange(len(captions)), per_row)
     save_sample_grid(
-        flat, rows, path, num_classes=len(captions), per_class=per_row, scale=scale, padding=2
+        flat,
+        rows,
+        path,
+        num_classes=len(captions),
+        per_class=per_row,
+        scale=scale,
+        padding=2,
+        row_labels=captions,
+        title=title,
     )
     return captions

@@ -455,6 +455,13 @@ def _evaluate(
         num_classes=num_classes,
         per_class=sample.grid_per_class,
         scale=sample.grid_scale,
+        row_labels=[
+            f"{run.dataset.class_names[k]} (forgotten)"
+            if k == run.forget_class
+            else run.dataset.class_names[k]
+            for k in range(num_classes)
+        ],
+        title=f"{name}, forget class {run.dataset.class_names[run.forget_class]}",
     )
     results["methods"][name] = metrics
     _save(run, results)

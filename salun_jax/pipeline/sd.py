@@ -560,6 +560,7 @@ def _evaluate(run: _Run, results: dict, name: str, params, run_time_s, compile_t
         num_classes=len(run.places["eval"]),
         per_class=sample["grid_per_prompt"],
         scale=sample["grid_scale"],
+        row_labels=[run.model.prompts[r] for r in run.places["eval"]],
     )
     if run.config.model_dir and is_primary():  # for NudeNet / an external classifier
         _save_pngs(os.path.join(run.workdir, "samples", name), images, eval_labels)
