@@ -52,6 +52,17 @@ from salun_jax.unlearn import (
 )
 from salun_jax.version import __version__
 
+
+def __getattr__(name: str):
+    # A finished pipeline run, back from its work directory (imported on first use: it brings the
+    # pipeline's configs and data loading).
+    if name in ("load_run", "evaluate_run"):
+        from salun_jax.pipeline import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module 'salun_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "population",
     "tuning",
@@ -72,10 +83,12 @@ __all__ = [
     "create_model",
     "create_train_state",
     "evaluate",
+    "evaluate_run",
     "get_method",
     "gradient_saliency",
     "load_dataset",
     "load_mask",
+    "load_run",
     "load_split",
     "make_adam",
     "make_sgd",

@@ -189,3 +189,34 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def save_model(directory: str, variables: PyTree, meta: dict) -> None:
+    """Saves a final model (its `{"params", "batch_stats"}`, no optimizer state) and JSON-able
+    `meta` (what made it) in `directory`, checksummed like every checkpoint."""
+    checkpointer = Checkpointer(directory, max_to_keep=1)
+    try:
+        checkpointer.save(0, variables, meta)
+    finally:
+        checkpointer.close()
+
+
+def load_model(directory: str, template: PyTree) -> tuple[PyTree, dict]:
+    """The variables and meta saved by `save_model`, read against `template` (the same
+    structure, e.g. the model's init variables); nothing is moved aside.
+
+    Raises:
+      FileNotFoundError: no saved model in `directory`.
+      ValueError: it does not fit `template` (one line, naming it).
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no saved model in {directory}")
+    checkpointer = Checkpointer(directory, max_to_keep=1)
+    try:
+        restored = checkpointer.restore_latest(template, move_aside=False)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"no saved model in {directory}")
+    variables, meta, _ = restored
+    return variables, meta

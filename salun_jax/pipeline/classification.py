@@ -34,6 +34,7 @@ import jax
 import ml_collections
 
 from salun_jax import report, saliency, tuning
+from salun_jax.checkpoint import save_model
 from salun_jax.data.sources import Dataset
 from salun_jax.data.splits import Split
 from salun_jax.evaluation.classification import (
@@ -396,7 +397,8 @@ def original_stage(setup: Setup, ledger: dict, seed: int, split: Split, current:
     if _row(ledger, "runs", row_fingerprint) is None:
         metrics = setup.evaluate(out.state.variables, split, seed)
         row = {"method": "Original", "seed": seed, "split_hash": split.hash, "metrics": metrics}
-        _record(setup, ledger, {**row, "fingerprint": row_fingerprint, "model_code": out.code})
+        row.update(fingerprint=row_fingerprint, model_code=out.code)
+        _record(setup, ledger, {**row, "model": os.path.relpath(directory, setup.workdir)})
     return run
 
 
@@ -424,6 +426,7 @@ def retrain_stage(setup: Setup, ledger: dict, run: SeedRun, current: set) -> Non
         metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
         row = {"method": "Retrain", "seed": run.seed, "split_hash": run.split.hash}
         row.update(metrics=metrics, fingerprint=row_fingerprint, model_code=output.code)
+        row.update(model=os.path.relpath(directory, setup.workdir))
         _record(setup, ledger, {**row, "history": output.history})
 
 
@@ -461,11 +464,11 @@ def mask_stage(setup: Setup, ledger: dict, run: SeedRun) -> tuple:
     start = time.perf_counter()
     masks = saliency.mask_sweep(scores, fractions)
     ranking_seconds = time.perf_counter() - start
-    mask_dir = os.path.join(run.directory, f"masks_{saliency_fingerprint}")
+    mask_dir = os.path.dirname(_mask_file(run, saliency_fingerprint, fractions[0]))
     if is_primary():
         os.makedirs(mask_dir, exist_ok=True)
         for fraction, mask in masks.items():
-            saliency.save_mask(os.path.join(mask_dir, f"with_{fraction:.2f}.npz"), mask)
+            saliency.save_mask(_mask_file(run, saliency_fingerprint, fraction), mask)
     stats = saliency.mask_stats(masks[float(config.mask.fraction)])
     ledger["masks"][str(run.seed)] = {
         "fraction": stats["fraction"],
@@ -522,10 +525,31 @@ def method_stage(setup, ledger, run, masks, saliency_fingerprint, current) -> No
         predict_fn = None if output.model is None else make_predict_fn(output.model.apply)
         metrics = setup.evaluate(output.state.variables, run.split, run.seed, predict_fn)
         metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
+        model_dir = os.path.join(run.directory, f"{method}_{model_fingerprint}")
+        mask_file = _mask_file(run, saliency_fingerprint, fraction) if mask is not None else None
+        _save_model(setup, model_dir, output, method_config_, mask_file)
         row = {"method": method, "seed": run.seed, "split_hash": run.split.hash}
         row.update(metrics=metrics, fingerprint=row_fingerprint, history=output.history)
-        _record(setup, ledger, row)
+        _record(setup, ledger, {**row, "model": os.path.relpath(model_dir, setup.workdir)})
         current.add(row_fingerprint)
+
+
+def _mask_file(run: SeedRun, saliency_fingerprint: str, fraction: float) -> str:
+    return os.path.join(run.directory, f"masks_{saliency_fingerprint}", f"with_{fraction:.2f}.npz")
+
+
+def _save_model(setup: Setup, directory: str, output, config, mask_file: str | None) -> None:
+    """A method's final model beside its config, its mask file and its head (BE's K+1-way head
+    when it keeps the shadow logit): what `salun_jax.pipeline.runs.load_run` reads back."""
+    if not is_primary():
+        return
+    meta = {
+        "config": dataclasses.asdict(config),
+        "mask": None if mask_file is None else os.path.relpath(mask_file, directory),
+        "num_outputs": setup.dataset.num_classes + (output.model is not None),
+        "code": code_version(),
+    }
+    save_model(directory, output.state.variables, meta)
 
 
 def tuning_stage(setup, ledger, run, scores, saliency_fingerprint, current) -> None:
@@ -658,6 +682,13 @@ def report_stage(setup: Setup, ledger: dict, current: set, split: Split) -> str:
         )
     write_results(setup.results_path, ledger)
     write_text(os.path.join(setup.workdir, "results.md"), text + "\n")
+    if is_primary() and reference is not None and len(ledger["summary"]) > 1:
+        report.plot_gaps(
+            ledger["summary"],
+            os.path.join(setup.workdir, "plots", "gaps.png"),
+            title=f"{setup.dataset.name}, {config.split.scenario} forgetting: |gap| to Retrain, "
+            f"mean over seeds {list(config.seeds)}",
+        )
     return text
 
 
