@@ -28,6 +28,8 @@ import orbax.checkpoint as ocp
 
 from salun_jax.types import PyTree
 
+_logger = logging.getLogger(__name__)
+
 CHECKSUMS = "checksums.json"
 
 
@@ -178,7 +180,7 @@ class Checkpointer:
                     f"{target}; falling back to the previous one"
                 )
                 warnings.warn(message, stacklevel=2)
-                logging.warning(message)
+                _logger.warning(message)
                 continue
             # Placed as a run's own output is (`loop.unreplicate`: committed to this process's
             # first device), not as the numpy arrays orbax gives: jitted code fed a restored

@@ -9,7 +9,14 @@ Several processes (`jax.distributed`, see `salun_jax.pipeline.cli`) run the same
 epoch's index batches are built for the GLOBAL device count and are the same on every process
 (they derive from (seed, epoch)); each process feeds its local devices its own rows of them, and
 the step's collectives span all processes. Checkpoints are saved by all processes together
-(orbax coordinates them); metrics.jsonl, logs and progress bars come from process 0 only.
+(orbax coordinates them); metrics.jsonl, TensorBoard files, logs and progress bars come from
+process 0 only.
+
+Logs go through the `salun_jax.loop` logger: one line per epoch (`epoch_line`), at INFO when
+`LOG_EVERY_SECONDS` passed since the run's previous INFO line (and then for its last epoch too),
+else at DEBUG, so fast runs do not flood the log (absl: `--verbosity=1` shows every epoch,
+`--verbosity=-1` warnings only). Progress bars follow `set_progress`: by default only when stderr
+is a terminal.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -28,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from salun_jax import metric_writer
 from salun_jax.models import conv
 from salun_jax.provenance import code_version
 from salun_jax.step import AXIS, TrainState
@@ -40,7 +49,35 @@ EpochBatches = tuple[np.ndarray | dict[str, np.ndarray], np.ndarray]
 BatchesFn = Callable[[int, np.random.Generator], EpochBatches]
 
 
+_logger = logging.getLogger(__name__)
+
 _BAR_LAG = 2  # steps in flight while a progress bar is shown
+
+PROGRESS_MODES = ("auto", "on", "off")
+_progress_mode = "auto"
+
+# An epoch's line is logged at INFO when this many seconds passed since the run's start or its
+# previous INFO line (and the last epoch too, once a line was); the others at DEBUG.
+LOG_EVERY_SECONDS = 30.0
+
+
+def set_progress(mode: str) -> None:
+    """Where runs asked for progress bars (`run(progress=True)`) show them: "auto" (the
+    default) only when stderr is a terminal (a redirected log gets none), "on" always, "off"
+    never. The experiment scripts' `--progress` flag sets it."""
+    global _progress_mode
+    if mode not in PROGRESS_MODES:
+        raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {mode!r}")
+    _progress_mode = mode
+
+
+def _show_progress(progress: bool) -> bool:
+    if not progress or not is_primary() or _progress_mode == "off":
+        return False
+    if _progress_mode == "on":
+        return True
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 class TrainingDivergedError(RuntimeError):
@@ -184,6 +221,78 @@ def _reduce(step_metrics: list[dict]) -> dict:
     return out
 
 
+def _is_injected(node) -> bool:
+    return hasattr(node, "hyperparams") and hasattr(node, "count")
+
+
+def _plain_float(x) -> float:
+    """A float32 value as it is written (0.05, not 0.05000000074505806)."""
+    return float(str(x)) if isinstance(x, np.float32) else float(x)
+
+
+def _learning_rate(opt_state_r: PyTree) -> float | list[float] | None:
+    """The learning rate of the last update made with a replicated (device axis first) optimizer
+    state, read from the state of an `optax.inject_hyperparams` optimizer: `optim.multistep_sgd`
+    keeps its base rate, milestones and scales there, and the schedule is applied here at the
+    update count as the optimizer applies it; any other injected `learning_rate` already is the
+    current value. A population's state gives a list, one rate per member. None if the
+    optimizer keeps no learning rate in its state (e.g. a plain float in `optim.make_adam`)."""
+    for node in jax.tree.leaves(opt_state_r, is_leaf=_is_injected):
+        if not _is_injected(node) or "learning_rate" not in node.hyperparams:
+            continue
+        names = [n for n in ("learning_rate", "boundaries", "scales") if n in node.hyperparams]
+        # Device 0's copy of a few scalars (per member): no other leaf leaves the device.
+        values = {
+            n: np.asarray(v)[0]
+            for n, v in jax.device_get({n: node.hyperparams[n] for n in names}).items()
+        }
+        rate = values["learning_rate"]
+        if "boundaries" in values and "scales" in values:
+            # As optim._multistep_sgd_factory: the rate times every scale whose boundary the
+            # count of the last update (the state's count - 1) reached.
+            count = np.asarray(jax.device_get(node.count))[0]
+            passed = values["boundaries"] <= (count - 1)[..., None]
+            scales = np.where(passed, values["scales"].astype(rate.dtype), rate.dtype.type(1))
+            for i in range(scales.shape[-1]):  # in order, rounding as the optimizer does
+                rate = rate * scales[..., i]
+        return [_plain_float(x) for x in rate] if np.ndim(rate) else _plain_float(rate[()])
+    return None
+
+
+_LINE_SKIPS = ("phase", "epoch", "num_examples", "seconds", "images_per_s")
+
+
+def _short(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float | list):
+        return str(value)
+    if isinstance(value, list):  # a population: the members' mean
+        finite = [v for v in value if isinstance(v, int | float) and np.isfinite(v)]
+        return f"{np.mean(finite):.4g}" if finite else "nan"
+    return f"{value:.4g}"
+
+
+def epoch_line(record: dict, num_epochs: int) -> str:
+    """The epoch's one log line, e.g. `original s1 epoch 3/20: loss 0.412, accuracy 0.892,
+    grad_norm 1.14, learning_rate 0.05, val_accuracy 88.65; 0.41 s`; a population's lists
+    show their mean over the (finite) members."""
+    names = sorted((n for n in record if n not in _LINE_SKIPS), key=lambda n: n != "loss")
+    values = ", ".join(f"{name} {_short(record[name])}" for name in names)
+    members = next((len(v) for v in record.values() if isinstance(v, list)), 0)
+    mean = f" (means of {members} members)" if members else ""
+    return (
+        f"{record.get('phase', '')} epoch {record['epoch']}/{num_epochs}: {values}{mean}; "
+        f"{record.get('seconds', 0.0):.2f} s"
+    )
+
+
+def epoch_scalars(record: dict) -> dict:
+    """The record's TensorBoard scalars: its numbers (lists: one per member), `seconds` as
+    `epoch_seconds`; not the epoch (the step) nor the example count."""
+    skips = ("epoch", "num_examples")
+    out = {("epoch_seconds" if k == "seconds" else k): v for k, v in record.items()}
+    return {k: v for k, v in out.items() if k not in skips}
+
+
 def epoch_key(key: jax.Array, epoch: int) -> jax.Array:
     """The epoch's key, `fold_in(key, epoch)`; member by member for a population's [N] keys."""
     if jnp.ndim(key) == 0:
@@ -255,7 +364,11 @@ def run(
     under `workdir/checkpoints`, then `workdir/metrics.jsonl` is rewritten from the checkpoint's
     history (`write_log`: it never holds an epoch that a resume re-runs, loses none that a
     checkpoint holds, and never ends in a partial line); re-running
-    on the same workdir resumes from the newest readable checkpoint.
+    on the same workdir resumes from the newest readable checkpoint. Each epoch's numbers (loss,
+    grad_norm, learning_rate, epoch_seconds, accuracy, `eval_fn`'s, ...) also go to TensorBoard
+    event files in `workdir/tensorboard/` (`salun_jax.metric_writer`; step = epoch), written
+    anew from the checkpoint's history on a resume, so each epoch is there once. Records hold
+    the optimizer's `learning_rate` where its state keeps one (`optim.multistep_sgd`).
 
     Args:
       state: the initial (unreplicated) state.
@@ -267,7 +380,8 @@ def run(
       workdir, checkpoint_every: checkpoints and metrics.jsonl (None: nothing written).
       eval_fn: state -> dict of extra metrics for the epoch's record.
       epoch_start_fn: (replicated state, epoch) -> state, before the epoch's first step.
-      progress: a progress bar per epoch.
+      progress: a progress bar per epoch, where `set_progress` lets them show (by default
+        only when stderr is a terminal).
       desc: the run's name in records, bars and errors (e.g. the method).
       nonfinite: "raise" (`TrainingDivergedError`) or "warn" (log it and go on: a population
         whose grid puts some members past their stable learning rate keeps the others).
@@ -311,7 +425,7 @@ def run(
             run_seconds = float(meta.get("run_seconds", 0.0))
             made_by = meta.get("code", "unknown (an older salun_jax)")
             if made_by != code and start_epoch < num_epochs:
-                logging.warning(
+                _logger.warning(
                     "%s: resuming a run made by code %s with code %s", desc, made_by, code
                 )
                 made_by = f"{made_by} then {code}"
@@ -320,10 +434,25 @@ def run(
             # epochs after the restored checkpoint (a corrupt-checkpoint fallback) leave it.
             write_log(workdir, history)
             if is_primary():
-                logging.info("%s: resuming after epoch %d in %s", desc, start_epoch, workdir)
+                _logger.log(
+                    logging.INFO if start_epoch < num_epochs else logging.DEBUG,
+                    "%s: resuming after epoch %d in %s",
+                    desc,
+                    start_epoch,
+                    workdir,
+                )
+    writer = None
     try:
         if start_epoch >= num_epochs:
             return RunOutput(state, history, compile_seconds, run_seconds, code)
+        if workdir is not None and is_primary():
+            # Like metrics.jsonl, the event files hold the checkpoint's history: a resume
+            # writes it anew (each epoch once, none that a kill lost), then the epochs it runs.
+            writer = metric_writer.open_writer(os.path.join(workdir, "tensorboard"), fresh=True)
+            for record in history:
+                metric_writer.write_scalars(writer, record["epoch"], epoch_scalars(record))
+        last_info = time.perf_counter()  # of the run's previous INFO line
+        logged_info = False
         state_r = replicate(state)
         data_r = replicate({name: np.asarray(values) for name, values in data.items()})
         compiled = None
@@ -345,7 +474,7 @@ def run(
                 state_r = epoch_start_fn(state_r, epoch)
             num_steps = weights.shape[0]
             bar = None
-            if progress and is_primary():
+            if _show_progress(progress):
                 from tqdm.auto import tqdm
 
                 bar = tqdm(
@@ -369,13 +498,16 @@ def run(
                 bar.update(num_steps - bar.n)
                 bar.close()
             metrics = _reduce(step_metrics)  # the one host sync of the epoch
+            rate = _learning_rate(state_r.opt_state)
+            if rate is not None:
+                metrics["learning_rate"] = rate
             finite = metrics.pop("finite") and bool(
                 _all_finite(state_r.params, state_r.batch_stats)[0]
             )
             seconds = time.perf_counter() - start
             run_seconds += seconds
             if not finite and nonfinite == "warn":
-                logging.warning("%s: non-finite values in epoch %d; going on", desc, epoch + 1)
+                _logger.warning("%s: non-finite values in epoch %d; going on", desc, epoch + 1)
             elif not finite:
                 kept = (
                     f"the last good checkpoint (epoch {saved}) is kept in {workdir}"
@@ -397,10 +529,20 @@ def run(
                 record.update(eval_fn(unreplicate(state_r)))
             history.append(record)
             if is_primary():
-                logging.info("%s", json.dumps(record, sort_keys=True))
+                now = time.perf_counter()
+                info = now - last_info >= LOG_EVERY_SECONDS or (
+                    logged_info and epoch + 1 == num_epochs
+                )
+                if info:
+                    last_info, logged_info = now, True
+                _logger.log(
+                    logging.INFO if info else logging.DEBUG, "%s", epoch_line(record, num_epochs)
+                )
+                metric_writer.write_scalars(writer, epoch + 1, epoch_scalars(record))
             if checkpointer is not None and (
                 (epoch + 1) % checkpoint_every == 0 or epoch + 1 == num_epochs
             ):
+                metric_writer.flush(writer)  # TensorBoard shows the epochs as they are saved
                 checkpointer.save(
                     epoch,
                     unreplicate(state_r),
@@ -416,5 +558,6 @@ def run(
                 saved = epoch + 1
         return RunOutput(unreplicate(state_r), history, compile_seconds, run_seconds, code)
     finally:
+        metric_writer.close(writer)
         if checkpointer is not None:
             checkpointer.close()

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+_logger = logging.getLogger(__name__)
+
 
 def epoch_batches(
     indices: np.ndarray, batch_size: int, rng: np.random.Generator | None, num_devices: int = 1
@@ -36,7 +38,7 @@ def warn_if_padded(num_examples: int, batch_size: int) -> None:
     """Logs a warning when one batch is larger than the whole set: every step then computes
     mostly padding (batch_size / num_examples times the work)."""
     if 0 < num_examples < batch_size:
-        logging.warning(
+        _logger.warning(
             "batch size %d is larger than the %d examples: each step pads them %.0fx; use a "
             "smaller batch size",
             batch_size,

@@ -267,17 +267,28 @@ def initialize_distributed(
     return True
 
 
+def set_verbosity(verbosity: int) -> None:
+    """absl's `--verbosity` for the library's named loggers (`salun_jax.*`, under absl's handler
+    on the root logger, which absl already set to the flag's level): 1 shows the library's DEBUG
+    lines (a line per training epoch) but keeps the other libraries (JAX's hundreds of compile
+    and cache lines) at INFO; 2 and up show everyone's; 0 and below are absl's alone."""
+    if verbosity == 1:
+        logging.getLogger().setLevel(logging.INFO)
+        logging.getLogger("salun_jax").setLevel(logging.DEBUG)
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     return int(value) if value else None
 
 
-def run(main: Callable, config_flag) -> None:
+def run(main: Callable, config_flag=None) -> None:
     """`absl.app.run(main)`, but a bad flag or config override (unknown key, missing config file)
     and any `UserError` raised by `main` end with one clear error line instead of a traceback,
     and so do Ctrl-C and OS errors naming a file (`os_failure`). `--help` / `--helpfull` print
     the flags, `--show_config` the config; both exit 0 without running. The config is locked
-    after the overrides, so a mistyped key cannot add a setting."""
+    after the overrides, so a mistyped key cannot add a setting. `config_flag` None: a script
+    without a config (experiments/evaluate.py)."""
     try:
         _run(main, config_flag)
     except (KeyboardInterrupt, OSError) as error:  # while parsing or starting up
@@ -320,6 +331,15 @@ def _define_flags() -> dict:
             False,
             "Join a multi-process run that JAX detects itself (TPU pod slice, SLURM, Open MPI).",
         ),
+        "progress": flags.DEFINE_enum(
+            "progress",
+            "auto",
+            ["auto", "on", "off"],
+            "Progress bars of training epochs: auto (only when stderr is a terminal, so a "
+            "redirected log gets none), on or off. How much is logged: --verbosity (-v): 0 "
+            "(default) INFO, 1 adds a line per epoch, 2 also the libraries' debug lines, -1 "
+            "warnings only.",
+        ),
         "show_config": flags.DEFINE_bool(
             "show_config",
             False,
@@ -350,9 +370,10 @@ def _parse(config_flag) -> list[str]:
         flags.FLAGS.set_default("workdir", "")  # required to run, not to show the config
     try:
         remaining = flags.FLAGS(sys.argv)
-        if config_flag.value is None:
-            fail(f"--config is required: python {sys.argv[0]} --config <config file>")
-        config_flag.value.lock()  # config_flags reports a bad config file only when read
+        if config_flag is not None:  # a script with a config (not e.g. evaluate.py)
+            if config_flag.value is None:
+                fail(f"--config is required: python {sys.argv[0]} --config <config file>")
+            config_flag.value.lock()  # config_flags reports a bad config file only when read
     except Exception as error:  # noqa: BLE001 - anything raised while parsing flags is user input
         text = " ".join(
             line.strip(" '\"\\")
@@ -373,7 +394,7 @@ def _run(main: Callable, config_flag) -> None:
     options = _define_flags()
     logging.getLogger("absl").addFilter(_quiet_orbax)
     remaining = _parse(config_flag)
-    if options["show_config"].value:
+    if options["show_config"].value and config_flag is not None:
         _print_and_exit(
             lambda: print(config_flag.value.to_json_best_effort(indent=2, sort_keys=True))
         )
@@ -393,6 +414,9 @@ def _run(main: Callable, config_flag) -> None:
         signal.signal(signal.SIGINT, _on_sigint)
 
     def _guarded(argv):
+        from absl import flags
+
+        set_verbosity(flags.FLAGS["verbosity"].value)
         try:
             initialize_distributed(
                 options["coordinator_address"].value,
@@ -402,8 +426,11 @@ def _run(main: Callable, config_flag) -> None:
             )
         except (ValueError, RuntimeError) as error:
             fail(f"cannot join the multi-process run: {error}")
+        from salun_jax import loop
+
+        loop.set_progress(options["progress"].value)
         if options["compilation_cache"].value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-            config = config_flag.value
+            config = config_flag.value if config_flag is not None else None
             enable_compilation_cache(
                 cache_dir=(config.get("cache_dir") or None) if config else None
             )

@@ -19,6 +19,8 @@ from salun_jax import report
 from salun_jax.data import load_dataset, subset_per_class
 from salun_jax.data.splits import Split, load_split, make_split, save_split
 
+_logger = logging.getLogger(__name__)
+
 
 class UserError(Exception):
     """An error the user can fix (a bad setting, a missing file); the command line prints its
@@ -172,7 +174,7 @@ def save_split_once(directory: str, dataset, split: Split) -> Split:
             f"{path} holds split {stored.hash}, not the {split.hash} this config "
             "makes (edited, or made by other code); use a new --workdir"
         )
-    logging.info("using the saved split %s (hash %s)", path, split.hash)
+    _logger.info("using the saved split %s (hash %s)", path, split.hash)
     return stored
 
 
@@ -213,7 +215,7 @@ def load_results(path: str, empty: dict) -> dict:
     while os.path.exists(aside):
         aside, n = f"{path}.damaged-{stamp}-{n}", n + 1
     os.replace(path, aside)
-    logging.warning(
+    _logger.warning(
         "results file %s is %s; moved it to %s and starting new results", path, problem, aside
     )
     return empty

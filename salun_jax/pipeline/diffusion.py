@@ -83,6 +83,8 @@ from salun_jax.unlearn.diffusion import (
     effective_alpha,
 )
 
+_logger = logging.getLogger(__name__)
+
 FIXED_KEYS = (
     "dataset",
     "train_per_class",
@@ -348,7 +350,7 @@ def _train_classifier(run: _Run, results: dict) -> _Judge:
         ),
         "FD_real_test": classifier_frechet_distance(real_features, test_features),
     }
-    logging.info("classifier: %s", results["classifier"])
+    _logger.info("classifier: %s", results["classifier"])
     return _Judge(predict_fn, variables, real_features)
 
 
@@ -465,7 +467,7 @@ def _evaluate(
     )
     results["methods"][name] = metrics
     _save(run, results)
-    logging.info(
+    _logger.info(
         "%s: UA %.2f, retained acc %.2f, FD %s, %.1f s",
         name,
         metrics["UA"],
@@ -497,7 +499,7 @@ def _saliency_mask(run: _Run, results: dict, original, task: DiffusionTask):
         try:
             mask = saliency.load_mask(mask_path, original.state.params)
         except saliency.MaskMismatchError as error:  # a derived file: make it again
-            logging.warning("%s; computing the mask again", error)
+            _logger.warning("%s; computing the mask again", error)
             os.replace(mask_path, f"{mask_path}.unreadable")
     if mask is not None:
         return mask

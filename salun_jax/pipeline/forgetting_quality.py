@@ -52,6 +52,8 @@ from salun_jax.pipeline.workdir import locked
 from salun_jax.train import TrainConfig
 from salun_jax.unlearn import UnlearnTask
 
+_logger = logging.getLogger(__name__)
+
 SANITY = (
     "Retrain: two disjoint halves (N each) of one population of 2N independently seeded "
     "retrained models; half A plays the unlearned models, half B is the reference of every row"
@@ -208,7 +210,7 @@ def _timed(timings: dict, name: str, fn):
     out = fn()
     jax.block_until_ready(jax.tree.leaves(out))
     timings[name] = time.perf_counter() - start
-    logging.info("%s: %.1f s", name, timings[name])
+    _logger.info("%s: %.1f s", name, timings[name])
     return out
 
 
@@ -298,7 +300,7 @@ def _unlearn_populations(
         jax.block_until_ready(jax.tree.leaves(states.params))
         seconds[method] = timings[method] = time.perf_counter() - start
         evaluated[method] = _evaluate(states, run.dataset, run.split, strategy)
-        logging.info("%s: %.1f s", method, seconds[method])
+        _logger.info("%s: %.1f s", method, seconds[method])
 
 
 def _write_results(run: _Run, evaluated: dict, reference: dict, seconds: dict) -> str:

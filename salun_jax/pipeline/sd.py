@@ -91,6 +91,8 @@ from salun_jax.unlearn.sd import (
     trainable_params,
 )
 
+_logger = logging.getLogger(__name__)
+
 FIXED_KEYS = ("model_dir", "dataset", "task", "tiny", "prompt_template", "nudity", "data")
 ORDER = ("Original", "SalUn", "RL", "ESD", "FMN")
 TASKS = ("class", "nudity")
@@ -566,7 +568,7 @@ def _evaluate(run: _Run, results: dict, name: str, params, run_time_s, compile_t
         _save_pngs(os.path.join(run.workdir, "samples", name), images, eval_labels)
     results["methods"][name] = metrics
     _save(run, results)
-    logging.info(
+    _logger.info(
         "%s: UA %s, retained acc %s, %.1f s",
         name,
         metrics["UA"],
@@ -640,7 +642,7 @@ def _saliency_mask(run: _Run, results: dict, task: SDTask):
         try:
             mask = saliency.load_mask(mask_path, run.model.params)
         except saliency.MaskMismatchError as error:
-            logging.warning("%s; computing the mask again", error)
+            _logger.warning("%s; computing the mask again", error)
             os.replace(mask_path, f"{mask_path}.unreadable")
     if mask is not None:
         return mask
