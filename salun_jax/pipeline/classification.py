@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from salun_jax import report, saliency, tuning
+from salun_jax import loop, metric_writer, report, saliency, tuning
 from salun_jax.checkpoint import save_model
 from salun_jax.data.sources import Dataset
 from salun_jax.data.splits import Split
@@ -527,7 +527,7 @@ def method_stage(setup, ledger, run, masks, saliency_fingerprint, current) -> No
         metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
         model_dir = os.path.join(run.directory, f"{method}_{model_fingerprint}")
         mask_file = _mask_file(run, saliency_fingerprint, fraction) if mask is not None else None
-        _save_model(setup, model_dir, output, method_config_, mask_file)
+        _save_model(setup, model_dir, output, method_config_, mask_file, metrics)
         row = {"method": method, "seed": run.seed, "split_hash": run.split.hash}
         row.update(metrics=metrics, fingerprint=row_fingerprint, history=output.history)
         _record(setup, ledger, {**row, "model": os.path.relpath(model_dir, setup.workdir)})
@@ -538,9 +538,10 @@ def _mask_file(run: SeedRun, saliency_fingerprint: str, fraction: float) -> str:
     return os.path.join(run.directory, f"masks_{saliency_fingerprint}", f"with_{fraction:.2f}.npz")
 
 
-def _save_model(setup: Setup, directory: str, output, config, mask_file: str | None) -> None:
+def _save_model(setup, directory, output, config, mask_file, metrics) -> None:
     """A method's final model beside its config, its mask file and its head (BE's K+1-way head
-    when it keeps the shadow logit): what `salun_jax.pipeline.runs.load_run` reads back."""
+    when it keeps the shadow logit): what `salun_jax.pipeline.runs.load_run` reads back; and its
+    TensorBoard run (`tensorboard/`)."""
     if not is_primary():
         return
     meta = {
@@ -550,6 +551,20 @@ def _save_model(setup: Setup, directory: str, output, config, mask_file: str | N
         "code": code_version(),
     }
     save_model(directory, output.state.variables, meta)
+    # TensorBoard: the run's epochs, and the evaluation's accuracies at its last epoch.
+    writer = metric_writer.open_writer(os.path.join(directory, "tensorboard"), fresh=True)
+    try:
+        for record in output.history:
+            metric_writer.write_scalars(writer, record["epoch"], loop.epoch_scalars(record))
+        final = {
+            "forget_accuracy": 100.0 - metrics["UA"],
+            "retain_accuracy": metrics["RA"],
+            "test_accuracy": metrics["TA"],
+            "mia_efficacy": metrics["MIA"],
+        }
+        metric_writer.write_scalars(writer, len(output.history), final)
+    finally:
+        metric_writer.close(writer)
 
 
 def tuning_stage(setup, ledger, run, scores, saliency_fingerprint, current) -> None:
