@@ -74,6 +74,7 @@ from salun_jax.unlearn import (
     method_key,
 )
 
+_logger = logging.getLogger(__name__)
 FIXED_KEYS = ("dataset", "train_per_class", "test_per_class", "split", "train")  # train.py
 MIA_SHADOWS = ("stratified", "first_n")
 RETRAIN_INITS = ("independent", "original")
@@ -320,7 +321,7 @@ def _record(setup: Setup, ledger: dict, row: dict, key: str = "runs") -> None:
     ledger[key].append({**row, "code": code_version()})
     write_results(setup.results_path, ledger)
     metrics = {k: round(v, 2) for k, v in row["metrics"].items() if isinstance(v, float)}
-    logging.info("seed %d %s: %s", row["seed"], row["method"], metrics)
+    _logger.info("seed %d %s: %s", row["seed"], row["method"], metrics)
 
 
 def run_scenario(config: ml_collections.ConfigDict, workdir: str, original_root: str) -> str:
@@ -357,7 +358,7 @@ def split_stage(setup: Setup) -> dict[int, Split]:
     for seed, split in splits.items():
         directory = os.path.join(setup.workdir, f"seed_{seed}")
         splits[seed] = save_split_once(directory, setup.dataset, split)
-        logging.info("seed %d: split %s %s", seed, split.hash, split.sizes())
+        _logger.info("seed %d: split %s %s", seed, split.hash, split.sizes())
     return splits
 
 
@@ -775,7 +776,7 @@ def _train_original(workdir, dataset, split, train_config, model) -> dict:
         "history": out.history,
     }
     write_results(os.path.join(workdir, "results.json"), results)
-    logging.info(
+    _logger.info(
         "train accuracy %.2f%%, test accuracy %.2f%%",
         results["train_accuracy"],
         results["test_accuracy"],
