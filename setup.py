@@ -24,12 +24,17 @@ setup(
         "pillow",
         "matplotlib",
         "tqdm",
+        "tensorboardX>=2.6.5",
         "safetensors>=0.8.0",
         "regex",
     ],
     # The oneDNN convolution handlers' source, compiled on first use (salun_jax.models.onednn).
     package_data={"salun_jax.models": ["onednn_conv.cc"]},
     extras_require={
+        # Accelerators (README, Install): jax with its CUDA 12 plugin or libtpu at jax's version.
+        # The pinned sets are requirements/cuda12.txt and requirements/tpu.txt.
+        "cuda12": ["jax[cuda12]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2"],
         # experiments/bench_train.py --conv_impls times PyTorch's step beside ours when present.
         "bench": ["torch==2.13.0"],
         # conv_impl="onednn": oneDNN 3.2's headers and library (x86-64 Linux wheels, 39 MB).

@@ -1,39 +1,33 @@
 #!/usr/bin/env bash
-# Downloads, for Python 3.12 manylinux x86_64, the wheels the lent GPU machine's image lacks
-# (tensorflow-datasets, ml_collections, array_record and what they need that the image does not
-# have) into wheelhouse/ (git-ignored), to carry there with the working tree:
+# For a GPU/TPU machine without internet: downloads, here, every wheel of one install line
+# (README, Install) for the target's Python and platform into wheelhouse/ (git-ignored), with
+# setuptools and wheel for the `pip install -e .` build. Copy the repository there, then install
+# offline:
 #
-#   scripts/build_gpu_wheelhouse.sh            # here, with internet (about 8 MB, a minute)
-#   run(carry=["wheelhouse"], command="pip install --no-index --no-deps wheelhouse/*.whl && ...")
+#   scripts/build_gpu_wheelhouse.sh [REQUIREMENTS] [PYTHON_VERSION] [ARCH]
+#     defaults: requirements/cuda12.txt 3.11 x86_64 (CUDA 12: about 3 GB of wheels, the CUDA and
+#     cuDNN libraries; requirements/tpu.txt: about 0.5 GB; ARCH aarch64 for Arm hosts)
+#   python3 -m pip install --no-index --find-links wheelhouse -r requirements/cuda12.txt \
+#     && python3 -m pip install --no-index --find-links wheelhouse -e .
 #
-# The image (docs/environment.md: Python 3.12.3, jax 0.11 CUDA, flax, optax, orbax-checkpoint,
-# chex, absl-py, scikit-learn, matplotlib, tqdm, pillow, safetensors, torch, transformers) already
-# has the packages in PRESENT below (theirs or their own requirements); those wheels are deleted.
-# pyarrow (54 MB, a tensorflow-datasets requirement that tfds imports only for some builders,
-# never on our paths) is left out unless --with-pyarrow: the carry limit is 64 MiB. Hence the
-# --no-deps install above.
+# Binary-only: the sdist-only dependencies (tensorflow-datasets' promise) are built into
+# wheelhouse/ first, as pure-Python wheels. A machine with internet needs none of this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=wheelhouse
-KEEP_PYARROW=0
-[[ "${1:-}" == "--with-pyarrow" ]] && KEEP_PYARROW=1
+REQUIREMENTS=${1:-requirements/cuda12.txt}
+PY_VERSION=${2:-3.11}
+ARCH=${3:-x86_64}
 PYTHON=${PYTHON:-python3}
-PRESENT="absl_py numpy etils typing_extensions fsspec pyyaml requests certifi idna urllib3
-charset_normalizer tqdm protobuf psutil"
+OUT=wheelhouse
+
+PLATFORMS=()
+for minor in $(seq 35 -1 17); do PLATFORMS+=(--platform "manylinux_2_${minor}_${ARCH}"); done
+PLATFORMS+=(--platform "manylinux2014_${ARCH}")
 
 rm -rf "$OUT" && mkdir -p "$OUT"
-# promise (a tfds requirement) exists only as an sdist: build its pure-Python wheel first, so
-# the binary-only download below finds it in $OUT.
-"$PYTHON" -m pip wheel -q --no-deps promise==2.3 -w "$OUT"
-"$PYTHON" -m pip download -q --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --only-binary=:all: --find-links "$OUT" -d "$OUT" \
-  tensorflow-datasets ml_collections array_record
-for name in $PRESENT; do
-  rm -f "$OUT/${name}"-[0-9]*.whl
-done
-if [[ $KEEP_PYARROW == 0 ]]; then
-  rm -f "$OUT"/pyarrow-[0-9]*.whl
-fi
-ls -1 "$OUT"
+"$PYTHON" -m pip wheel -q --no-deps promise -w "$OUT"
+"$PYTHON" -m pip download -q --python-version "$PY_VERSION" --implementation cp \
+  "${PLATFORMS[@]}" --only-binary=:all: --find-links "$OUT" -d "$OUT" \
+  -r "$REQUIREMENTS" setuptools wheel
+ls -1 "$OUT" | wc -l
 du -sh "$OUT"
