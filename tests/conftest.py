@@ -69,6 +69,7 @@ def experiment():
             os.path.join(REPO, "experiments", "configs", config),
             "--workdir",
             str(workdir),
+            "--progress=on",  # bars on a pipe too: tests tell what ran by their text
             *overrides,
         ]
         if not wait:

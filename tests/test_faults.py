@@ -222,9 +222,9 @@ QUICK = ("--config.run_methods=('FT',)", "--config.sweep_fractions=()")
     "override, message",
     [
         ("--config.train.model=resnet19", "unknown model 'resnet19'"),
-        ("--config.train.width=0", "width must be > 0"),
-        ("--config.train.batch_size=0", "batch_size > 0"),
-        ("--config.unlearn.batch_size=0", "batch_size > 0"),
+        ("--config.train.width=0", "TrainConfig.width must be in (0, inf), got 0.0"),
+        ("--config.train.batch_size=0", "TrainConfig.batch_size must be >= 1, got 0"),
+        ("--config.unlearn.batch_size=0", "UnlearnConfig.batch_size must be >= 1, got 0"),
         ("--config.dataset=digitz", "unknown data set 'digitz'"),
         ("--config.split.forget_fraction=0.0001", "forget_fraction 0.0001 of"),
     ],

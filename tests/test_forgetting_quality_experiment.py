@@ -18,7 +18,9 @@ def test_forgetting_quality_tiny(experiment, tmp_path):
     run_info = json.loads((workdir / "run.json").read_text())
     assert "halves" in run_info["sanity_row"]
     # A rerun on the same work directory restores every population from its checkpoints.
-    again = experiment("forgetting_quality.py", "digits_forgetting_quality.py:tiny", workdir)
+    again = experiment(
+        "forgetting_quality.py", "digits_forgetting_quality.py:tiny", workdir, "--verbosity=1"
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     rerun = json.loads((workdir / "results.json").read_text())
     for method, row in results.items():  # the same models, the same numbers; only times differ

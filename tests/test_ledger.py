@@ -182,15 +182,19 @@ def test_train_classifier_workdir_refuses_another_recipe_or_data(digits, tmp_pat
         sj.train_classifier(x, y, indices[1:], model, recipe, workdir=str(tmp_path))
 
 
-@pytest.mark.parametrize("init", ["original", "independent"])
-def test_retrain_init_shares_the_original_models_initial_weights_or_not(tmp_path, init):
+def test_retrain_init_shares_the_original_models_initial_weights_or_not(tmp_path):
     """With no training (0 epochs) each model is its initialisation: "original" gives Retrain the
     original model's initial weights (the same predictions, so the same row), "independent" its
-    own."""
-    config = _config(
-        retrain_init=init, run_methods=("Retrain",), **{"train.epochs": 0, "train.milestones": ()}
+    own. Both settings as two scenarios of one run."""
+    import ml_collections
+
+    config = _config(run_methods=("Retrain",), **{"train.epochs": 0, "train.milestones": ()})
+    config.scenarios = ("independent", "original")
+    config.scenario_settings = ml_collections.ConfigDict(
+        {name: {"retrain_init": name} for name in config.scenarios}
     )
     classification.train_and_evaluate(config, str(tmp_path))
-    rows = _rows(tmp_path)
-    same = _quality(rows["Retrain"]) == _quality(rows["Original"])
-    assert same == (init == "original")
+    for init in config.scenarios:
+        rows = _rows(tmp_path / init)
+        same = _quality(rows["Retrain"]) == _quality(rows["Original"])
+        assert same == (init == "original"), init

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 
@@ -551,6 +552,8 @@ def _save_model(setup, directory, output, config, mask_file, metrics) -> None:
         "num_outputs": setup.dataset.num_classes + (output.model is not None),
         "code": code_version(),
     }
+    if os.path.isdir(directory):  # a row made again (e.g. its evaluation changed): a new save
+        shutil.rmtree(directory)
     save_model(directory, output.state.variables, meta)
     # TensorBoard: the run's epochs, and the evaluation's accuracies at its last epoch.
     writer = metric_writer.open_writer(os.path.join(directory, "tensorboard"), fresh=True)

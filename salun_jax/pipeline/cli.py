@@ -206,11 +206,12 @@ def _print_help(full: bool) -> None:
     print(doc)
     if flag_text:
         print("\nflags:\n" + flag_text)
-    print(
-        f"\nSee a config's fields: python {script} --config {config} --show_config\n"
-        "Change one: --config.<field>=<value>, e.g. --config.train.epochs=5; a config file's "
-        f"variant (where it has some, e.g. tiny): --config {config}:<variant>."
-    )
+    if "config" in flags.FLAGS:  # a script run by a config (not e.g. evaluate.py)
+        print(
+            f"\nSee a config's fields: python {script} --config {config} --show_config\n"
+            "Change one: --config.<field>=<value>, e.g. --config.train.epochs=5; a config file's "
+            f"variant (where it has some, e.g. tiny): --config {config}:<variant>."
+        )
     if not full:
         print("Try --helpfull to get a list of all flags.")
 
