@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -37,15 +36,15 @@ def _env(**changes):
     return {k: v for k, v in env.items() if v is not None}
 
 
-def _start(script, *args, env=None, preexec_fn=None):
+def _start(script, *args, env=None, wrap=()):
+    # No preexec_fn: it forks this (JAX-initialised) process, which JAX warns about.
     return subprocess.Popen(
-        [sys.executable, os.path.join(EXPERIMENTS, script), *args],
+        [*wrap, sys.executable, os.path.join(EXPERIMENTS, script), *args],
         cwd=REPO,
         env=env or _env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=preexec_fn,
     )
 
 
@@ -192,13 +191,9 @@ def _read_only(path):
 
 
 def _no_bigger_files_than(limit):
-    """preexec_fn: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored), as a full disk."""
-
-    def set_limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-
-    return set_limit
+    """A command prefix: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored), as on a
+    full disk (bash's ulimit -f counts 1024-byte blocks)."""
+    return ["bash", "-c", f'trap "" XFSZ; ulimit -f {limit // 1024}; exec "$@"', "bash"]
 
 
 def test_unusable_workdirs_and_os_errors_give_one_line_naming_the_file(tmp_path):
@@ -224,7 +219,7 @@ def test_unusable_workdirs_and_os_errors_give_one_line_naming_the_file(tmp_path)
                 "too large": (
                     "train.py",
                     [*train[1:], f"--workdir={big}", "--nocompilation_cache"],
-                    {"env": no_cache, "preexec_fn": _no_bigger_files_than(8192)},
+                    {"env": no_cache, "wrap": _no_bigger_files_than(8192)},
                 ),
             }
         )

@@ -91,7 +91,7 @@ def _jsonl_files(workdir):
 
 def test_pipeline_end_to_end_and_resume(tmp_path):
     workdir = tmp_path / "run"
-    first = _run([SCRIPT, f"--config={TINY}", f"--workdir={workdir}"], tmp_path)
+    first = _run([SCRIPT, f"--config={TINY}", f"--workdir={workdir}", "--progress=on"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert RESULT_KEYS <= set(results)  # the keys the pipeline documents

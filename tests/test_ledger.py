@@ -50,7 +50,6 @@ def _originals(workdir):
     return sorted(d for d in os.listdir(workdir / "seed_1") if d.startswith("original_"))
 
 
-@pytest.mark.xla_optimized
 def test_rows_are_keyed_by_name_not_by_the_method_list(tmp_path):
     """A subset of methods with the default sweep completes (it ended in KeyError: 'SalUn'); a
     method's row is the same whatever ran beside it, in whatever order; a longer list runs only
@@ -70,7 +69,6 @@ def test_rows_are_keyed_by_name_not_by_the_method_list(tmp_path):
     assert set(rows) == {"Original", "Retrain", "FT", "GA"}
 
 
-@pytest.mark.xla_optimized
 def test_deleting_config_json_cannot_bring_back_a_stale_model(tmp_path):
     """config.json deleted (as its old error message suggested) and the learning rate changed:
     the original model and every row are made anew, never taken from the old run."""
@@ -107,7 +105,6 @@ def _write_images(root, shift):
                 Image.fromarray(pixels.astype(np.uint8)).save(directory / f"{i:02d}.png")
 
 
-@pytest.mark.xla_optimized
 def test_reexported_images_with_the_same_names_train_a_new_model(tmp_path):
     data = tmp_path / "images"
     _write_images(data, shift=0)

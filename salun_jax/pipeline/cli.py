@@ -392,6 +392,9 @@ def _run(main: Callable, config_flag) -> None:
 
     keep_freed_host_memory()  # before JAX starts its backend and its threads
     sys.unraisablehook = _quiet_closed_loop
+    # Ctrl-C (SIGINT) interrupts even where the parent started us with it ignored (a background
+    # job of a script, some launchers and test runners): the one-line interrupt below needs it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     options = _define_flags()
     logging.getLogger("absl").addFilter(_quiet_orbax)
     remaining = _parse(config_flag)
