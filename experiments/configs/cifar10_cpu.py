@@ -1,6 +1,8 @@
-"""CIFAR-10 (the shared JPEG copy) on CPU: the whole pipeline, 1 seed, within 45 minutes.
+"""CIFAR-10 on CPU: the whole pipeline, 1 seed, within 45 minutes.
 
-    python experiments/unlearn.py --config experiments/configs/cifar10_cpu.py --workdir runs/cifar10_cpu
+    python experiments/unlearn.py --config experiments/configs/cifar10_cpu.py --workdir runs/cifar10_cpu --config.dataset=<CIFAR-10 folder or zip>
+
+The measurements below read CIFAR-10 from a zip of JPEGs in class folders (train/test x 10 classes).
 
 CPU-sized: a class-balanced train subset of 10,000 images (the first 1,000 per class; 9,000 after
 the 10% validation split, 900 of them forgotten), the full 10,000-image test set, and ResNet-18 at
@@ -31,7 +33,8 @@ from salun_jax.pipeline.common import unset_like
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.dataset = "../shared/data/cifar10_jpeg.zip"
+    # tfds (prepared in data_dir), or --config.dataset=<a folder/zip of CIFAR-10 in class folders>.
+    config.dataset = "cifar10"
     config.data_dir = ""
     config.cache_dir = ""
     config.train_per_class = 1000

@@ -2,7 +2,7 @@
 SalUn, once with an independent initialisation and once with the original model's initial
 weights (upstream's `main_forget.py`).
 
-    SALUN_JAX_CONV_IMPL=onednn python experiments/unlearn.py --config experiments/configs/cifar10_cpu_retrain_init.py --workdir runs/retrain_init
+    SALUN_JAX_CONV_IMPL=onednn python experiments/unlearn.py --config experiments/configs/cifar10_cpu_retrain_init.py --workdir runs/retrain_init --config.dataset=<CIFAR-10 folder or zip>
 
 The two scenarios share the original models (`<workdir>/seed_<s>/original_<fp>`); each scenario's
 table is in results.md. Measurements: docs/benchmarks.md.

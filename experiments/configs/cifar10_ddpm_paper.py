@@ -23,12 +23,12 @@ the model. Our FD uses the evaluation
 classifier's features, so its values are not the paper's FIDs.
 
 Data: CIFAR-10 from tensorflow-datasets, or point `--config.dataset` at an image folder / zip
-laid out split/class/image (e.g. ../shared/data/cifar10_jpeg.zip).
+laid out split/class/image (e.g. CIFAR-10 exported as class folders).
 
 `--config=experiments/configs/cifar10_ddpm_paper.py:tiny`: the same code path and the paper UNet
 on 4 images per class, one epoch / iteration of everything, 2 DDIM steps: it only shows the pipeline
 constructs and starts (about 3 minutes on the 2-core CPU, mostly compilation; needs the zip:
-`--config.dataset=../shared/data/cifar10_jpeg.zip`).
+`--config.dataset=<your CIFAR-10 folder or zip>`).
 """
 
 import ml_collections

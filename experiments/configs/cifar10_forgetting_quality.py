@@ -8,7 +8,7 @@ and 32 unlearned models per method (FT, GA, RL, l1-sparse, SalUn), ResNet-18 at 
 random forgetting, each population vmapped in one compiled program per step. The recipe is shortened
 to 30 epochs (the paper's 182 for 32 + 64 models would take days): lr 0.1, x0.1 at epochs 15 and
 25, batch 256, crop + flip. Unlearning uses the paper config's method settings (`cifar10_paper.py`).
-Data through tfds (`cifar10`), or --config.dataset=../shared/data/cifar10_jpeg.zip. Populations
+Data through tfds (`cifar10`), or --config.dataset=<your CIFAR-10 folder or zip>. Populations
 are checkpointed when they finish, so a stopped run resumes.
 
 Not yet run: no GPU was lent while it was written. Size it first with --config.members=8 (about

@@ -4,7 +4,7 @@
     python experiments/train.py --config experiments/configs/cifar10_paper.py --workdir runs/c10_orig
 
 Data through tfds (`cifar10`; pass --config.data_dir=DIR for prepared array_record data) or
---config.dataset=../shared/data/cifar10_jpeg.zip. Original: 182 epochs, SGD lr 0.1 (x0.1 at 91 and
+--config.dataset=<your CIFAR-10 folder or zip>. Original: 182 epochs, SGD lr 0.1 (x0.1 at 91 and
 136), batch 256, wd 5e-4; Retrain the same on D_r; SalUn: mask 0.5, lr 0.013, 10 epochs, batch 256.
 Expected (paper, Table 1): Retrain UA ~5.2, MIA ~12.9, RA 100, TA ~94.3; SalUn Avg. Gap ~1.2.
 The original takes ~1 h on one modern GPU; it is far too slow for XLA:CPU (~20 s per step).
