@@ -111,7 +111,6 @@ _CACHE_FORMAT_VERSION = 2
 _CACHE_KEYS = (
     "train_images", "train_labels", "test_images", "test_labels", "class_names", "mean", "std",
 )  # fmt: skip
-_FINGERPRINT_PIXEL_SAMPLES = 1 << 16
 _TFDS_READ_BATCH = 1024
 # A tfds builder name (no config or version): what load_dataset tries as a registered builder.
 _TFDS_BUILDER_NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -198,26 +197,21 @@ class Dataset:
         return int(height), int(width), int(channels)
 
     def fingerprint(self) -> str:
-        """A short content hash, stable across runs and machines.
-
-        Hashes the name, class names, shapes, all labels and a strided sample of pixels (at most
-        ~65k per split), so it is cheap even for CIFAR-sized data.
+        """A short hash of the whole content (name, class names, every label and pixel), stable
+        across runs and machines: what the pipelines key stored models by, so images changed
+        anywhere give another fingerprint. One sha256 pass (~0.1 s for CIFAR-10).
 
         Returns:
           16 hex digits of a sha256 digest.
         """
-        digest = hashlib.sha256()
-        digest.update(repr((self.name, self.class_names)).encode())
-        for images, labels in (
-            (self.train_images, self.train_labels),
-            (self.test_images, self.test_labels),
-        ):
-            digest.update(repr((images.shape, labels.shape)).encode())
-            digest.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
-            flat = np.ascontiguousarray(images).reshape(-1)
-            stride = max(1, flat.size // _FINGERPRINT_PIXEL_SAMPLES)
-            digest.update(np.ascontiguousarray(flat[::stride]).tobytes())
-        return digest.hexdigest()[:16]
+        from salun_jax.provenance import fingerprint
+
+        return fingerprint(
+            name=self.name,
+            class_names=self.class_names,
+            train=(self.train_images, self.train_labels),
+            test=(self.test_images, self.test_labels),
+        )
 
 
 def load_dataset(

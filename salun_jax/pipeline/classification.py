@@ -404,13 +404,17 @@ def original_stage(setup: Setup, ledger: dict, seed: int, split: Split, current:
     return run
 
 
-def retrain_model(setup: Setup, run: SeedRun) -> tuple[TrainConfig, str, str]:
-    """Retrain's recipe, model fingerprint and directory for a seed. `retrain_init`:
-    "independent" initialisation (and batch order) from seed + 1000, or "original": the original
-    model's initial weights, as upstream's `main_forget.py` builds it."""
+def retrain_recipe(setup: Setup, seed: int) -> TrainConfig:
+    """Retrain's recipe for a seed. `retrain_init`: "independent" initialisation (and batch
+    order) from seed + 1000, or "original": the original model's initial weights, as upstream's
+    `main_forget.py` builds Retrain."""
     independent = setup.config.get("retrain_init", "independent") == "independent"
-    seed = run.seed + 1000 if independent else run.seed
-    recipe = dataclasses.replace(setup.retrain_config, seed=seed)
+    return dataclasses.replace(setup.retrain_config, seed=seed + 1000 if independent else seed)
+
+
+def retrain_model(setup: Setup, run: SeedRun) -> tuple[TrainConfig, str, str]:
+    """Retrain's recipe, model fingerprint and directory for a seed."""
+    recipe = retrain_recipe(setup, run.seed)
     model_fingerprint = _model_fingerprint(setup, recipe=recipe, indices=run.split.retain)
     return recipe, model_fingerprint, os.path.join(run.directory, f"retrain_{model_fingerprint}")
 

@@ -20,7 +20,7 @@ from salun_jax.checkpoint import Checkpointer, load_model
 from salun_jax.data.splits import Split, load_split
 from salun_jax.evaluation.classification import make_predict_fn
 from salun_jax.evaluation.sd import load_classifier
-from salun_jax.pipeline.classification import Setup, prepare, retrain_model
+from salun_jax.pipeline.classification import Setup, prepare, retrain_recipe
 from salun_jax.pipeline.common import UserError
 from salun_jax.saliency import load_mask
 from salun_jax.step import canonical_module, init_variables
@@ -91,19 +91,10 @@ def load_run(workdir: str, method: str, seed: int, scenario: str | None = None) 
     )
     model_dir = os.path.normpath(os.path.join(directory, row["model"]))
     if method in ("Original", "Retrain"):
-        recipe = setup.train_config if method == "Original" else _retrain_recipe(setup, seed, split)
+        recipe = setup.train_config if method == "Original" else retrain_recipe(setup, seed)
         variables = load_classifier(model_dir, setup.model, dataset.image_shape, recipe)
         return SavedRun(method, seed, setup.model, variables, row, {}, None, setup, split)
     return _load_method(method, seed, row, model_dir, setup, split)
-
-
-def _retrain_recipe(setup: Setup, seed: int, split: Split):
-    class _Seed(NamedTuple):  # what `retrain_model` reads of a seed's run
-        seed: int
-        split: Split
-        directory: str
-
-    return retrain_model(setup, _Seed(seed, split, ""))[0]
 
 
 def _load_method(method, seed, row, model_dir, setup: Setup, split: Split) -> SavedRun:
