@@ -467,3 +467,19 @@ def test_loss_mia_separable_and_identical():
         mia.loss_mia(forget[:5], test, seed=0)
     with pytest.raises(ValueError, match="NaN"):
         mia.loss_mia(np.full(20, np.nan), test, seed=0)
+
+
+def test_evaluate_unlearning_names_non_finite_outputs():
+    """Finite weights too large to use (a diverged run's last update) give NaN / infinite
+    logits: one clear error counting the images, not a crash inside the MIA's SVC."""
+    from salun_jax.evaluation.classification import NonFiniteOutputsError, evaluate_unlearning
+
+    args, table = _class_sorted_run()
+    table = table.copy()
+    table[[0, 5, 401]] = [np.nan, np.inf, -np.inf, 0.0]  # 3 of the 400 + 120 images' rows
+    split = args[-1]
+    used = np.concatenate([split.forget, split.retain, 400 + split.test])
+    expected = int(np.isin([0, 5, 401], used).sum())
+    assert expected == 3  # every train image is in forget or retain, every test image in test
+    with pytest.raises(NonFiniteOutputsError, match=f"on {expected} of {len(used)} images"):
+        evaluate_unlearning(args[0], {"table": jnp.asarray(table)}, *args[2:])

@@ -9,6 +9,7 @@ blocks the corrected rerun.
 import json
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -52,7 +53,7 @@ def reference(experiment, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
     result = experiment(*TRAIN, workdir, f"--config.train.epochs={EPOCHS}")
     assert result.returncode == 0, result.stderr[-2000:]
-    return _final_state(workdir)
+    return (*_final_state(workdir), workdir)
 
 
 def test_sigkill_at_random_points_resumes_bit_identically(experiment, reference, tmp_path):
@@ -99,8 +100,8 @@ def test_sigkill_at_random_points_resumes_bit_identically(experiment, reference,
 def test_corrupt_newest_checkpoint_falls_back_and_completes_twice(
     experiment, reference, tmp_path, damage
 ):
-    first = experiment(*TRAIN, tmp_path, f"--config.train.epochs={EPOCHS}")
-    assert first.returncode == 0, first.stderr[-2000:]
+    tmp_path = tmp_path / "run"  # a finished run: a copy of the reference's work directory
+    shutil.copytree(reference[2], tmp_path)
     newest = tmp_path / "checkpoints" / str(EPOCHS - 1) / "state"
     files = sorted(p for p in newest.rglob("*") if p.is_file() and p.stat().st_size > 16)
     target = max(files, key=lambda p: p.stat().st_size)
@@ -212,7 +213,11 @@ def test_diverging_unlearning_names_the_method(experiment, tmp_path):
     )
     assert result.returncode == 2
     line = _last_line(result)
-    assert line.startswith("error: seed 1: GA: non-finite") and "epoch 1" in line, line
+    # Caught in training (a non-finite loss or weight) or, when only the last update blew the
+    # weights up, by the evaluation (non-finite outputs): either way one line naming GA.
+    assert line.startswith("error: seed 1: GA: non-finite"), line
+    assert "epoch 1" in line or "lower the learning rate" in line, line
+    assert "Traceback" not in result.stderr
 
 
 QUICK = ("--config.run_methods=('FT',)", "--config.sweep_fractions=()")

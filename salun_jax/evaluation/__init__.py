@@ -3,6 +3,7 @@ generation metrics of the DDPM (`generation`), and those of text-to-image models
 counts, object UA by a saved classifier, Frechet distance in a network's features)."""
 
 from salun_jax.evaluation.classification import (
+    NonFiniteOutputsError,
     evaluate_unlearning,
     make_predict_fn,
     model_accuracy,
@@ -56,6 +57,7 @@ __all__ = [
     "METRIC_KEYS",
     "accuracy",
     "avg_gap",
+    "NonFiniteOutputsError",
     "evaluate_unlearning",
     "from_logits",
     "gaps",

@@ -68,6 +68,21 @@ def model_accuracy(
     return accuracy(predict(predict_fn, variables, images, batch_size), labels)
 
 
+class NonFiniteOutputsError(ValueError):
+    """The model's outputs are NaN or infinite: its weights are finite but too large to use (a
+    diverged run whose last update the training loop's checks could not see)."""
+
+
+def _check_finite(*logits: np.ndarray) -> None:
+    bad = sum(int(np.sum(~np.all(np.isfinite(x), axis=-1))) for x in logits)
+    if bad:
+        total = sum(len(x) for x in logits)
+        raise NonFiniteOutputsError(
+            f"non-finite outputs (NaN or infinite logits) on {bad} of {total} images: the "
+            "weights diverged; lower the learning rate"
+        )
+
+
 def evaluate_unlearning(
     predict_fn: Callable,
     variables: Any,
@@ -107,6 +122,7 @@ def evaluate_unlearning(
       `loss_mia`.
 
     Raises:
+      NonFiniteOutputsError: the model's logits are NaN or infinite on some image.
       ValueError: before any prediction, a bad argument: images not uint8 [N, H, W, C] (0..255,
         as `load_dataset` gives them; `predict_fn` scales them, so float images would be scaled
         twice) or train and test images of other [H, W, C]; labels not 1-D non-negative integer
@@ -128,6 +144,7 @@ def evaluate_unlearning(
     forget_logits = predict(predict_fn, variables, train_images[split.forget])
     retain_logits = predict(predict_fn, variables, train_images[split.retain])
     test_logits = predict(predict_fn, variables, test_x)
+    _check_finite(forget_logits, retain_logits, test_logits)
     retain_y = train_labels[split.retain]
 
     def confidence_mia(member, nonmember, kinds):

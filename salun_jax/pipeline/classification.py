@@ -39,6 +39,7 @@ from salun_jax.checkpoint import save_model
 from salun_jax.data.sources import Dataset
 from salun_jax.data.splits import Split
 from salun_jax.evaluation.classification import (
+    NonFiniteOutputsError,
     evaluate_unlearning,
     make_predict_fn,
     model_accuracy,
@@ -238,24 +239,30 @@ class Setup:
             "loss_mia": True,
         }
 
-    def evaluate(self, variables, split: Split, seed: int, predict_fn=None) -> dict:
+    def evaluate(
+        self, variables, split: Split, seed: int, predict_fn=None, name: str = "model"
+    ) -> dict:
         """The paper's metrics of a model (`evaluate_unlearning`) with this scenario's settings:
-        "stratified" shadow sets are drawn from the split seed, "first_n" are upstream's."""
+        "stratified" shadow sets are drawn from the split seed, "first_n" are upstream's. A model
+        with non-finite outputs is a `UserError` naming the seed and `name`."""
         settings = self.evaluation()
-        return evaluate_unlearning(
-            predict_fn or self.predict_fn,
-            variables,
-            self.dataset.train_images,
-            self.dataset.train_labels,
-            self.dataset.test_images,
-            self.dataset.test_labels,
-            split,
-            mia_kinds=settings["mia_kinds"],
-            mia_shadow=settings["mia_shadow"],
-            shadow_seed=seed,
-            loss_mia=settings["loss_mia"],
-            also_first_n=settings["first_n"],
-        )
+        try:
+            return evaluate_unlearning(
+                predict_fn or self.predict_fn,
+                variables,
+                self.dataset.train_images,
+                self.dataset.train_labels,
+                self.dataset.test_images,
+                self.dataset.test_labels,
+                split,
+                mia_kinds=settings["mia_kinds"],
+                mia_shadow=settings["mia_shadow"],
+                shadow_seed=seed,
+                loss_mia=settings["loss_mia"],
+                also_first_n=settings["first_n"],
+            )
+        except NonFiniteOutputsError as error:
+            raise UserError(f"seed {seed}: {name}: {error}") from error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,7 +404,7 @@ def original_stage(setup: Setup, ledger: dict, seed: int, split: Split, current:
     row_fingerprint = _row_fingerprint(setup, model_fingerprint, split)
     current.add(row_fingerprint)
     if _row(ledger, "runs", row_fingerprint) is None:
-        metrics = setup.evaluate(out.state.variables, split, seed)
+        metrics = setup.evaluate(out.state.variables, split, seed, name="Original")
         row = {"method": "Original", "seed": seed, "split_hash": split.hash, "metrics": metrics}
         row.update(fingerprint=row_fingerprint, model_code=out.code)
         _record(setup, ledger, {**row, "model": os.path.relpath(directory, setup.workdir)})
@@ -428,7 +435,7 @@ def retrain_stage(setup: Setup, ledger: dict, run: SeedRun, current: set) -> Non
         current.add(row_fingerprint)
     if asked and _row(ledger, "runs", row_fingerprint) is None:
         output = _run_method(setup, run, "Retrain", recipe, None, workdir=directory)
-        metrics = setup.evaluate(output.state.variables, run.split, run.seed)
+        metrics = setup.evaluate(output.state.variables, run.split, run.seed, name="Retrain")
         metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
         row = {"method": "Retrain", "seed": run.seed, "split_hash": run.split.hash}
         row.update(metrics=metrics, fingerprint=row_fingerprint, model_code=output.code)
@@ -529,7 +536,7 @@ def method_stage(setup, ledger, run, masks, saliency_fingerprint, current) -> No
         mask = masks[fraction] if method in MASKED_METHODS else None
         output = _run_method(setup, run, method, method_config_, mask)
         predict_fn = None if output.model is None else make_predict_fn(output.model.apply)
-        metrics = setup.evaluate(output.state.variables, run.split, run.seed, predict_fn)
+        metrics = setup.evaluate(output.state.variables, run.split, run.seed, predict_fn, method)
         metrics.update(run_time_s=output.run_seconds, compile_time_s=output.compile_seconds)
         model_dir = os.path.join(run.directory, f"{method}_{model_fingerprint}")
         mask_file = _mask_file(run, saliency_fingerprint, fraction) if mask is not None else None
@@ -619,7 +626,8 @@ def tuning_stage(setup, ledger, run, scores, saliency_fingerprint, current) -> N
             strategy=setup.strategy,
         )
         seconds = time.perf_counter() - start
-        metrics = {**setup.evaluate(variables, run.split, run.seed), "run_time_s": seconds}
+        metrics = setup.evaluate(variables, run.split, run.seed, name=f"tuned {method}")
+        metrics["run_time_s"] = seconds
         row = {"method": method, "seed": run.seed, "split_hash": run.split.hash}
         row.update(metrics=metrics, fingerprint=row_fingerprint, chosen=summary["chosen"])
         row.update(tuning={**summary, "seconds": seconds}, retrain_validation=reference)
@@ -644,7 +652,9 @@ def sweep_stage(setup: Setup, ledger: dict, run: SeedRun, masks, saliency_finger
         sweep = {"fractions": [], **{name: [] for name in SWEEP_METRICS}}
         for fraction in fractions:
             output = _run_method(setup, run, "SalUn", salun_config, masks[fraction])
-            metrics = setup.evaluate(output.state.variables, run.split, run.seed)
+            metrics = setup.evaluate(
+                output.state.variables, run.split, run.seed, name=f"SalUn at {fraction:g}"
+            )
             sweep["fractions"].append(fraction)
             for name in SWEEP_METRICS:
                 sweep[name].append(metrics[name])
@@ -794,12 +804,14 @@ def _train_original(workdir, dataset, split, train_config, model) -> dict:
 def tiny_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The seconds-scale variant (`:tiny`) of a classification config: the same pipeline with
     one seed, the first scenario, a few epochs, every method for one epoch, two sweep fractions,
-    the confidence MIA; image data sets cut to 20 train / 10 test images per class and a
-    ResNet-8 x0.25."""
+    the confidence MIA; digits cut to 60 train / 30 test images per class, other image data
+    sets to 20 / 10 and a ResNet-8 x0.25."""
     config.seeds = tuple(config.seeds)[:1]
     if config.get("scenarios"):
         config.scenarios = tuple(config.scenarios)[:1]
-    if config.dataset != "digits":
+    if config.dataset == "digits":
+        config.train_per_class, config.test_per_class = 60, 30
+    else:
         config.train_per_class, config.test_per_class = 20, 10
         config.train.update(model="resnet8", width=0.25, batch_size=32)
         config.unlearn.batch_size = 32
