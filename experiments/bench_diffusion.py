@@ -42,15 +42,15 @@ from absl import app, flags
 
 from salun_jax import host_memory
 from salun_jax.diffusion import linear_schedule
-from salun_jax.diffusion.training import (
-    DiffusionTrainConfig,
-    create_diffusion_state,
-    init_unet_params,
-)
 from salun_jax.evaluation.generation import generate_samples
 from salun_jax.losses import denoising_loss
 from salun_jax.models.unet import UNet, paper_cifar10_unet, tiny_digits_unet
 from salun_jax.step import make_step
+from salun_jax.train_diffusion import (
+    DiffusionTrainConfig,
+    create_diffusion_state,
+    init_unet_params,
+)
 
 _QUICK = flags.DEFINE_bool("quick", False, "Seconds-scale run with a minimal UNet (for tests).")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")

@@ -137,12 +137,12 @@ import numpy as np
 from absl import app, flags
 
 from salun_jax import host_memory, loop
+from salun_jax.data.batches import index_batches
 from salun_jax.losses import classification_loss
 from salun_jax.models import conv as conv_lib
 from salun_jax.models import create_model
 from salun_jax.optim import make_sgd
 from salun_jax.step import create_train_state, make_step
-from salun_jax.train import index_batches
 
 _MODELS = flags.DEFINE_list("models", ["resnet18", "resnet8"], "Model names (create_model).")
 _WIDTHS = flags.DEFINE_list("widths", ["1.0", "0.25"], "Width multiplier per model (or one).")

@@ -22,6 +22,7 @@ is a terminal.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -40,14 +41,7 @@ from salun_jax import metric_writer
 from salun_jax.models import conv
 from salun_jax.provenance import code_version
 from salun_jax.step import AXIS, TrainState
-from salun_jax.types import PyTree
-
-# (indices, weights): indices [S, D, B/D] int32, or {stream: [S, D, B/D]} for paired batches
-# (stream "" gives the data's own keys, stream "retain" gives "retain_image", ...); weights
-# [S, D, B/D] float32 (0 on padding).
-EpochBatches = tuple[np.ndarray | dict[str, np.ndarray], np.ndarray]
-BatchesFn = Callable[[int, np.random.Generator], EpochBatches]
-
+from salun_jax.types import BatchesFn, PyTree
 
 _logger = logging.getLogger(__name__)
 
@@ -332,6 +326,178 @@ def write_log(workdir: str, history: list[dict]) -> None:
     os.replace(f"{path}.tmp", path)
 
 
+@dataclasses.dataclass
+class _Track:
+    """What a run keeps across epochs and resumes: its history, timings, code version, the
+    epochs in its newest checkpoint, and its checkpointer and TensorBoard writer."""
+
+    state: TrainState
+    start_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    compile_seconds: float = 0.0
+    run_seconds: float = 0.0
+    code: str = ""
+    checkpointer: object = None
+    writer: object = None
+    saved: int = 0  # epochs in the newest checkpoint
+    last_info: float = 0.0  # perf_counter of the run's previous INFO line
+    logged_info: bool = False
+
+    def output(self, state: TrainState) -> RunOutput:
+        return RunOutput(state, self.history, self.compile_seconds, self.run_seconds, self.code)
+
+
+def _resume(state, workdir, fingerprint, desc: str, num_epochs: int) -> _Track:
+    """The run's track: fresh, or restored from the newest readable checkpoint in `workdir`
+    (refused with `StaleRunError` if another fingerprint made it); metrics.jsonl is rewritten
+    from the restored history."""
+    track = _Track(state, code=code_version())
+    if workdir is None:
+        return track
+    from salun_jax.checkpoint import Checkpointer
+
+    os.makedirs(workdir, exist_ok=True)
+    track.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    if fingerprint is not None:
+        _check_fingerprint(track.checkpointer, workdir, fingerprint, desc)
+    restored = track.checkpointer.restore_latest(state)
+    if restored is None:
+        return track
+    track.state, meta, last_epoch = restored
+    track.start_epoch, track.history = last_epoch + 1, list(meta.get("history", []))
+    track.compile_seconds = float(meta.get("compile_seconds", 0.0))
+    track.run_seconds = float(meta.get("run_seconds", 0.0))
+    made_by = meta.get("code", "unknown (an older salun_jax)")
+    if made_by != track.code and track.start_epoch < num_epochs:
+        _logger.warning(
+            "%s: resuming a run made by code %s with code %s", desc, made_by, track.code
+        )
+        made_by = f"{made_by} then {track.code}"
+    track.code = made_by
+    # The log is the checkpoint's history: epochs a kill lost from it come back, and epochs
+    # after the restored checkpoint (a corrupt-checkpoint fallback) leave it.
+    write_log(workdir, track.history)
+    if is_primary():
+        level = logging.INFO if track.start_epoch < num_epochs else logging.DEBUG
+        _logger.log(level, "%s: resuming after epoch %d in %s", desc, track.start_epoch, workdir)
+    return track
+
+
+def _run_steps(compiled, state_r, data_r, batches, bar_desc: str | None):
+    """One epoch's steps over `batches` (indices, weights, keys); a progress bar of finished
+    steps named `bar_desc` (None: no bar). Returns the state and the steps' (device) metrics."""
+    indices, weights, keys = batches
+    num_steps = weights.shape[0]
+    bar = None
+    if bar_desc is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, desc=bar_desc, leave=False, mininterval=2.0)
+    step_metrics = []
+    for s in range(num_steps):
+        batch_indices = jax.tree.map(lambda x, s=s: x[s], indices)
+        state_r, metrics = compiled(state_r, data_r, batch_indices, weights[s], keys)
+        step_metrics.append(metrics)
+        if bar is not None and s >= _BAR_LAG:
+            # The bar counts finished steps, not dispatched ones: wait for the step _BAR_LAG
+            # back (the device keeps that many queued, so it never idles).
+            jax.block_until_ready(step_metrics[s - _BAR_LAG]["loss"])
+            bar.update(1)
+    if bar is not None:
+        jax.block_until_ready(step_metrics[-1]["loss"])
+        bar.update(num_steps - bar.n)
+        bar.close()
+    return state_r, step_metrics
+
+
+def _nonfinite(track: _Track, nonfinite: str, desc: str, epoch: int, workdir) -> None:
+    """A non-finite epoch: warned about ("warn") or `TrainingDivergedError` ("raise")."""
+    if nonfinite == "warn":
+        _logger.warning("%s: non-finite values in epoch %d; going on", desc, epoch + 1)
+        return
+    kept = (
+        f"the last good checkpoint (epoch {track.saved}) is kept in {workdir}"
+        if track.checkpointer is not None and track.saved
+        else "nothing was saved"
+    )
+    raise TrainingDivergedError(
+        f"{desc}: non-finite loss, gradients or weights in epoch {epoch + 1}; "
+        f"stopped ({kept}). Lower the learning rate or check the data."
+    )
+
+
+def _report(track: _Track, record: dict, num_epochs: int) -> None:
+    """The epoch's log line (INFO at most every `LOG_EVERY_SECONDS`, and then for the last
+    epoch too) and its TensorBoard scalars. Process 0 only."""
+    if not is_primary():
+        return
+    now = time.perf_counter()
+    info = now - track.last_info >= LOG_EVERY_SECONDS or (
+        track.logged_info and record["epoch"] == num_epochs
+    )
+    if info:
+        track.last_info, track.logged_info = now, True
+    _logger.log(logging.INFO if info else logging.DEBUG, "%s", epoch_line(record, num_epochs))
+    metric_writer.write_scalars(track.writer, record["epoch"], epoch_scalars(record))
+
+
+def _open_tensorboard(track: _Track, workdir) -> None:
+    """The run's TensorBoard writer (process 0, with a `workdir`). Like metrics.jsonl, the event
+    files hold the checkpoint's history: a resume writes it anew (each epoch once, none that a
+    kill lost), then the epochs it runs."""
+    if workdir is None or not is_primary():
+        return
+    track.writer = metric_writer.open_writer(os.path.join(workdir, "tensorboard"), fresh=True)
+    for record in track.history:
+        metric_writer.write_scalars(track.writer, record["epoch"], epoch_scalars(record))
+
+
+def _executable(track: _Track, step, state_r, data_r, indices, weights, keys) -> Callable:
+    """The epoch loop's step: compiled ahead of time (its seconds go to the track), or, with
+    several processes, the pmapped step itself: a multi-process pmap lowers for the global
+    device count and its AOT executable then rejects the local arrays, so it compiles on the
+    first call (its seconds count in the first epoch's run time)."""
+    if jax.process_count() > 1:
+        return parallel_step(step)
+    first = jax.tree.map(lambda x: x[0], indices)
+    compiled, seconds = compiled_step(step, state_r, data_r, first, weights[0], keys)
+    track.compile_seconds += seconds
+    return compiled
+
+
+def _epoch_record(track: _Track, step_metrics, state_r, start: float, desc: str, epoch: int):
+    """The epoch's record from its steps' metrics (the one host sync of the epoch), with the
+    optimizer's learning rate and "finite" (loss, gradient norm, weights and BatchNorm
+    statistics all finite); its seconds go to the track."""
+    metrics = _reduce(step_metrics)
+    rate = _learning_rate(state_r.opt_state)
+    if rate is not None:
+        metrics["learning_rate"] = rate
+    metrics["finite"] = metrics["finite"] and bool(
+        _all_finite(state_r.params, state_r.batch_stats)[0]
+    )
+    seconds = time.perf_counter() - start
+    track.run_seconds += seconds
+    record = {"phase": desc, "epoch": epoch + 1, "seconds": seconds}
+    return {**record, "images_per_s": metrics["num_examples"] / seconds, **metrics}
+
+
+def _save(track: _Track, epoch: int, state_r, fingerprint, workdir: str) -> None:
+    """A checkpoint after `epoch` (its history, timings, code and fingerprint), then
+    metrics.jsonl rewritten from that history."""
+    metric_writer.flush(track.writer)  # TensorBoard shows the epochs as they are saved
+    meta = {
+        "history": track.history,
+        "compile_seconds": track.compile_seconds,
+        "run_seconds": track.run_seconds,
+        "code": track.code,
+        "fingerprint": fingerprint,
+    }
+    track.checkpointer.save(epoch, unreplicate(state_r), meta)
+    write_log(workdir, track.history)
+    track.saved = epoch + 1
+
+
 def run(
     state: TrainState,
     step: Callable,
@@ -350,56 +516,41 @@ def run(
     nonfinite: str = "raise",
     fingerprint: dict[str, str] | None = None,
 ) -> RunOutput:
-    """Runs `num_epochs` epochs of `step` with data parallelism over all devices of all
-    processes (each process pmaps over its local devices and takes its rows of the batches).
+    """Runs `num_epochs` epochs of `step`, data-parallel over all devices of all processes.
 
     Epoch e draws its batches as `batches_fn(e, np.random.default_rng([seed, e]))` and its key as
-    `fold_in(key, e)`, so a resumed run (same seed) ends with the same parameters as an
-    uninterrupted one. The step is compiled ahead of time, once per process for each step and
-    argument types (`compiled_step`); its seconds are reported apart, 0 when an earlier run's
-    executable is reused (with several processes it compiles on its first call, inside the
-    first epoch's seconds).
-
-    With a `workdir`, a checkpoint is saved every `checkpoint_every` epochs (and after the last)
-    under `workdir/checkpoints`, then `workdir/metrics.jsonl` is rewritten from the checkpoint's
-    history (`write_log`: it never holds an epoch that a resume re-runs, loses none that a
-    checkpoint holds, and never ends in a partial line); re-running
-    on the same workdir resumes from the newest readable checkpoint. Each epoch's numbers (loss,
-    grad_norm, learning_rate, epoch_seconds, accuracy, `eval_fn`'s, ...) also go to TensorBoard
-    event files in `workdir/tensorboard/` (`salun_jax.metric_writer`; step = epoch), written
-    anew from the checkpoint's history on a resume, so each epoch is there once. Records hold
-    the optimizer's `learning_rate` where its state keeps one (`optim.multistep_sgd`).
+    `fold_in(key, e)`, so a resumed run ends with the same parameters as an uninterrupted one.
+    The step is compiled ahead of time once per process per step and argument types
+    (`compiled_step`); its seconds are reported apart (0 when an executable is reused).
+    With a `workdir`: a checkpoint every `checkpoint_every` epochs and after the last, then
+    metrics.jsonl rewritten from its history (`write_log`), TensorBoard scalars per epoch in
+    `workdir/tensorboard/`, and a rerun resumes from the newest readable checkpoint. A
+    population (`salun_jax.population`: a member axis on the state, [N] keys) runs here too;
+    its records hold a list per metric, one value per member.
 
     Args:
       state: the initial (unreplicated) state.
       step: from `make_step(..., axis_name=AXIS)`.
       data: per-example arrays indexed by the batches; copied to every device once.
-      batches_fn: (epoch, numpy generator) -> (indices, weights), see `EpochBatches`, built
-        for `jax.device_count()` devices; every process must get the same batches.
+      batches_fn: (epoch, numpy generator) -> (indices, weights), see `types.EpochBatches`,
+        built for `jax.device_count()` devices; every process must get the same batches.
       num_epochs, key, seed: as above.
-      workdir, checkpoint_every: checkpoints and metrics.jsonl (None: nothing written).
+      workdir, checkpoint_every: checkpoints, metrics.jsonl, TensorBoard (None: nothing written).
       eval_fn: state -> dict of extra metrics for the epoch's record.
       epoch_start_fn: (replicated state, epoch) -> state, before the epoch's first step.
-      progress: a progress bar per epoch, where `set_progress` lets them show (by default
-        only when stderr is a terminal).
+      progress: a progress bar per epoch, where `set_progress` lets them show.
       desc: the run's name in records, bars and errors (e.g. the method).
       nonfinite: "raise" (`TrainingDivergedError`) or "warn" (log it and go on: a population
         whose grid puts some members past their stable learning rate keeps the others).
-      fingerprint: {part: fingerprint} of what makes this run (settings, data, indices, code;
-        `salun_jax.provenance.fingerprint`), saved with every checkpoint: a `workdir` whose
-        checkpoints were made by anything else is refused (`StaleRunError`), never resumed.
-
-    A population (`salun_jax.population`) runs here too: its state's leaves carry a member axis,
-    `key` is its [N] member keys and the step maps the members; its records hold a list per
-    metric, one value per member.
+      fingerprint: {part: fingerprint} of what makes this run (`provenance.fingerprint`), saved
+        with every checkpoint: a `workdir` made by anything else is refused, never resumed.
 
     Returns:
       A `RunOutput`.
 
     Raises:
       TrainingDivergedError: a non-finite loss, gradient norm, weight or BatchNorm statistic at
-        the end of an epoch; the message names `desc` and the epoch, and the last good
-        checkpoint is kept.
+        the end of an epoch, naming `desc` and the epoch; the last good checkpoint is kept.
       ValueError: `checkpoint_every` < 1.
       StaleRunError: `workdir` holds a run with another `fingerprint`.
     """
@@ -407,157 +558,39 @@ def run(
         raise ValueError(f"checkpoint_every must be >= 1 epoch, got {checkpoint_every}")
     if nonfinite not in ("raise", "warn"):
         raise ValueError(f"nonfinite must be 'raise' or 'warn', got {nonfinite!r}")
-    checkpointer = None
-    start_epoch, history, compile_seconds, run_seconds = 0, [], 0.0, 0.0
-    code = code_version()
-    if workdir is not None:
-        from salun_jax.checkpoint import Checkpointer
-
-        os.makedirs(workdir, exist_ok=True)
-        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-        if fingerprint is not None:
-            _check_fingerprint(checkpointer, workdir, fingerprint, desc)
-        restored = checkpointer.restore_latest(state)
-        if restored is not None:
-            state, meta, last_epoch = restored
-            start_epoch, history = last_epoch + 1, list(meta.get("history", []))
-            compile_seconds = float(meta.get("compile_seconds", 0.0))
-            run_seconds = float(meta.get("run_seconds", 0.0))
-            made_by = meta.get("code", "unknown (an older salun_jax)")
-            if made_by != code and start_epoch < num_epochs:
-                _logger.warning(
-                    "%s: resuming a run made by code %s with code %s", desc, made_by, code
-                )
-                made_by = f"{made_by} then {code}"
-            code = made_by
-            # The log is the checkpoint's history: epochs a kill lost from it come back, and
-            # epochs after the restored checkpoint (a corrupt-checkpoint fallback) leave it.
-            write_log(workdir, history)
-            if is_primary():
-                _logger.log(
-                    logging.INFO if start_epoch < num_epochs else logging.DEBUG,
-                    "%s: resuming after epoch %d in %s",
-                    desc,
-                    start_epoch,
-                    workdir,
-                )
-    writer = None
+    track = _resume(state, workdir, fingerprint, desc, num_epochs)
+    track.saved = track.start_epoch
     try:
-        if start_epoch >= num_epochs:
-            return RunOutput(state, history, compile_seconds, run_seconds, code)
-        if workdir is not None and is_primary():
-            # Like metrics.jsonl, the event files hold the checkpoint's history: a resume
-            # writes it anew (each epoch once, none that a kill lost), then the epochs it runs.
-            writer = metric_writer.open_writer(os.path.join(workdir, "tensorboard"), fresh=True)
-            for record in history:
-                metric_writer.write_scalars(writer, record["epoch"], epoch_scalars(record))
-        last_info = time.perf_counter()  # of the run's previous INFO line
-        logged_info = False
-        state_r = replicate(state)
+        if track.start_epoch >= num_epochs:
+            return track.output(track.state)
+        _open_tensorboard(track, workdir)
+        track.last_info = time.perf_counter()
+        state_r = replicate(track.state)
         data_r = replicate({name: np.asarray(values) for name, values in data.items()})
         compiled = None
-        saved = start_epoch  # epochs in the newest checkpoint
-        for epoch in range(start_epoch, num_epochs):
+        for epoch in range(track.start_epoch, num_epochs):
             indices, weights = local_rows(batches_fn(epoch, np.random.default_rng([seed, epoch])))
             keys = epoch_key(key, epoch)
-            first = jax.tree.map(lambda x: x[0], indices)
-            if compiled is None and jax.process_count() > 1:
-                # A multi-process pmap lowers for the global device count, and its AOT
-                # executable then rejects the local arrays: compile on the first call instead
-                # (its seconds count in the first epoch's run time, not in compile_seconds).
-                compiled = parallel_step(step)
             if compiled is None:
-                compiled, seconds = compiled_step(step, state_r, data_r, first, weights[0], keys)
-                compile_seconds += seconds
+                compiled = _executable(track, step, state_r, data_r, indices, weights, keys)
             start = time.perf_counter()
             if epoch_start_fn is not None:
                 state_r = epoch_start_fn(state_r, epoch)
-            num_steps = weights.shape[0]
-            bar = None
-            if _show_progress(progress):
-                from tqdm.auto import tqdm
-
-                bar = tqdm(
-                    total=num_steps,
-                    desc=f"{desc} {epoch + 1}/{num_epochs}",
-                    leave=False,
-                    mininterval=2.0,
-                )
-            step_metrics = []
-            for s in range(num_steps):
-                batch_indices = jax.tree.map(lambda x, s=s: x[s], indices)
-                state_r, metrics = compiled(state_r, data_r, batch_indices, weights[s], keys)
-                step_metrics.append(metrics)
-                if bar is not None and s >= _BAR_LAG:
-                    # The bar counts finished steps, not dispatched ones: wait for the step
-                    # _BAR_LAG back (the device keeps that many queued, so it never idles).
-                    jax.block_until_ready(step_metrics[s - _BAR_LAG]["loss"])
-                    bar.update(1)
-            if bar is not None:
-                jax.block_until_ready(step_metrics[-1]["loss"])
-                bar.update(num_steps - bar.n)
-                bar.close()
-            metrics = _reduce(step_metrics)  # the one host sync of the epoch
-            rate = _learning_rate(state_r.opt_state)
-            if rate is not None:
-                metrics["learning_rate"] = rate
-            finite = metrics.pop("finite") and bool(
-                _all_finite(state_r.params, state_r.batch_stats)[0]
-            )
-            seconds = time.perf_counter() - start
-            run_seconds += seconds
-            if not finite and nonfinite == "warn":
-                _logger.warning("%s: non-finite values in epoch %d; going on", desc, epoch + 1)
-            elif not finite:
-                kept = (
-                    f"the last good checkpoint (epoch {saved}) is kept in {workdir}"
-                    if checkpointer is not None and saved
-                    else "nothing was saved"
-                )
-                raise TrainingDivergedError(
-                    f"{desc}: non-finite loss, gradients or weights in epoch {epoch + 1}; "
-                    f"stopped ({kept}). Lower the learning rate or check the data."
-                )
-            record = {
-                "phase": desc,
-                "epoch": epoch + 1,
-                "seconds": seconds,
-                "images_per_s": metrics["num_examples"] / seconds,
-                **metrics,
-            }
+            bar = f"{desc} {epoch + 1}/{num_epochs}" if _show_progress(progress) else None
+            batches = (indices, weights, keys)
+            state_r, step_metrics = _run_steps(compiled, state_r, data_r, batches, bar)
+            record = _epoch_record(track, step_metrics, state_r, start, desc, epoch)
+            if not record.pop("finite"):
+                _nonfinite(track, nonfinite, desc, epoch, workdir)
             if eval_fn is not None:
                 record.update(eval_fn(unreplicate(state_r)))
-            history.append(record)
-            if is_primary():
-                now = time.perf_counter()
-                info = now - last_info >= LOG_EVERY_SECONDS or (
-                    logged_info and epoch + 1 == num_epochs
-                )
-                if info:
-                    last_info, logged_info = now, True
-                _logger.log(
-                    logging.INFO if info else logging.DEBUG, "%s", epoch_line(record, num_epochs)
-                )
-                metric_writer.write_scalars(writer, epoch + 1, epoch_scalars(record))
-            if checkpointer is not None and (
-                (epoch + 1) % checkpoint_every == 0 or epoch + 1 == num_epochs
-            ):
-                metric_writer.flush(writer)  # TensorBoard shows the epochs as they are saved
-                checkpointer.save(
-                    epoch,
-                    unreplicate(state_r),
-                    {
-                        "history": history,
-                        "compile_seconds": compile_seconds,
-                        "run_seconds": run_seconds,
-                        "code": code,
-                        "fingerprint": fingerprint,
-                    },
-                )
-                write_log(workdir, history)
-                saved = epoch + 1
-        return RunOutput(unreplicate(state_r), history, compile_seconds, run_seconds, code)
+            track.history.append(record)
+            _report(track, record, num_epochs)
+            last = epoch + 1 == num_epochs
+            if track.checkpointer is not None and ((epoch + 1) % checkpoint_every == 0 or last):
+                _save(track, epoch, state_r, fingerprint, workdir)
+        return track.output(unreplicate(state_r))
     finally:
-        metric_writer.close(writer)
-        if checkpointer is not None:
-            checkpointer.close()
+        metric_writer.close(track.writer)
+        if track.checkpointer is not None:
+            track.checkpointer.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +30,8 @@ from salun_jax.data.augment import random_crop_flip, random_flip, to_float
 from salun_jax.diffusion.samplers import ddim_grid, ddim_partial_chain, guided_eps
 from salun_jax.diffusion.schedule import NoiseSchedule, q_sample
 from salun_jax.diffusion.sd_sampling import text_guided_eps
-from salun_jax.types import PyTree
+from salun_jax.types import BatchLossFn, LossFn, PyTree
 
-LossFn = Callable[[PyTree, dict, jax.Array, Any], tuple[jax.Array, dict]]
-BatchLossFn = Callable[[PyTree, dict, jax.Array], jax.Array]
 REDUCTIONS = ("upstream", "mean", "per_example")
 
 

@@ -42,9 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from salun_jax import loop, optim
-from salun_jax.data.batches import gather_batches
+from salun_jax.data.batches import gather_batches, index_batches
 from salun_jax.losses import (
-    LossFn,
     classification_forget_loss,
     classification_loss,
     negative_cross_entropy,
@@ -52,8 +51,8 @@ from salun_jax.losses import (
 from salun_jax.models import conv
 from salun_jax.saliency import mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
-from salun_jax.train import TrainConfig, index_batches
-from salun_jax.types import PyTree
+from salun_jax.train import TrainConfig
+from salun_jax.types import BatchesFn, LossFn, PyTree
 from salun_jax.unlearn.boundary import (
     boundary_expanding_loss,
     boundary_shrink_loss,
@@ -157,7 +156,7 @@ def run_population(
     state: TrainState,
     step: Callable,
     data: dict[str, np.ndarray],
-    batches_fn: loop.BatchesFn,
+    batches_fn: BatchesFn,
     *,
     num_epochs: int,
     keys: jax.Array,
@@ -178,7 +177,7 @@ def run_population(
       state: the population (array leaves [N, ...]; `_with_optimizers` gave each member its
         optimizer state).
       step: from `make_step(loss_fn)`, as a single run's.
-      data, batches_fn: as `loop.run` (e.g. `train.index_batches`, `unlearn.phase_batches`).
+      data, batches_fn: as `loop.run` (e.g. `data.batches.index_batches`, `unlearn.phase_batches`).
       num_epochs: epochs.
       keys: [N] member keys (`jax.random.key(seed)` each).
       order_seed: seed of the shared batch order (`loop.run`'s `seed`).
@@ -391,6 +390,15 @@ def unlearning_order_seed(seed: int) -> int:
     return _order_seed(jax.random.key(seed))
 
 
+def _check_unlearn_inputs(method_name: str, seeds: list[int], num_members: int, mask) -> None:
+    if len(seeds) != num_members:
+        raise ValueError(f"{len(seeds)} seeds for a population of {num_members}")
+    if method_name == "SalUn" and mask is None:
+        raise ValueError("SalUn needs a saliency mask (salun_jax.salun_mask)")
+    if method_name in ("SalUn-soft", "BE") and mask is not None:
+        raise ValueError(f"{method_name} does not take a mask")
+
+
 def population_unlearn(
     method_name: str,
     states: TrainState,
@@ -440,12 +448,7 @@ def population_unlearn(
     """
     seeds = [int(s) for s in seeds]
     num_members = int(states.step.shape[0])
-    if len(seeds) != num_members:
-        raise ValueError(f"{len(seeds)} seeds for a population of {num_members}")
-    if method_name == "SalUn" and mask is None:
-        raise ValueError("SalUn needs a saliency mask (salun_jax.salun_mask)")
-    if method_name in ("SalUn-soft", "BE") and mask is not None:
-        raise ValueError(f"{method_name} does not take a mask")
+    _check_unlearn_inputs(method_name, seeds, num_members, mask)
     keys = _keys(seeds)
     narrow_apply_fn = states.apply_fn
     if method_name == "BE":

@@ -22,9 +22,9 @@ import numpy as np
 import optax
 
 from salun_jax.data.batches import gather_batches
-from salun_jax.losses import BatchLossFn, classification_forget_loss
+from salun_jax.losses import classification_forget_loss
 from salun_jax.models import conv
-from salun_jax.types import PyTree
+from salun_jax.types import BatchLossFn, PyTree
 
 
 class MaskMismatchError(ValueError):

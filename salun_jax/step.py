@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from salun_jax.losses import LossFn
-from salun_jax.types import PyTree
+from salun_jax.types import LossFn, PyTree
 
 AXIS = "batch"  # the pmap axis of the data-parallel loop
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from salun_jax import loop, optim, provenance, validation
-from salun_jax.data.batches import epoch_batches, warn_if_padded
+from salun_jax.data.batches import index_batches
 from salun_jax.losses import classification_loss
 from salun_jax.step import TrainState, create_train_state, make_step
 
@@ -57,13 +57,6 @@ def check_training_data(
         "labels", labels, num_classes if isinstance(num_classes, int) else None, n
     )
     validation.check_indices("train_indices", train_indices, n, non_empty=True)
-
-
-def index_batches(indices: np.ndarray, batch_size: int) -> loop.BatchesFn:
-    """The loop's batches: a fresh shuffle of `indices` each epoch, padded to full batches."""
-    num_devices = jax.device_count()  # all processes'; each takes its rows (`loop.local_rows`)
-    warn_if_padded(len(indices), batch_size)
-    return lambda epoch, rng: epoch_batches(indices, batch_size, rng, num_devices)
 
 
 def train_classifier(

@@ -211,13 +211,7 @@ def tune_method(
 
     rates = grid.learning_rates
     if method == "IU":
-        for value in grid.values:
-            cfg = dataclasses.replace(config, woodfisher_samples=int(value))
-            k = influence_direction(original, task, cfg, jax.random.key(seed))
-            for alpha in rates:
-                params = jax.tree.map(lambda p, d, a=alpha: p + a * d, original.params, k)
-                setting = {"learning_rate": alpha, grid.knob: int(value)}
-                score_one(original.replace(params=params).variables, setting)
+        _tune_iu(original, task, config, grid, seed, score_one)
     elif grid.knob == "epochs":
         settings = [{"learning_rate": lr} for lr in rates]
         counts = sorted({int(v) for v in grid.values})
@@ -241,15 +235,29 @@ def tune_method(
             settings = [{"learning_rate": lr, grid.knob: float(value)} for lr in rates]
             out = run(dataclasses.replace(config, **{grid.knob: float(value)}), settings)
             score(out.state, settings)
-    summary = {
+    return _summary(grid, points, best["point"]), best["variables"]
+
+
+def _tune_iu(original, task, config, grid: TuningGrid, seed: int, score_one: Callable) -> None:
+    """IU's grid: one WoodFisher direction per sample count, every step size along it."""
+    for value in grid.values:
+        cfg = dataclasses.replace(config, woodfisher_samples=int(value))
+        k = influence_direction(original, task, cfg, jax.random.key(seed))
+        for alpha in grid.learning_rates:
+            params = jax.tree.map(lambda p, d, a=alpha: p + a * d, original.params, k)
+            setting = {"learning_rate": alpha, grid.knob: int(value)}
+            score_one(original.replace(params=params).variables, setting)
+
+
+def _summary(grid: TuningGrid, points: list[dict], chosen: dict) -> dict[str, Any]:
+    return {
         "grid": {
-            "learning_rates": list(rates),
+            "learning_rates": list(grid.learning_rates),
             "knob": grid.knob,
             "values": [float(v) for v in grid.values],
             "size": grid.size,
         },
         "selection": f"min Avg. Gap to Retrain over {', '.join(SELECTION_KEYS)} on validation",
         "points": points,
-        "chosen": best["point"],
+        "chosen": chosen,
     }
-    return summary, best["variables"]

@@ -253,8 +253,8 @@ def test_script_reports_a_bad_setting_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("variant", ["", "tiny"])
 def test_paper_config_builds_the_paper_unet(variant):
-    from salun_jax.diffusion.training import DiffusionTrainConfig
     from salun_jax.models.unet import UNet
+    from salun_jax.train_diffusion import DiffusionTrainConfig
     from salun_jax.unlearn.diffusion import DiffusionUnlearnConfig
 
     config = _load_config("cifar10_ddpm_paper", variant)
@@ -289,7 +289,7 @@ def test_paper_config_builds_the_paper_unet(variant):
 
 
 def test_digits_config_is_the_documented_recipe():
-    from salun_jax.diffusion.training import DiffusionTrainConfig
+    from salun_jax.train_diffusion import DiffusionTrainConfig
     from salun_jax.unlearn.diffusion import DiffusionUnlearnConfig
 
     config = _load_config("digits_ddpm")

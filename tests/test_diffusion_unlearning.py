@@ -1,4 +1,4 @@
-"""Tests for DDPM training (salun_jax.diffusion.training), DDPM unlearning (the saliency mask and
+"""Tests for DDPM training (salun_jax.train_diffusion), DDPM unlearning (the saliency mask and
 SalUn / RL / GA / Retrain of salun_jax.unlearn.diffusion) and the generation metrics
 (salun_jax.evaluation.generation)."""
 
@@ -15,13 +15,6 @@ from salun_jax import saliency
 from salun_jax.data.batches import epoch_batches, gather_batches
 from salun_jax.data.splits import make_split
 from salun_jax.diffusion import linear_schedule
-from salun_jax.diffusion.training import (
-    DiffusionTrainConfig,
-    create_diffusion_state,
-    epochs_for_iterations,
-    init_unet_params,
-    train_diffusion,
-)
 from salun_jax.evaluation.generation import (
     class_accuracies,
     classifier_frechet_distance,
@@ -35,6 +28,13 @@ from salun_jax.evaluation.generation import (
 )
 from salun_jax.losses import _eps, ddpm_esd_loss, denoising_loss, esd_target, guided_forget_loss
 from salun_jax.models.unet import NULL_CLASS_PARAM, UNet
+from salun_jax.train_diffusion import (
+    DiffusionTrainConfig,
+    create_diffusion_state,
+    epochs_for_iterations,
+    init_unet_params,
+    train_diffusion,
+)
 from salun_jax.unlearn import METHODS, get_method, unlearn
 from salun_jax.unlearn.common import UnlearnOutput
 from salun_jax.unlearn.diffusion import (

@@ -13,13 +13,12 @@ import pytest
 
 from salun_jax import loop, optim
 from salun_jax.checkpoint import Checkpointer
-from salun_jax.data.batches import epoch_batches
+from salun_jax.data.batches import epoch_batches, index_batches
 from salun_jax.evaluation.classification import make_predict_fn, model_accuracy
 from salun_jax.loop import TrainingDivergedError
 from salun_jax.losses import classification_loss, softmax_cross_entropy
 from salun_jax.models import create_model
 from salun_jax.step import create_train_state, make_step
-from salun_jax.train import index_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

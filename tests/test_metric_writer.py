@@ -15,10 +15,10 @@ from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.record_writer import masked_crc32c
 
 from salun_jax import loop, metric_writer, optim
+from salun_jax.data.batches import index_batches
 from salun_jax.losses import classification_loss
 from salun_jax.models import create_model
 from salun_jax.step import create_train_state, make_step
-from salun_jax.train import index_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALARS = {"loss", "grad_norm", "accuracy", "learning_rate", "epoch_seconds", "val_accuracy"}

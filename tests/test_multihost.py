@@ -21,7 +21,7 @@ _COMMON = textwrap.dedent("""
     from salun_jax import loop, optim
     from salun_jax.losses import classification_loss
     from salun_jax.step import TrainState, make_step
-    from salun_jax.train import index_batches
+    from salun_jax.data.batches import index_batches
 
     class MLP(nn.Module):
         @nn.compact

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 import math
 
+import jax
 import numpy as np
+
+from salun_jax.types import BatchesFn
 
 _logger = logging.getLogger(__name__)
 
@@ -74,3 +77,10 @@ def cyclic_batches(
     passes = [rng.permutation(indices.size) for _ in range(-(-needed // indices.size))]
     order = np.concatenate(passes)[:needed]
     return indices[order].reshape(num_batches, batch_size).astype(np.int32)
+
+
+def index_batches(indices: np.ndarray, batch_size: int) -> BatchesFn:
+    """The loop's batches: a fresh shuffle of `indices` each epoch, padded to full batches."""
+    num_devices = jax.device_count()  # all processes'; each takes its rows (`loop.local_rows`)
+    warn_if_padded(len(indices), batch_size)
+    return lambda epoch, rng: epoch_batches(indices, batch_size, rng, num_devices)

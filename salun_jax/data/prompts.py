@@ -14,8 +14,9 @@ Errors are one line: FileNotFoundError for a missing file or folder, ValueError 
 for a missing column, a bad value or an unreadable image.
 
 References:
-  reference-salun.md §7.1, §7.4, §7.5 (`SD/train-scripts/*.py`, `SD/eval-scripts/*.py`);
-  reference-sd.md §8.1-§8.2 (I2P and Imagenette prompt files); Schramowski et al. 2023 (I2P).
+  the original's SD scripts (OPTML-Group/Unlearn-Saliency, `SD/train-scripts/*.py`,
+  `SD/eval-scripts/*.py`) and its I2P and Imagenette prompt files; Schramowski et al. 2023
+  (I2P).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def read_prompt_csv(
     Only the `prompt` column is required; `case_number`, `evaluation_seed`,
     `evaluation_guidance`, `categories`, `nudity_percentage`, `classidx` and `class` are read when
     present (other columns, e.g. I2P's unnamed index, are ignored). Note that the original
-    evaluation ignores `evaluation_guidance` in favour of guidance 7.5 (reference-sd.md §8.1).
+    evaluation ignores `evaluation_guidance` in favour of guidance 7.5.
 
     Args:
       path: the CSV file.

@@ -62,6 +62,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from salun_jax.cache_paths import resolve_cache_dir
+
 __all__ = [
     "CIFAR10_CLASS_NAMES",
     "DATASET_STATS",
@@ -105,7 +107,6 @@ _DIGITS = "digits"
 _DIGITS_TEST_FRACTION = 0.2
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _REQUIRED_SPLITS = ("train", "test")
-_CACHE_ENV_VAR = "SALUN_JAX_CACHE"
 # 2: colour decided over all images, 16-bit PNGs scaled (not clipped), oversized images refused.
 _CACHE_FORMAT_VERSION = 2
 _CACHE_KEYS = (
@@ -548,13 +549,6 @@ class _ImageFile(NamedTuple):
     class_name: str
     file_name: str
     member: str  # Path relative to the folder, or the zip member name.
-
-
-def resolve_cache_dir(cache_dir: str | None = None) -> str:
-    """The cache directory: `cache_dir`, else $SALUN_JAX_CACHE, else ~/.cache/salun_jax."""
-    if cache_dir is None:
-        cache_dir = os.environ.get(_CACHE_ENV_VAR) or os.path.join("~", ".cache", "salun_jax")
-    return os.path.abspath(os.path.expanduser(cache_dir))
 
 
 def _cache_key(path: str) -> str:

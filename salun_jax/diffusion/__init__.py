@@ -1,6 +1,6 @@
 """Diffusion: the noise schedule and the CFG-guided DDIM/DDPM samplers.
 
-Training (`salun_jax.diffusion.training`), the denoising losses (`salun_jax.losses`), unlearning
+Training (`salun_jax.train_diffusion`), the denoising losses (`salun_jax.losses`), unlearning
 (`salun_jax.unlearn.diffusion`) and generation metrics (`salun_jax.evaluation.generation`) build
 on these.
 """

@@ -123,21 +123,18 @@ def evaluate_unlearning(
 
     Raises:
       NonFiniteOutputsError: the model's logits are NaN or infinite on some image.
-      ValueError: before any prediction, a bad argument: images not uint8 [N, H, W, C] (0..255,
-        as `load_dataset` gives them; `predict_fn` scales them, so float images would be scaled
-        twice) or train and test images of other [H, W, C]; labels not 1-D non-negative integer
-        class ids, one per image; split indices outside these arrays. (Only the indices: the
-        split's recorded sizes and labels digest are `evaluate`'s check, since tuning passes a
-        validation split whose "test" indices point into the train arrays.)
+      ValueError: before any prediction, a bad argument: images not uint8 [N, H, W, C] (as
+        `load_dataset` gives them; `predict_fn` scales them) or of other [H, W, C] in train and
+        test; labels not 1-D non-negative integer class ids, one per image; split indices
+        outside these arrays (the split's records are `evaluate`'s check: tuning passes a
+        validation split whose "test" indices point into the train arrays).
     """
     check_evaluation_data(train_images, train_labels, test_images, test_labels)
     check_split_fits(split, train_labels, test_labels, records=False)
     if mia_shadow not in ("stratified", "first_n"):
         raise ValueError(f"mia_shadow must be 'stratified' or 'first_n', got {mia_shadow!r}")
-    if mia_shadow == "first_n":
-        shadow_seed = None
-    elif shadow_seed is None:
-        shadow_seed = int(split.description.get("seed", 0))
+    if mia_shadow == "first_n" or shadow_seed is None:
+        shadow_seed = None if mia_shadow == "first_n" else int(split.description.get("seed", 0))
     if "confidence" not in mia_kinds:
         mia_kinds = ("confidence", *mia_kinds)
     test_x, test_y = test_images[split.test], test_labels[split.test]
@@ -159,10 +156,8 @@ def evaluate_unlearning(
             m_entropy=m_entropy,
         )
 
-    # Upstream's shadow sets: the first |test| retain samples vs the whole test set (balanced,
-    # since retain is larger there). When retain is the smaller set, both sides take the first
-    # n = |retain|, so the SVC's classes stay balanced (an imbalanced SVC predicts the majority
-    # everywhere).
+    # Upstream's shadow sets: the first n = min(|test|, |retain|) of each, so the SVC's classes
+    # stay balanced (an imbalanced SVC predicts the majority everywhere).
     first_n = np.arange(min(len(split.test), len(split.retain)))
     if shadow_seed is None:
         member, nonmember = first_n, first_n

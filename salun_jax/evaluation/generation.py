@@ -29,7 +29,7 @@ import numpy as np
 
 from salun_jax.diffusion.samplers import check_null_class, ddim_sample, to_uint8
 from salun_jax.diffusion.schedule import NoiseSchedule
-from salun_jax.diffusion.training import uncommitted
+from salun_jax.train_diffusion import uncommitted
 from salun_jax.types import PyTree
 
 

@@ -15,16 +15,18 @@
     classifier given by path: its penultimate features), against real images or saved reference
     statistics (`mu`, `sigma` in an .npz, the layout pytorch-fid uses). This is NOT standard FID
     unless the features are the standard Inception-v3 pool features (2048-d) of both sets; the
-    original's SD "FID" was neither (64-d features of destroyed inputs, reference-salun.md §7.5).
+    original's SD "FID" was neither (64-d features of destroyed inputs, in its
+    `SD/eval-scripts`).
   * Before/after grids: rows of (model, prompt) through `generation.save_sample_grid`.
 
 The metrics reuse `evaluation.generation` (`unlearning_accuracy`, `class_accuracies`,
 `feature_statistics`, `frechet_distance`, `save_sample_grid`). Percentages are in [0, 100].
 
 References:
-  reference-sd.md §7 (NudeNet v2/v3), §8 (I2P, Imagenette); reference-salun.md §7.5 (the
-  original's evaluation scripts); Fan et al. 2024 (SalUn) Fig. 6 / Tab. 5; Gandikota et al. 2023
-  (ESD) Fig. 6.
+  NudeNet (github.com/notAI-tech/NudeNet, v2 and v3); the I2P prompts (Schramowski et al. 2023)
+  and Imagenette; the original's evaluation scripts (OPTML-Group/Unlearn-Saliency,
+  `SD/eval-scripts`); Fan et al. 2024 (SalUn) Fig. 6 / Tab. 5; Gandikota et al. 2023 (ESD)
+  Fig. 6.
 """
 
 from __future__ import annotations

@@ -454,9 +454,9 @@ _CACHES: dict[str | None, PlanCache] = {}
 
 def plan_cache(directory: str | None = "") -> PlanCache:
     """The process-wide cache for `directory` ("": the data cache directory, see
-    `salun_jax.data.sources.resolve_cache_dir`; None: memory only)."""
+    `salun_jax.cache_paths.resolve_cache_dir`; None: memory only)."""
     if directory == "":
-        from salun_jax.data.sources import resolve_cache_dir  # noqa: PLC0415 (light import)
+        from salun_jax.cache_paths import resolve_cache_dir  # noqa: PLC0415
 
         directory = resolve_cache_dir()
     if directory not in _CACHES:

@@ -131,7 +131,7 @@ def _load() -> tuple[bool, str]:
 def _build_and_register() -> tuple[bool, str]:
     import ctypes  # noqa: PLC0415 (only here)
 
-    from salun_jax.data.sources import resolve_cache_dir  # noqa: PLC0415 (light import)
+    from salun_jax.cache_paths import resolve_cache_dir  # noqa: PLC0415
 
     try:
         library = ctypes.CDLL(_build(resolve_cache_dir()))

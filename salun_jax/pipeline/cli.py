@@ -223,7 +223,7 @@ def enable_compilation_cache(directory: str | None = None, cache_dir: str | None
     directory."""
     import jax
 
-    from salun_jax.data.sources import resolve_cache_dir
+    from salun_jax.cache_paths import resolve_cache_dir
 
     directory = directory or os.path.join(resolve_cache_dir(cache_dir), "jax_compilation")
     jax.config.update("jax_compilation_cache_dir", directory)

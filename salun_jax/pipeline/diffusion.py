@@ -45,7 +45,6 @@ import numpy as np
 from salun_jax import report, saliency
 from salun_jax.data.augment import random_flip
 from salun_jax.diffusion import linear_schedule
-from salun_jax.diffusion.training import DiffusionTrainConfig, train_diffusion
 from salun_jax.evaluation.classification import make_predict_fn, model_accuracy, predict
 from salun_jax.evaluation.generation import (
     classifier_frechet_distance,
@@ -74,6 +73,7 @@ from salun_jax.pipeline.common import (
 from salun_jax.pipeline.workdir import locked
 from salun_jax.provenance import code_version
 from salun_jax.train import TrainConfig, train_classifier
+from salun_jax.train_diffusion import DiffusionTrainConfig, train_diffusion
 from salun_jax.unlearn import MASKED_METHODS, METHODS, get_method
 from salun_jax.unlearn.diffusion import (
     DiffusionTask,

@@ -55,7 +55,6 @@ from salun_jax import report, saliency
 from salun_jax.diffusion import sd_sampling
 from salun_jax.diffusion.samplers import to_uint8
 from salun_jax.diffusion.schedule import make_schedule
-from salun_jax.diffusion.training import TextTrainConfig, train_text_unet, uncommitted
 from salun_jax.evaluation.classification import make_predict_fn, model_accuracy
 from salun_jax.evaluation.generation import evaluate_samples, save_sample_grid
 from salun_jax.evaluation.sd import (
@@ -82,6 +81,7 @@ from salun_jax.pipeline.workdir import locked
 from salun_jax.provenance import code_version
 from salun_jax.step import TrainState
 from salun_jax.train import TrainConfig, train_classifier
+from salun_jax.train_diffusion import TextTrainConfig, train_text_unet, uncommitted
 from salun_jax.unlearn import MASKED_METHODS, METHODS, get_method
 from salun_jax.unlearn.sd import (
     SDTask,

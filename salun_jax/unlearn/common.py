@@ -18,10 +18,9 @@ import numpy as np
 from salun_jax import loop, optim, validation
 from salun_jax.data.batches import epoch_batches, warn_if_padded
 from salun_jax.data.splits import Split, check_split_fits
-from salun_jax.losses import LossFn
 from salun_jax.saliency import mask_stats
 from salun_jax.step import TrainState, make_step
-from salun_jax.types import PyTree
+from salun_jax.types import BatchesFn, LossFn, PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +141,7 @@ def steps_per_epoch(phases: Sequence[np.ndarray], batch_size: int) -> int:
     return sum(math.ceil(len(ix) / batch_size) for ix in phases if len(ix))
 
 
-def phase_batches(phases: Sequence[np.ndarray], batch_size: int) -> loop.BatchesFn:
+def phase_batches(phases: Sequence[np.ndarray], batch_size: int) -> BatchesFn:
     """The loop's batches of an unlearning run: each epoch runs the index `phases` in order
     (e.g. forget batches, then retain batches), each shuffled and cut into padded batches for
     all devices of all processes (each takes its rows, `loop.local_rows`)."""

@@ -28,7 +28,6 @@ from salun_jax import optim, saliency
 from salun_jax.data.batches import cyclic_batches, gather_batches
 from salun_jax.diffusion.samplers import check_null_class
 from salun_jax.diffusion.schedule import NoiseSchedule
-from salun_jax.diffusion.training import DiffusionTrainConfig, train_diffusion, uncommitted
 from salun_jax.losses import (
     ddpm_esd_loss,
     diffusion_ascent_loss,
@@ -36,6 +35,7 @@ from salun_jax.losses import (
     guided_forget_loss,
 )
 from salun_jax.step import TrainState, make_step
+from salun_jax.train_diffusion import DiffusionTrainConfig, train_diffusion, uncommitted
 from salun_jax.types import PyTree
 from salun_jax.unlearn.common import UnlearnOutput, UnlearnTask, run_unlearning
 

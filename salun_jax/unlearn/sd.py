@@ -41,7 +41,6 @@ from salun_jax import optim, saliency
 from salun_jax.data.batches import cyclic_batches, gather_batches
 from salun_jax.diffusion.schedule import NoiseSchedule
 from salun_jax.diffusion.sd_sampling import make_grid
-from salun_jax.diffusion.training import uncommitted
 from salun_jax.losses import (
     text_attention_loss,
     text_esd_loss,
@@ -49,6 +48,7 @@ from salun_jax.losses import (
     text_guided_mask_loss,
 )
 from salun_jax.step import TrainState, make_step
+from salun_jax.train_diffusion import uncommitted
 from salun_jax.types import PyTree
 from salun_jax.unlearn.common import UnlearnOutput, run_unlearning
 

@@ -21,10 +21,10 @@ import numpy as np
 
 from salun_jax import loop
 from salun_jax import optim as optim_lib
+from salun_jax.data.batches import index_batches
 from salun_jax.diffusion.schedule import NoiseSchedule
 from salun_jax.losses import denoising_loss
 from salun_jax.step import TrainState, make_step
-from salun_jax.train import index_batches
 from salun_jax.types import PyTree
 
 
