@@ -32,7 +32,6 @@ with the epoch, the step and the device index by the same code.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -41,38 +40,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from salun_jax import loop, optim
+from salun_jax import loop
 from salun_jax.data.batches import gather_batches, index_batches
-from salun_jax.losses import (
-    classification_forget_loss,
-    classification_loss,
-    negative_cross_entropy,
-)
 from salun_jax.models import conv
-from salun_jax.saliency import mask_from_scores
+from salun_jax.saliency import forget_loss_given_stats, gradient_saliency, mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
-from salun_jax.train import TrainConfig
-from salun_jax.types import BatchesFn, LossFn, PyTree
-from salun_jax.unlearn.boundary import (
-    boundary_expanding_loss,
-    boundary_shrink_loss,
-    boundary_shrink_values,
-    drop_last_output,
-    extend_head,
-    wide_head_model,
-)
-from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask, phase_batches, steps_per_epoch
-from salun_jax.unlearn.finetune import l1_schedule
-from salun_jax.unlearn.relabel import (
-    _phases,
-    _relabel_loss,
-    salun_soft_values,
-    snapshot_anchor,
-    soft_threshold_update,
+from salun_jax.train import TrainConfig, training_loss, training_optimizer
+from salun_jax.types import BatchesFn, PyTree
+from salun_jax.unlearn import METHODS, SGD_METHODS, method_spec
+from salun_jax.unlearn.boundary import drop_last_output, extend_head, wide_head_model
+from salun_jax.unlearn.common import (
+    UnlearnConfig,
+    UnlearnTask,
+    phase_batches,
+    unlearning_optimizer,
 )
 
 STRATEGIES = ("auto", "vmap", "map", "unroll")
-POPULATION_METHODS = ("FT", "GA", "RL", "l1-sparse", "BS", "BE", "SalUn", "SalUn-soft")
+POPULATION_METHODS = SGD_METHODS  # every method declared by a `MethodSpec`
 
 
 class PopulationOutput(NamedTuple):
@@ -261,13 +246,10 @@ def population_train_classifier(
     """
     seeds = [int(s) for s in seeds]
     rates = _learning_rates(learning_rates, config.learning_rate, len(seeds))
-    steps = math.ceil(len(indices) / config.batch_size)
 
-    def tx_fn(lr, mask):
+    def tx_fn(lr, mask):  # the single run's optimizer
         del mask
-        return optim.multistep_sgd(
-            lr, config.milestones, config.gamma, steps, config.momentum, config.weight_decay
-        )
+        return training_optimizer(config, len(indices), lr)
 
     variables = stack([init_variables(model, jax.random.key(s), images.shape[1:]) for s in seeds])
     state = TrainState(
@@ -277,10 +259,9 @@ def population_train_classifier(
         opt_state=None,
         apply_fn=model.apply,
     )
-    loss_fn = classification_loss(crop_padding=config.crop_padding, flip=config.flip)
     return run_population(
         _with_optimizers(state, None, rates, tx_fn),
-        make_step(loss_fn),
+        make_step(training_loss(config)),
         {"image": images, "label": labels},
         index_batches(np.asarray(indices), config.batch_size),
         num_epochs=config.epochs,
@@ -294,14 +275,6 @@ def population_train_classifier(
     )
 
 
-class _MethodPieces(NamedTuple):
-    loss_fn: LossFn
-    phases: list[np.ndarray]
-    extra_fn: Callable[[TrainState], PyTree] = lambda state: None  # the state's `extra` at start
-    post_update_fn: Callable | None = None
-    epoch_start_fn: Callable | None = None
-
-
 def _per_member(values: dict, num_members: int) -> dict:
     """A method's `extra` values with its scalars broadcast to [N]; pytree values (e.g. the
     frozen originals) are the population's own, already [N, ...]."""
@@ -312,48 +285,6 @@ def _per_member(values: dict, num_members: int) -> dict:
         return value
 
     return {key: member_axis(value) for key, value in values.items()}
-
-
-def _method_pieces(method: str, task: UnlearnTask, config: UnlearnConfig) -> _MethodPieces:
-    """The loss, index phases and hooks of an SGD method, built as in `salun_jax.unlearn`."""
-    augment = {"crop_padding": config.crop_padding, "flip": config.flip}
-    if method == "FT":
-        return _MethodPieces(classification_loss(**augment), [task.retain])
-    if method == "GA":
-        loss_fn = classification_loss(example_loss_fn=negative_cross_entropy, **augment)
-        return _MethodPieces(loss_fn, [task.forget])
-    if method == "l1-sparse":
-        coefficient = l1_schedule(config, steps_per_epoch([task.retain], config.batch_size))
-
-        def penalty(params, step):
-            return coefficient(step) * sum(jnp.sum(jnp.abs(p)) for p in jax.tree.leaves(params))
-
-        return _MethodPieces(classification_loss(penalty_fn=penalty, **augment), [task.retain])
-    if method in ("RL", "SalUn"):
-        return _MethodPieces(_relabel_loss(task, config), _phases(task, config.rl_variant))
-    if method == "BS":  # each member's own original, frozen in `extra`
-        return _MethodPieces(
-            boundary_shrink_loss(config),
-            [task.forget],
-            extra_fn=lambda states: _per_member(
-                boundary_shrink_values(states.variables, config), states.step.shape[0]
-            ),
-        )
-    if method == "BE":  # on the widened head (`_widen_heads`)
-        return _MethodPieces(boundary_expanding_loss(task, config), [task.forget])
-    if method == "SalUn-soft":
-        phases = _phases(task, "concat")
-        steps = steps_per_epoch(phases, config.batch_size)
-        return _MethodPieces(
-            _relabel_loss(task, config),
-            phases,
-            extra_fn=lambda states: _per_member(
-                salun_soft_values(states.params, config, steps), states.step.shape[0]
-            ),
-            post_update_fn=soft_threshold_update,
-            epoch_start_fn=snapshot_anchor,
-        )
-    raise ValueError(f"no population version of {method!r}; known: {', '.join(POPULATION_METHODS)}")
 
 
 def _member_masks(mask: PyTree, params: PyTree, num_members: int) -> PyTree:
@@ -390,13 +321,12 @@ def unlearning_order_seed(seed: int) -> int:
     return _order_seed(jax.random.key(seed))
 
 
-def _check_unlearn_inputs(method_name: str, seeds: list[int], num_members: int, mask) -> None:
+def _check_unlearn_inputs(method_name: str, seeds: list[int], num_members: int) -> None:
+    known = [n for n, fn in METHODS["classification"].items() if hasattr(fn, "spec")]
+    if method_name not in known:  # registered later too (docs/README.md, a new method)
+        raise ValueError(f"no population version of {method_name!r}; known: {', '.join(known)}")
     if len(seeds) != num_members:
         raise ValueError(f"{len(seeds)} seeds for a population of {num_members}")
-    if method_name == "SalUn" and mask is None:
-        raise ValueError("SalUn needs a saliency mask (salun_jax.salun_mask)")
-    if method_name in ("SalUn-soft", "BE") and mask is not None:
-        raise ValueError(f"{method_name} does not take a mask")
 
 
 def population_unlearn(
@@ -422,7 +352,9 @@ def population_unlearn(
     `config.remove_shadow_logit` is False.
 
     Member i equals `get_method(method_name)(member(states, i), task, config,
-    jax.random.key(seeds[i]), mask=<its mask>, order_seed=order_seed)` up to float rounding.
+    jax.random.key(seeds[i]), mask=<its mask>, order_seed=order_seed)` up to float rounding, by
+    construction: both run the method's one declaration (`salun_jax.unlearn.method_spec`) with
+    the one optimizer (`unlearning_optimizer`) and step (`make_step`).
 
     Args:
       method_name: one of `POPULATION_METHODS`.
@@ -448,39 +380,31 @@ def population_unlearn(
     """
     seeds = [int(s) for s in seeds]
     num_members = int(states.step.shape[0])
-    _check_unlearn_inputs(method_name, seeds, num_members, mask)
+    _check_unlearn_inputs(method_name, seeds, num_members)
+    spec = method_spec(method_name, task, config)  # the single run's declaration
+    spec.check_mask(mask)
     keys = _keys(seeds)
     narrow_apply_fn = states.apply_fn
     if method_name == "BE":
         states, keys = _widen_heads(states, task, seeds)
-    pieces = _method_pieces(method_name, task, config)
-    steps = steps_per_epoch(pieces.phases, config.batch_size)
+    steps = spec.steps_per_epoch(config.batch_size)
     rates = _learning_rates(learning_rates, config.learning_rate, num_members)
     masks = None if mask is None else _member_masks(mask, states.params, num_members)
-
-    def tx_fn(lr, member_mask):  # a single run's optimizer (`run_unlearning_sgd`)
-        return optim.multistep_sgd(
-            lr,
-            config.milestones,
-            config.gamma,
-            steps,
-            config.momentum,
-            config.weight_decay,
-            member_mask,
-            config.mask_mode,
-        )
-
-    state = _with_optimizers(states, masks, rates, tx_fn).replace(extra=pieces.extra_fn(states))
+    state = _with_optimizers(
+        states, masks, rates, lambda lr, m: unlearning_optimizer(config, steps, m, lr)
+    )
+    if spec.extra_fn is not None:
+        state = state.replace(extra=_per_member(spec.extra_fn(states), num_members))
     step = make_step(
-        pieces.loss_fn,
+        spec.loss_fn,
         update_batch_stats=config.update_batch_stats,
-        post_update_fn=pieces.post_update_fn,
+        post_update_fn=spec.post_update_fn,
     )
     out = run_population(
         state,
         step,
         task.data(),
-        phase_batches(pieces.phases, config.batch_size),
+        phase_batches(spec.phases, config.batch_size),
         num_epochs=config.epochs,
         keys=keys,
         order_seed=_order_seed(keys[0]) if order_seed is None else int(order_seed),
@@ -490,7 +414,7 @@ def population_unlearn(
         workdir=workdir,
         checkpoint_every=checkpoint_every,
         epoch_end_fn=epoch_end_fn,
-        epoch_start_fn=pieces.epoch_start_fn,
+        epoch_start_fn=spec.epoch_start_fn,
     )
     if method_name == "BE" and config.remove_shadow_logit:
         narrow = out.state.replace(
@@ -557,26 +481,25 @@ def population_salun_masks(
         batch_size,
         np.random.default_rng(seed),
     )
-    key = jax.random.key(seed)
-    apply_fn = states.apply_fn
-
-    @conv.jit
-    def scores_fn(params, batch_stats, batches):
-        def member_scores(member_params, member_batch_stats):
-            loss_fn = classification_forget_loss(apply_fn, member_batch_stats, crop_padding, flip)
-
-            def body(total, indexed):
-                index, batch = indexed
-                grads = jax.grad(loss_fn)(member_params, batch, jax.random.fold_in(key, index))
-                return jax.tree.map(jnp.add, total, grads), None
-
-            num_batches = batches["weight"].shape[0]
-            zeros = jax.tree.map(jnp.zeros_like, member_params)
-            total, _ = jax.lax.scan(body, zeros, (jnp.arange(num_batches), batches))
-            return jax.tree.map(jnp.abs, total)
-
-        return map_members(member_scores, strategy, params, batch_stats)
-
-    scores = jax.device_get(scores_fn(states.params, states.batch_stats, batches))
+    loss_fn = _members_forget_loss(states.apply_fn, crop_padding, flip, resolve_strategy(strategy))
+    scores = jax.device_get(
+        gradient_saliency(
+            loss_fn, states.params, batches, jax.random.key(seed), context=states.batch_stats
+        )
+    )
     num_members = int(states.step.shape[0])
     return stack([mask_from_scores(member(scores, i), fraction) for i in range(num_members)])
+
+
+@functools.cache
+def _members_forget_loss(apply_fn, crop_padding: int, flip: bool, strategy: str):
+    """The single model's saliency loss (`saliency.forget_loss_given_stats`) on every member,
+    summed: its gradient with respect to the stacked params is each member's own gradient
+    (members share no weights), so `gradient_saliency` of it is every member's saliency."""
+    one = forget_loss_given_stats(apply_fn, crop_padding, flip)
+
+    def loss_fn(params, batch, rng, batch_stats):
+        losses = map_members(lambda p, s: one(p, batch, rng, s), strategy, params, batch_stats)
+        return jnp.sum(losses)
+
+    return loss_fn

@@ -175,7 +175,7 @@ def classification_scores(
         {"image": images, "label": labels}, forget_indices, batch_size, np.random.default_rng(seed)
     )
     return gradient_saliency(
-        _forget_loss_given_stats(state.apply_fn, crop_padding, flip),
+        forget_loss_given_stats(state.apply_fn, crop_padding, flip),
         state.params,
         batches,
         jax.random.key(seed),
@@ -184,7 +184,7 @@ def classification_scores(
 
 
 @functools.cache
-def _forget_loss_given_stats(apply_fn, crop_padding: int, flip: bool):
+def forget_loss_given_stats(apply_fn, crop_padding: int, flip: bool):
     """`classification_forget_loss` with the BatchNorm statistics as an argument (the
     `context` of `gradient_saliency`): one compiled step for every model of this shape."""
 

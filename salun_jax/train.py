@@ -59,6 +59,25 @@ def check_training_data(
     validation.check_indices("train_indices", train_indices, n, non_empty=True)
 
 
+def training_optimizer(config: TrainConfig, num_examples: int, learning_rate: float | None = None):
+    """The optimizer of classifier training on `num_examples` examples: multi-step SGD with every
+    value in its state, so seeds, Retrain and population members share the compiled step.
+    `learning_rate` overrides the config's (a population member's own)."""
+    return optim.multistep_sgd(
+        config.learning_rate if learning_rate is None else learning_rate,
+        config.milestones,
+        config.gamma,
+        math.ceil(num_examples / config.batch_size),
+        config.momentum,
+        config.weight_decay,
+    )
+
+
+def training_loss(config: TrainConfig):
+    """The loss of classifier training: cross-entropy with the config's augmentation."""
+    return classification_loss(crop_padding=config.crop_padding, flip=config.flip)
+
+
 def train_classifier(
     images: np.ndarray,
     labels: np.ndarray,
@@ -89,16 +108,7 @@ def train_classifier(
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     if order_seed is not None:
         validation.check_int("order_seed", order_seed)
-    steps_per_epoch = math.ceil(len(train_indices) / config.batch_size)
-    # Values in the optimizer state: seeds and Retrain share the compiled step.
-    tx = optim.multistep_sgd(
-        config.learning_rate,
-        config.milestones,
-        config.gamma,
-        steps_per_epoch,
-        config.momentum,
-        config.weight_decay,
-    )
+    tx = training_optimizer(config, len(train_indices))
     order_seed = config.seed if order_seed is None else order_seed
     fingerprint = None
     if workdir is not None:  # what made the run, checked before its checkpoints are resumed
@@ -109,7 +119,7 @@ def train_classifier(
             "code": provenance.code_version(),
         }
     state = create_train_state(model, jax.random.key(config.seed), images.shape[1:], tx)
-    step = make_step(classification_loss(crop_padding=config.crop_padding, flip=config.flip))
+    step = make_step(training_loss(config))
     return loop.run(
         state,
         step,

@@ -13,14 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from salun_jax import saliency
+from salun_jax import population, saliency
 from salun_jax.data.splits import make_split
 from salun_jax.evaluation.classification import make_predict_fn, model_accuracy, predict
-from salun_jax.losses import relabel_forget_fn
+from salun_jax.losses import classification_loss, relabel_forget_fn
 from salun_jax.models import create_model
 from salun_jax.step import TrainState
 from salun_jax.train import TrainConfig, train_classifier
-from salun_jax.unlearn import METHODS, UnlearnConfig, UnlearnTask, get_method
+from salun_jax.unlearn import (
+    METHODS,
+    SGD_METHODS,
+    UnlearnConfig,
+    UnlearnTask,
+    get_method,
+    method_spec,
+)
+from salun_jax.unlearn.common import MethodSpec, sgd_method
 from salun_jax.unlearn.finetune import l1_schedule
 from salun_jax.unlearn.influence import _woodfisher
 
@@ -322,6 +330,51 @@ def test_rl_variants_both_run(setup, run):
         chex.assert_tree_all_finite(out.state.params)
     assert int(sequential.state.step) == 2 * (-(-num_forget // 64) + -(-num_retain // 64))
     assert int(concat.state.step) == -(-(num_forget + num_retain) // 64)
+
+
+def test_each_sgd_method_is_one_declaration_for_single_runs_and_populations(setup):
+    config = UnlearnConfig(**BASE)
+    assert set(SGD_METHODS) == set(UNLEARNING) - {"IU"}  # every method but Retrain and one-shot IU
+    assert population.POPULATION_METHODS == SGD_METHODS
+    forget, retain = set(setup.task.forget.tolist()), set(setup.task.retain.tolist())
+    data_of = {"FT": [retain], "l1-sparse": [retain], "GA": [forget], "BS": [forget]}
+    data_of |= {"BE": [forget], "SalUn-soft": [forget | retain], "RL": [forget | retain]}
+    data_of["SalUn"] = [forget | retain]  # the default variant, "concat": mixed batches
+    for name in SGD_METHODS:
+        spec = method_spec(name, setup.task, config)
+        assert spec.name == name
+        assert [set(p.tolist()) for p in spec.phases] == data_of[name], name
+        # one compiled loss however often it is declared (the single run and the population)
+        assert get_method(name).spec(setup.task, config).loss_fn is spec.loss_fn, name
+    sequential = method_spec(
+        "SalUn", setup.task, dataclasses.replace(config, rl_variant="sequential")
+    )
+    assert [set(p.tolist()) for p in sequential.phases] == [forget, retain]
+    mask_rules = {n: method_spec(n, setup.task, config).mask for n in SGD_METHODS}
+    assert mask_rules == {
+        **{n: "optional" for n in SGD_METHODS},
+        "SalUn": "required",
+        "BE": "forbidden",
+        "SalUn-soft": "forbidden",
+    }
+    with pytest.raises(ValueError, match="SalUn-soft does not take a mask \\(its soft threshold"):
+        method_spec("SalUn-soft", setup.task, config).check_mask(setup.mask)
+    with pytest.raises(ValueError, match="IU is not an SGD unlearning method; these are: FT, GA"):
+        method_spec("wfisher", setup.task, config)  # upstream's name of IU
+
+
+def test_a_method_registered_later_is_declared_once_too(setup, monkeypatch):
+    # docs/README.md's recipe: a spec, `sgd_method`, the registry; the population accepts it.
+    def retain_twice_spec(task, config):
+        loss = classification_loss(crop_padding=config.crop_padding, flip=config.flip)
+        return MethodSpec("mine", loss, (task.retain, task.retain), mask="optional")
+
+    monkeypatch.setitem(METHODS["classification"], "mine", sgd_method(retain_twice_spec))
+    spec = method_spec("mine", setup.task, UnlearnConfig(**BASE))
+    assert spec.steps_per_epoch(64) == 2 * -(-len(setup.task.retain) // 64)
+    population._check_unlearn_inputs("mine", [1, 2], 2)  # accepted
+    with pytest.raises(ValueError, match="no population version of 'IU'; known: FT.*mine"):
+        population._check_unlearn_inputs("IU", [1, 2], 2)
 
 
 def test_unknown_method_refused():

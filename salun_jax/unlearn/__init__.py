@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from salun_jax.train import TrainConfig, train_classifier
 from salun_jax.unlearn.boundary import boundary_expanding, boundary_shrink
-from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask
+from salun_jax.unlearn.common import MethodSpec, UnlearnConfig, UnlearnOutput, UnlearnTask
 from salun_jax.unlearn.diffusion import (
     DiffusionTask,
     DiffusionUnlearnConfig,
@@ -82,6 +82,9 @@ METHODS: dict[str, dict[str, Callable[..., UnlearnOutput]]] = {
         "FMN": sd_fmn,
     },
 }
+# The SGD methods: each declared once by a `MethodSpec` (the function's `spec`), which the single
+# run and the population (`salun_jax.population`) both run. Retrain trains; IU is one-shot.
+SGD_METHODS = tuple(n for n, fn in METHODS["classification"].items() if hasattr(fn, "spec"))
 MASKED_METHODS = ("SalUn",)
 # The original code's `--unlearn` names (Classification/unlearn/) and the method each is here.
 # SalUn is upstream's RL run with `--mask_path`: `unlearn("RL", ..., mask=m)` runs SalUn.
@@ -123,6 +126,22 @@ def get_method(name: str, kind: str = "classification") -> Callable[..., Unlearn
             + (f" (and upstream's {', '.join(UPSTREAM_NAMES)})" if kind == "classification" else "")
         )
     return METHODS[kind][name]
+
+
+def method_spec(name: str, task: UnlearnTask, config: UnlearnConfig) -> MethodSpec:
+    """The declaration of SGD classification method `name` (`SGD_METHODS`) for this task and
+    config: its loss, phases, mask rule, `extra` values and hooks.
+
+    Raises:
+      ValueError: an unknown name, or a method that is not SGD (Retrain, IU).
+    """
+    method = get_method(name)
+    if not hasattr(method, "spec"):
+        raise ValueError(
+            f"{method_name(name)} is not an SGD unlearning method; these are: "
+            + ", ".join(SGD_METHODS)
+        )
+    return method.spec(task, config)
 
 
 def method_key(seed: int, method: str):
@@ -168,6 +187,8 @@ def unlearn(
 __all__ = [
     "MASKED_METHODS",
     "METHODS",
+    "MethodSpec",
+    "SGD_METHODS",
     "DiffusionTask",
     "DiffusionUnlearnConfig",
     "SDTask",
@@ -179,6 +200,7 @@ __all__ = [
     "get_method",
     "method_key",
     "method_name",
+    "method_spec",
     "retrain",
     "unlearn",
 ]

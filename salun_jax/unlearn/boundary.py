@@ -17,7 +17,14 @@ import optax
 from salun_jax.losses import classification_loss
 from salun_jax.models.resnet import torch_uniform_init
 from salun_jax.step import TrainState, canonical_module
-from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask, run_unlearning_sgd
+from salun_jax.unlearn.common import (
+    MethodSpec,
+    UnlearnConfig,
+    UnlearnOutput,
+    UnlearnTask,
+    run_unlearning_sgd,
+    sgd_method,
+)
 
 
 def fgsm_neighbour_labels(apply_fn, original_variables, images, labels, bound: float):
@@ -57,23 +64,18 @@ def boundary_shrink_values(variables, config: UnlearnConfig) -> dict:
     return {"original": variables, "bound": np.float32(config.boundary_bound)}
 
 
-def boundary_shrink(
-    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
-) -> UnlearnOutput:
+def boundary_shrink_spec(task: UnlearnTask, config: UnlearnConfig) -> MethodSpec:
     """BS: on D_f only, train the model to predict the label the frozen original gives an FGSM
     neighbour of each (augmented) forget image."""
-    output = run_unlearning_sgd(
-        state.replace(extra=boundary_shrink_values(state.variables, config)),
-        task,
-        config,
-        rng,
+    return MethodSpec(
+        "BS",
         boundary_shrink_loss(config),
-        [task.forget],
-        mask=mask,
-        desc="BS",
-        **run_options,
+        (task.forget,),
+        extra_fn=lambda state: boundary_shrink_values(state.variables, config),
     )
-    return output._replace(state=output.state.replace(extra=None))
+
+
+boundary_shrink = sgd_method(boundary_shrink_spec)
 
 
 def extend_head(params, num_classes: int, rng: jax.Array):
@@ -105,10 +107,14 @@ def wide_head_model(task: UnlearnTask):
     return canonical_module(task.model.clone(num_classes=task.num_classes + 1))
 
 
-def boundary_expanding_loss(task: UnlearnTask, config: UnlearnConfig):
-    """BE's loss: CE of every (augmented) forget image towards the shadow class."""
-    return classification_loss(
+def boundary_expanding_spec(task: UnlearnTask, config: UnlearnConfig) -> MethodSpec:
+    """BE on the widened head (`wide_head_model`, `extend_head`): CE of every (augmented)
+    forget image towards the shadow class."""
+    loss_fn = classification_loss(
         crop_padding=config.crop_padding, flip=config.flip, label_fn=shadow_labels(task.num_classes)
+    )
+    return MethodSpec(
+        "BE", loss_fn, (task.forget,), mask="forbidden", mask_reason="its head changes shape"
     )
 
 
@@ -122,8 +128,8 @@ def boundary_expanding(
     """BE: widen the head by a shadow class, train D_f towards it, then (default) drop the shadow
     output again. `remove_shadow_logit=False` keeps the K+1-way head as upstream does; the output
     then carries the widened `model`."""
-    if mask is not None:
-        raise ValueError("boundary expanding does not take a mask (its head changes shape)")
+    spec = boundary_expanding_spec(task, config)
+    spec.check_mask(mask)
     wide_model = wide_head_model(task)
     init_rng, rng = jax.random.split(rng)
     wide = TrainState.create(
@@ -132,18 +138,12 @@ def boundary_expanding(
         batch_stats=state.batch_stats,
         tx=optax.identity(),
     )
-    output = run_unlearning_sgd(
-        wide,
-        task,
-        config,
-        rng,
-        boundary_expanding_loss(task, config),
-        [task.forget],
-        desc="BE",
-        **run_options,
-    )
+    output = run_unlearning_sgd(wide, task, config, rng, spec, **run_options)
     if not config.remove_shadow_logit:
         return output._replace(model=wide_model)
     wide = output.state
     narrow = state.replace(params=drop_last_output(wide.params), batch_stats=wide.batch_stats)
     return output._replace(state=narrow)
+
+
+boundary_expanding.spec = boundary_expanding_spec  # the population widens the heads itself

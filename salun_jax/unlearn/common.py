@@ -157,59 +157,116 @@ def phase_batches(phases: Sequence[np.ndarray], batch_size: int) -> BatchesFn:
     return batches_fn
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """An SGD unlearning method, declared once: its loss, the index phases of an epoch, whether
+    it takes a mask, the values it carries in `TrainState.extra` and its hooks. The single run
+    (`run_unlearning_sgd`) and the population (`salun_jax.population.population_unlearn`) both
+    run exactly this, with the one optimizer (`unlearning_optimizer`)."""
+
+    name: str
+    loss_fn: LossFn
+    phases: tuple[np.ndarray, ...]  # each epoch runs these in order, each shuffled
+    mask: str = "optional"  # "optional", "required" or "forbidden"
+    mask_reason: str = ""  # why "required" or "forbidden", for the error message
+    # state -> the method's values in `TrainState.extra` at the start (None: no values). Values
+    # in the state, not in closures: seeds, rates and members share one compiled step.
+    extra_fn: Callable[[TrainState], dict] | None = None
+    post_update_fn: Callable[[TrainState], TrainState] | None = None
+    epoch_start_fn: Callable[[TrainState, int], TrainState] | None = None
+
+    def __post_init__(self):
+        if self.mask not in ("optional", "required", "forbidden"):
+            raise ValueError(f"MethodSpec.mask: optional, required or forbidden, not {self.mask}")
+
+    def check_mask(self, mask: PyTree | None) -> None:
+        if self.mask == "required" and mask is None:
+            raise ValueError(f"{self.name} needs a saliency mask ({self.mask_reason})")
+        if self.mask == "forbidden" and mask is not None:
+            raise ValueError(f"{self.name} does not take a mask ({self.mask_reason})")
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return steps_per_epoch(self.phases, batch_size)
+
+
+def unlearning_optimizer(
+    config: UnlearnConfig, steps: int, mask: PyTree | None, learning_rate: float | None = None
+):
+    """The optimizer of every SGD unlearning run: multi-step SGD, optionally masked, with every
+    value (learning rate, schedule, momentum, weight decay, mask) in its state, so methods and
+    seeds that differ only in them share one compiled step. `learning_rate` overrides the
+    config's (a population member's own)."""
+    return optim.multistep_sgd(
+        config.learning_rate if learning_rate is None else learning_rate,
+        config.milestones,
+        config.gamma,
+        steps,
+        config.momentum,
+        config.weight_decay,
+        mask,
+        config.mask_mode,
+    )
+
+
 def run_unlearning_sgd(
     state: TrainState,
     task: UnlearnTask,
     config: UnlearnConfig,
     rng: jax.Array,
-    loss_fn: LossFn,
-    phases: Sequence[np.ndarray],
+    spec: MethodSpec,
     *,
     mask: PyTree | None = None,
-    desc: str = "unlearn",
-    post_update_fn: Callable[[TrainState], TrainState] | None = None,
-    epoch_start_fn: Callable[[TrainState, int], TrainState] | None = None,
     order_seed: int | None = None,
     **run_options,
 ) -> UnlearnOutput:
-    """`config.epochs` epochs of SGD from `state`'s weights with a fresh (optionally masked)
-    optimizer; each epoch runs the index `phases` in order (e.g. forget batches, then retain
-    batches), each shuffled and cut into padded batches. The batch order's seed is drawn from
-    `rng` unless `order_seed` is given (to match a population member, `salun_jax.population`).
-    `run_options` (workdir, checkpoint_every, progress) go to `loop.run`."""
-    steps = steps_per_epoch(phases, config.batch_size)
-    # Every value (learning rate, schedule, momentum, weight decay, mask) in the optimizer
-    # state: methods and seeds that differ only in them share one compiled step.
+    """`config.epochs` epochs of the method `spec` from `state`'s weights with a fresh
+    (optionally masked) optimizer; each epoch runs the spec's index phases in order (e.g. forget
+    batches, then retain batches), each shuffled and cut into padded batches. The batch order's
+    seed is drawn from `rng` unless `order_seed` is given (to match a population member,
+    `salun_jax.population`). `run_options` (workdir, checkpoint_every, progress) go to
+    `loop.run`. The returned state carries no `extra`."""
+    spec.check_mask(mask)
     state = state.with_optimizer(
-        optim.multistep_sgd(
-            config.learning_rate,
-            config.milestones,
-            config.gamma,
-            steps,
-            config.momentum,
-            config.weight_decay,
-            mask,
-            config.mask_mode,
-        )
+        unlearning_optimizer(config, spec.steps_per_epoch(config.batch_size), mask)
     )
-
+    if spec.extra_fn is not None:
+        state = state.replace(extra=spec.extra_fn(state))
     step = make_step(
-        loss_fn, update_batch_stats=config.update_batch_stats, post_update_fn=post_update_fn
+        spec.loss_fn,
+        update_batch_stats=config.update_batch_stats,
+        post_update_fn=spec.post_update_fn,
     )
     seed = int(jax.random.randint(rng, (), 0, 2**31 - 1)) if order_seed is None else order_seed
-    return run_unlearning(
+    output = run_unlearning(
         state,
         step,
         task.data(),
-        phase_batches(phases, config.batch_size),
+        phase_batches(spec.phases, config.batch_size),
         num_epochs=config.epochs,
         key=rng,
         seed=seed,
         mask=mask,
-        epoch_start_fn=epoch_start_fn,
-        desc=desc,
+        epoch_start_fn=spec.epoch_start_fn,
+        desc=spec.name,
         **run_options,
     )
+    return output._replace(state=output.state.replace(extra=None))
+
+
+def sgd_method(spec_fn: Callable[[UnlearnTask, UnlearnConfig], MethodSpec]) -> Callable:
+    """The registry's function of the SGD method that `spec_fn(task, config)` declares:
+    `fn(state, task, config, rng, mask=None, **run_options) -> UnlearnOutput`, with `spec_fn`
+    as its `spec` attribute (where the population reads it)."""
+
+    def method(state, task, config, rng, mask=None, **run_options) -> UnlearnOutput:
+        return run_unlearning_sgd(
+            state, task, config, rng, spec_fn(task, config), mask=mask, **run_options
+        )
+
+    method.__name__ = method.__qualname__ = spec_fn.__name__.removesuffix("_spec")
+    method.__doc__ = spec_fn.__doc__
+    method.spec = spec_fn
+    return method
 
 
 def run_unlearning(state, step, data, batches_fn, *, mask=None, **loop_options) -> UnlearnOutput:

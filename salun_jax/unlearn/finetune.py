@@ -14,34 +14,26 @@ import numpy as np
 
 from salun_jax.losses import classification_loss, negative_cross_entropy
 from salun_jax.unlearn.common import (
+    MethodSpec,
     UnlearnConfig,
-    UnlearnOutput,
     UnlearnTask,
-    run_unlearning_sgd,
+    sgd_method,
     steps_per_epoch,
 )
 
 
-def fine_tune(
-    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
-) -> UnlearnOutput:
+def fine_tune_spec(task: UnlearnTask, config: UnlearnConfig) -> MethodSpec:
     """FT: cross-entropy on the retain set (catastrophic forgetting of D_f)."""
     loss_fn = classification_loss(crop_padding=config.crop_padding, flip=config.flip)
-    return run_unlearning_sgd(
-        state, task, config, rng, loss_fn, [task.retain], mask=mask, desc="FT", **run_options
-    )
+    return MethodSpec("FT", loss_fn, (task.retain,))
 
 
-def gradient_ascent(
-    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
-) -> UnlearnOutput:
+def gradient_ascent_spec(task: UnlearnTask, config: UnlearnConfig) -> MethodSpec:
     """GA: minimise -CE on the forget set."""
     loss_fn = classification_loss(
         example_loss_fn=negative_cross_entropy, crop_padding=config.crop_padding, flip=config.flip
     )
-    return run_unlearning_sgd(
-        state, task, config, rng, loss_fn, [task.forget], mask=mask, desc="GA", **run_options
-    )
+    return MethodSpec("GA", loss_fn, (task.forget,))
 
 
 def _l1_coefficient(step, coefficient, l1_epochs, steps):
@@ -84,20 +76,18 @@ def _l1_sparse_loss(crop_padding: int, flip: bool):
     return loss_fn
 
 
-def l1_sparse(
-    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
-) -> UnlearnOutput:
+def l1_sparse_spec(task: UnlearnTask, config: UnlearnConfig) -> MethodSpec:
     """l1-sparse: CE on D_r + alpha_t * ||theta||_1 over all params (`l1_schedule`)."""
-    values = _l1_values(config, steps_per_epoch([task.retain], config.batch_size))
-    output = run_unlearning_sgd(
-        state.replace(extra=values),
-        task,
-        config,
-        rng,
+    phases = (task.retain,)
+    values = _l1_values(config, steps_per_epoch(phases, config.batch_size))
+    return MethodSpec(
+        "l1-sparse",
         _l1_sparse_loss(config.crop_padding, config.flip),
-        [task.retain],
-        mask=mask,
-        desc="l1-sparse",
-        **run_options,
+        phases,
+        extra_fn=lambda state: values,
     )
-    return output._replace(state=output.state.replace(extra=None))
+
+
+fine_tune = sgd_method(fine_tune_spec)
+gradient_ascent = sgd_method(gradient_ascent_spec)
+l1_sparse = sgd_method(l1_sparse_spec)

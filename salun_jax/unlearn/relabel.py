@@ -7,8 +7,6 @@ batches, then all retain batches, each epoch; paper time: mixed batches) and `RL
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,18 +14,18 @@ import numpy as np
 from salun_jax.losses import classification_loss, relabel_forget_fn
 from salun_jax.step import TrainState
 from salun_jax.unlearn.common import (
+    MethodSpec,
     UnlearnConfig,
-    UnlearnOutput,
     UnlearnTask,
-    run_unlearning_sgd,
+    sgd_method,
     steps_per_epoch,
 )
 
 
-def _phases(task: UnlearnTask, variant: str) -> list[np.ndarray]:
+def _phases(task: UnlearnTask, variant: str) -> tuple[np.ndarray, ...]:
     if variant == "sequential":  # HEAD for CIFAR-10/SVHN: all forget batches, then all retain
-        return [task.forget, task.retain]
-    return [np.concatenate([task.forget, task.retain])]  # paper time: mixed batches
+        return (task.forget, task.retain)
+    return (np.concatenate([task.forget, task.retain]),)  # paper time: mixed batches
 
 
 def _relabel_loss(task: UnlearnTask, config: UnlearnConfig):
@@ -38,34 +36,21 @@ def _relabel_loss(task: UnlearnTask, config: UnlearnConfig):
     )
 
 
-def random_label(
-    state,
-    task: UnlearnTask,
-    config: UnlearnConfig,
-    rng: jax.Array,
-    mask=None,
-    *,
-    name: str = "RL",
-    **run_options,
-) -> UnlearnOutput:
-    """RL: CE with random labels on D_f and true labels on D_r. SalUn (`salun`) is RL restricted
-    to the salient weights by its mask, which it requires."""
-    if name == "SalUn" and mask is None:
-        raise ValueError("SalUn needs a saliency mask (salun_jax.salun_mask)")
-    return run_unlearning_sgd(
-        state,
-        task,
-        config,
-        rng,
+def random_label_spec(task: UnlearnTask, config: UnlearnConfig) -> MethodSpec:
+    """RL: CE with random labels on D_f and true labels on D_r (`config.rl_variant` orders
+    them)."""
+    return MethodSpec("RL", _relabel_loss(task, config), _phases(task, config.rl_variant))
+
+
+def salun_spec(task: UnlearnTask, config: UnlearnConfig) -> MethodSpec:
+    """SalUn: RL restricted to the salient weights by its mask, which it requires."""
+    return MethodSpec(
+        "SalUn",
         _relabel_loss(task, config),
         _phases(task, config.rl_variant),
-        mask=mask,
-        desc=name,
-        **run_options,
+        mask="required",
+        mask_reason="salun_jax.salun_mask",
     )
-
-
-salun = functools.partial(random_label, name="SalUn")
 
 
 def soft_threshold(params, anchor, threshold):
@@ -119,27 +104,25 @@ def salun_soft_values(params, config: UnlearnConfig, steps: int) -> dict:
     }
 
 
-def salun_soft(
-    state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
-) -> UnlearnOutput:
+def salun_soft_spec(task: UnlearnTask, config: UnlearnConfig) -> MethodSpec:
     """SalUn-soft: RL (concat variant, as upstream) + after every step a soft-thresholding of the
     change since the start of the epoch. The threshold is the `ratio`-th smallest |change|, with
     ratio = int(soft_mask_ratio * (total - (epoch * steps_per_epoch + 1)) / total * P), constant
     within an epoch (the CIFAR-10 branch upstream). It takes no hard mask."""
-    if mask is not None:
-        raise ValueError("SalUn-soft does not take a mask (its soft threshold replaces it)")
     phases = _phases(task, "concat")
-    values = salun_soft_values(state.params, config, steps_per_epoch(phases, config.batch_size))
-    output = run_unlearning_sgd(
-        state.replace(extra=values),
-        task,
-        config,
-        rng,
+    steps = steps_per_epoch(phases, config.batch_size)
+    return MethodSpec(
+        "SalUn-soft",
         _relabel_loss(task, config),
         phases,
-        desc="SalUn-soft",
-        **run_options,
+        mask="forbidden",
+        mask_reason="its soft threshold replaces it",
+        extra_fn=lambda state: salun_soft_values(state.params, config, steps),
         post_update_fn=soft_threshold_update,
         epoch_start_fn=snapshot_anchor,
     )
-    return output._replace(state=output.state.replace(extra=None))
+
+
+random_label = sgd_method(random_label_spec)
+salun = sgd_method(salun_spec)
+salun_soft = sgd_method(salun_soft_spec)
