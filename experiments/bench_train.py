@@ -2,128 +2,34 @@
 
     python experiments/bench_train.py --json_out=/tmp/bench_train.json
 
-For each model (default: full-width ResNet-18 and a CPU-sized ResNet-8 at width 0.25, CIFAR-shaped
-32x32x3 inputs, batch 128, SGD + momentum + weight decay, on-device crop/flip augmentation) it
-prints images/s and achieved GFLOP/s of
+For each model (default: full-width ResNet-18 and a ResNet-8 at width 0.25, 32x32x3 inputs,
+batch 128, SGD + momentum + weight decay, on-device crop/flip augmentation) it prints images/s and
+achieved GFLOP/s of
 
   - bare: `jax.jit(make_step(classification_loss()))` called in a Python loop on one fixed
     device-resident batch, synced once at the end;
-  - loop: `salun_jax.loop.run` for one epoch per round on synthetic data (its run seconds,
-    which exclude its ahead-of-time compile), after a warm-up call;
+  - loop: `salun_jax.loop.run` for one epoch per round on synthetic data (its run seconds, which
+    exclude its ahead-of-time compile), after a warm-up call;
 
-both timed in `--rounds` interleaved rounds (medians reported, loop/bare the median of per-round
-ratios), next to this machine's float32 matmul GFLOP/s (jnp, and numpy) as the reference limit.
-The loop passes when it keeps the device busy: throughput >= 90% of the bare step's, and no
-XLA compilation after the warm-up call beyond the one ahead-of-time compile of each call. FLOPs
-per step come from XLA's cost analysis of the compiled step (fallback: 3x the forward's).
-`--strict` exits 1 when a model fails.
+timed in `--rounds` interleaved rounds (medians; loop/bare the median of per-round ratios), beside
+this machine's float32 matmul GFLOP/s as the reference limit. The loop passes when it keeps the
+device busy: throughput >= 90% of the bare step's and no compilation after the warm-up beyond the
+one ahead-of-time compile of each call. `--strict` exits 1 when a model fails. `--quick` runs a
+tiny SmallCNN on 8x8 images in seconds (the test's configuration).
 
-Result on the 2-core CPU machine (AMD EPYC with AVX-512, jax 0.10.2, XLA:CPU, 1 device), default
-flags, about 5 minutes, while other jobs kept the load average at 6-8 on the two cores:
+`--conv_impls=xla,onednn,auto` instead times the bare step of each convolution setting
+(salun_jax.models.conv) and, when torch is importable (`pip install -e .[bench]`), the same ResNet
+in PyTorch (`torch_twin.py`, NCHW and channels_last, in a process of its own), rotating the order
+each round, and prints the per-layer choice of "auto". `--epoch_dataset=<zip>` adds whole
+`loop.run` epochs per setting. Judge ratios on a quiet machine: under load they move by 30%.
 
-    reference f32 matmul 4096^2: jnp 82.9 GFLOP/s, numpy 54.6 GFLOP/s
-    resnet18 x1: 372 GFLOP/step (XLA cost analysis of the compiled train step)
-    resnet8 x0.25: 9.1 GFLOP/step (XLA cost analysis of the compiled train step)
-    model               params phase    step s    img/s  GFLOP/s   % mm loop/bare  check
-    resnet18 x1       11173962 bare      9.534     13.4    39.06   47.1
-                               loop      10.62     12.1    35.07   42.3     0.898  FAIL (compiles 0)
-    resnet8 x0.25        78042 bare     0.4681    273.5    19.44   23.4
-                               loop     0.5257    243.5    17.31   20.9     0.890  FAIL (compiles 0)
-
-Under that load the numbers move by 30% from run to run: a calmer earlier run gave ResNet-18 at
-7.1-7.3 s/step (~52 GFLOP/s, jnp matmul 115-170 GFLOP/s) with loop/bare 1.02, and a separate
-4-way interleaved timing of ResNet-8 x0.25 (bare jit / jit with gather / pmapped step / run_epoch)
-gave 0.327 / 0.340 / 0.334 / 0.330 s per step: the loop adds no systematic overhead here, and a
-FAIL at ~0.9 on a loaded machine is noise. Judge the ratio on an idle machine or a GPU.
-
-`--quick` runs a tiny SmallCNN on 8x8 images in seconds (the test's configuration).
-
-Convolution formulations and PyTorch (`--conv_impls`, replaces the loop check):
-
-    taskset -c 1 python experiments/bench_train.py --conv_impls=xla,plain,auto --models=resnet18 \
-        --widths=0.25 --steps=3 --rounds=7
-
-times the bare step of each `conv_impl` (salun_jax.models.conv) and, when torch is importable
-(`pip install -e .[bench]`), the same ResNet in PyTorch (NCHW and channels_last), rotating the
-order each round; prints img/s, per-round-median ratios and the per-layer choice of "auto"
-(isolated fwd + dx + dw medians of XLA's and the chosen formulation). `--epoch_dataset` adds
-whole `loop.run` epochs per conv_impl. Measured 2026-12 on the 2-core machine under a load average
-of 7-10 from other jobs (jax 0.10.2, torch 2.13.0+cpu), ResNet-18 x0.25, batch 128:
-
-    with salun_jax.host_memory (clean clone of ee4d07c, one core, --conv_impls=xla,plain,auto;
-    load 1-2): xla 213.8, plain 202.9, auto 230.5, torch NCHW 264.2, channels_last 347.6
-                          img/s; xla / NCHW 0.81x, auto / NCHW 0.82x, xla / channels_last
-                          0.62x. The same clone with SALUN_JAX_KEEP_HOST_MEMORY=0, run right
-                          after: xla 184.2, auto 189.9, NCHW 246.3; xla / NCHW 0.76x. A profile
-                          of the step (jax.profiler, one core) had found 0.11-0.12 s of its
-                          0.6 s in the kernel: XLA:CPU's 232 MB per-call scratch, freshly
-                          mmapped, 56,800 page faults a step; now 0.
-                          Both cores, same clone: xla 287.5, torch NCHW 448.6 img/s, 0.65x.
-                          CIFAR-10 epochs (--conv_impls=xla --epoch_dataset=<zip>
-                          --epoch_rounds=2, one core): 40.7 / 40.0 s, vs 46.5 / 46.0 s with
-                          SALUN_JAX_KEEP_HOST_MEMORY=0 (1.15x; the same losses)
-    BatchNorm with the batch mask applied to per-example sums (not flax's where() over the
-                          whole activation) plus materialising each conv's output gradient:
-                          1.04-1.06x the step in-process, half the float64 error of flax's, but
-                          every digits table moves by float chaos (Retrain UA 1.81 -> 1.03);
-                          not adopted
-    quiet machine (clean clone of 95cc1f3, load ~1, nothing else running), one core, inputs
-    materialised ("xla", "auto"; see salun_jax.models.conv.materialize) or not ("plain"):
-                          xla 187.0, plain 180.8, auto 193.4, torch NCHW 257.6, channels_last
-                          348.7 img/s; xla / NCHW 0.71x, auto / NCHW 0.76x, plain / xla 0.93x
-    both cores, whole CIFAR-10 epochs (9,000 images, --conv_impls=xla,plain
-    --epoch_dataset=<zip> --epoch_rounds=3): xla 35.3 / 32.0 / 30.3 s, plain 42.4 / 37.8 /
-                          35.7 s: 1.18x
-    before materialising (clean clone of 06da1cb, quiet), one core:
-                          xla 189.6, auto 181.0 (0.96x xla), torch NCHW 278.9,
-                          channels_last 349.6 img/s; xla / NCHW 0.66x, xla / channels_last
-                          0.50x; all conv layers isolated: auto 1.15x xla (480 vs 554 ms)
-    pinned to one core:   xla 90.5, auto 116.3 (per round: 1.08x xla), torch NCHW 124.2,
-                          channels_last 248.6 img/s; xla / NCHW 0.72x, auto / NCHW 0.66x,
-                          auto / channels_last 0.49x
-    one core, another run: xla / NCHW 0.65x, auto / NCHW 0.77x, auto / xla 1.07x
-    one core, XLA_FLAGS=--xla_cpu_use_onednn=true: xla / NCHW 0.71x (no gain over 0.72x)
-    --xla_cpu_experimental_{onednn,xnn}_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION:
-                          the compiled convolutions stay XLA's own (only dots move to oneDNN
-                          or YNNPACK); with the oneDNN one, 16-channel 3x3 layer fwd / dx / dw
-                          15.4 / 15.6 / 32.3 ms vs 15.6 / 15.5 / 21.4 without (one core)
-    materialising the output gradients too (identity with a materialising VJP on each conv
-                          output), in-process, one core: 692 vs 651 ms per gradient (0.94x)
-    a 3x3 conv as a 3x1 conv over the three column shifts stacked into channels (48 inputs,
-                          so YNNPACK takes it): 16-channel forward 84.6 ms vs 16.1 ms
-    both cores:           xla 70.5, custom 61.2, auto 68.8 img/s (custom / xla 0.77x,
-                          auto / xla 0.83x); torch 24-50 img/s (its threads suffer most
-                          under the load), so the PyTorch ratios of that run mean little
-
-    epochs (--epoch_dataset=<CIFAR-10 zip> --epoch_per_class=200 --epoch_rounds=2, one core,
-                          16 steps of 128): xla 22.1 / 19.2 s, auto 18.0 / 18.8 s: auto 1.12x
-                          (about 93 vs 83 s for the CIFAR CPU config's 9,000-image epoch at this
-                          load; 44.7 s was measured for xla on a calmer machine)
-
-Before oneDNN, "auto" won per layer in isolation (1.09-1.23x summed over the conv layers) but
-only ~1.08x in the whole step at one core and lost on two: the default stays "xla". What was left
-was XLA:CPU's convolution kernels themselves (Eigen, ~30 GFLOP/s on the 16-channel layers).
-
-conv_impl="onednn" (salun_jax.models.onednn: oneDNN's kernels as XLA FFI custom calls) closes
-that gap. Clean clone of 94a35a8, Intel Sapphire Rapids, --conv_impls=xla,onednn,auto
---epoch_dataset=<zip> --epoch_rounds=2, PyTorch in its own process:
-
-    both cores:  xla 445.1, onednn 735.1, auto 720.9 (oneDNN in every part of every layer),
-                 torch NCHW 705.8, channels_last 878.7 img/s: onednn / NCHW 1.03x (0.94-1.05x
-                 over five runs of earlier commits), onednn / channels_last 0.83x; CIFAR-10
-                 epochs 14.0 / 13.2 s vs xla 22.4 / 20.3 s
-    one core:    xla 255.4, onednn 432.6, torch NCHW 377.3, channels_last 486.6 img/s:
-                 onednn / NCHW 1.13x, 0.88x channels_last; epochs 22.0 / 21.8 s vs 36.5 / 35.4 s
-
-PyTorch's steps run in a child process: in this one, after oneDNN's OpenMP teams had run, PyTorch
-(same libgomp) lost ~20% on 2 cores (NCHW 656 -> 534 img/s).
+Measurements, with their commands, machines and dates: docs/benchmarks.md, section 4.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -134,6 +40,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch_twin  # experiments/: the same ResNet in PyTorch
 from absl import app, flags
 
 from salun_jax import host_memory, loop
@@ -531,141 +438,6 @@ def run_benchmark() -> dict:
 # 6. Convolution formulations, PyTorch's step, whole epochs.
 
 
-def _torch_resnet(stage_sizes, width: float, num_classes: int, mean, std):
-    """The same CIFAR ResNet in PyTorch (upstream SalUn's layout and PyTorch's default init)."""
-    import torch  # noqa: PLC0415 (optional)
-    from torch import nn as tnn  # noqa: PLC0415
-
-    class Block(tnn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(cout)
-            self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = tnn.BatchNorm2d(cout)
-            self.shortcut = tnn.Sequential()
-            if stride != 1 or cin != cout:
-                self.shortcut = tnn.Sequential(
-                    tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout)
-                )
-
-        def forward(self, x):
-            y = torch.relu(self.bn1(self.conv1(x)))
-            return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
-
-    class Net(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            base = max(1, int(round(64 * width)))
-            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-            self.conv1 = tnn.Conv2d(3, base, 3, 1, 1, bias=False)
-            self.bn1 = tnn.BatchNorm2d(base)
-            blocks, cin = [], base
-            for stage, count in enumerate(stage_sizes):
-                for block in range(count):
-                    stride = 2 if stage > 0 and block == 0 else 1
-                    blocks.append(Block(cin, base * 2**stage, stride))
-                    cin = base * 2**stage
-            self.layers = tnn.Sequential(*blocks)
-            self.fc = tnn.Linear(cin, num_classes)
-
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.conv1((x - self.mean) / self.std)))
-            return self.fc(self.layers(x).mean(dim=(2, 3)))
-
-    return Net()
-
-
-_TORCH_STAGES = {"resnet18": (2, 2, 2, 2), "resnet8": (1, 1, 1)}
-
-
-def _torch_step_fn(model_name: str, width: float, batch: dict, channels_last: bool):
-    """One PyTorch train step (SGD, momentum 0.9, wd 5e-4, cross-entropy) on a fixed batch;
-    None for a model without a PyTorch twin here."""
-    import torch  # noqa: PLC0415 (optional)
-
-    if model_name not in _TORCH_STAGES:
-        return None
-    torch.manual_seed(0)
-    net = _torch_resnet(_TORCH_STAGES[model_name], width, _NUM_CLASSES, (0.5,) * 3, (0.25,) * 3)
-    images = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-    images = images.float() / 255.0
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.from_numpy(batch["label"].astype(np.int64))
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    net.train()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(net(images), labels)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    return step
-
-
-def _torch_worker(connection, model_name: str, width: float, batch: dict) -> None:
-    """PyTorch's steps, in a process of their own (see `_torch_runners`): sends
-    ("ready", torch version, layouts) or ("skip", why), then for each (layout, count) received
-    runs that many steps and sends their seconds, until it receives None."""
-    # The same malloc settings as this process (PyTorch's step had them when it ran here).
-    host_memory.keep_freed_host_memory()
-    try:
-        import torch  # noqa: PLC0415 (optional)
-    except ImportError:
-        connection.send(("skip", "torch is not importable: PyTorch rows skipped"))
-        return
-    steps = {}
-    for layout, channels_last in (("NCHW", False), ("channels_last", True)):
-        step = _torch_step_fn(model_name, width, batch, channels_last)
-        if step is None:
-            connection.send(("skip", f"no PyTorch twin of {model_name}: PyTorch rows skipped"))
-            return
-        steps[layout] = step
-    connection.send(("ready", torch.__version__, list(steps)))
-    while (request := connection.recv()) is not None:
-        layout, count = request
-        start = time.perf_counter()
-        for _ in range(count):
-            steps[layout]()
-        connection.send(time.perf_counter() - start)
-
-
-def _torch_runners(model_name: str, width: float, batch: dict):
-    """(torch version, {"torch <layout>": run(count)}, close) with PyTorch in a child process,
-    or (None, {}, close) without it. Why a process of its own: oneDNN's OpenMP threads
-    (conv_impl="onednn") and PyTorch's share one libgomp in a process, and PyTorch's step, run
-    after ours in the same process, was ~20% slower on 2 cores (656 -> 534 img/s, NCHW) and
-    stayed so. Each runner returns the child's own timing of its steps."""
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    process = context.Process(target=_torch_worker, args=(child, model_name, width, batch))
-    process.start()
-    message = parent.recv()
-    if message[0] == "skip":  # the worker has returned
-        print(f"  {message[1]}", flush=True)
-        process.join()
-        return None, {}, lambda: None
-
-    def close():
-        parent.send(None)
-        process.join()
-
-    def runner(layout):
-        def run(count):
-            parent.send((layout, count))
-            return parent.recv()
-
-        return run
-
-    _, version, layouts = message
-    return version, {f"torch {layout}": runner(layout) for layout in layouts}, close
-
-
 def conv_layer_table(model, image_shape, batch_size: int) -> list[dict]:
     """Per distinct conv shape of `model`: its layers, the plan "auto" uses and the candidates'
     times (from the plan cache; empty until an "auto" step has been compiled)."""
@@ -780,7 +552,7 @@ def bench_conv_impls(
             table = conv_layer_table(model, image_shape, batch_size)
     torch_version, close_torch = None, lambda: None
     if with_torch:
-        torch_version, torch_runners, close_torch = _torch_runners(name, width, batch)
+        torch_version, torch_runners, close_torch = torch_twin.runners(name, width, batch)
         runners.update(torch_runners)
     try:
         for run in runners.values():

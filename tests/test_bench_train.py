@@ -87,12 +87,12 @@ def test_torch_twin_has_the_same_parameter_count():
 
     sys.path.insert(0, os.path.dirname(SCRIPT))
     try:
-        import bench_train
+        import torch_twin
     finally:
         sys.path.pop(0)
     from salun_jax.models import create_model
 
-    net = bench_train._torch_resnet((2, 2, 2, 2), 0.25, 10, (0.5,) * 3, (0.25,) * 3)
+    net = torch_twin.resnet((2, 2, 2, 2), 0.25, 10, (0.5,) * 3, (0.25,) * 3)
     model = create_model("resnet18", 10, (0.5,) * 3, (0.25,) * 3, 0.25)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     assert sum(p.numel() for p in net.parameters()) == sum(x.size for x in jax.tree.leaves(params))
