@@ -91,8 +91,10 @@ def accumulate_gradients(
     rng: jax.Array,
     clip_norm: float | None = None,
     context: PyTree = None,
+    square: bool = False,
 ) -> PyTree:
-    """Sum over batches of grad(batch loss) (signed); see `gradient_saliency` for the arguments.
+    """Sum over batches of grad(batch loss) (signed), or with `square` of its elementwise square
+    (a diagonal empirical Fisher, SSD's importance); see `gradient_saliency` for the arguments.
 
     One jitted step per batch adds into a donated accumulator; the Python loop only dispatches
     (no host sync until the caller reads the result). A `lax.scan` over batches would be one
@@ -104,8 +106,9 @@ def accumulate_gradients(
     num_batches = jax.tree.leaves(batches)[0].shape[0]
     for index in range(num_batches):
         batch = jax.tree.map(lambda x, i=index: x[i], batches)
+        key = jax.random.fold_in(rng, index)
         total = _accumulate_step(
-            batch_loss_fn, clip_norm, total, params, batch, jax.random.fold_in(rng, index), context
+            batch_loss_fn, clip_norm, square, total, params, batch, key, context
         )
     return total
 
@@ -142,8 +145,8 @@ def gradient_saliency(
     )
 
 
-@functools.partial(conv.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def _accumulate_step(batch_loss_fn, clip_norm, total, params, batch, rng, context):
+@functools.partial(conv.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+def _accumulate_step(batch_loss_fn, clip_norm, square, total, params, batch, rng, context):
     if context is not None:
         loss_fn = batch_loss_fn
         batch_loss_fn = lambda p, b, r: loss_fn(p, b, r, context)  # noqa: E731
@@ -151,6 +154,8 @@ def _accumulate_step(batch_loss_fn, clip_norm, total, params, batch, rng, contex
     if clip_norm is not None:
         scale = jnp.minimum(1.0, clip_norm / (optax.tree.norm(grads) + 1e-6))
         grads = jax.tree.map(lambda g: g * scale, grads)
+    if square:
+        grads = jax.tree.map(jnp.square, grads)
     return jax.tree.map(jnp.add, total, grads)
 
 

@@ -59,6 +59,7 @@ KNOBS = {
     "BE": "epochs",
     "SalUn": "mask_fraction",
     "SalUn-soft": "soft_mask_ratio",
+    "NegGrad+": "neggrad_beta",
 }
 _INTEGER_KNOBS = ("epochs", "woodfisher_samples")
 SELECTION_KEYS = ("UA", "RA", "VA", "MIA")

@@ -111,6 +111,7 @@ def originals(setup):
         ("BS", "vmap"),
         ("BE", "map"),
         ("SalUn-soft", "vmap"),
+        ("NegGrad+", "vmap"),
     ],
 )
 def test_unlearn_population_matches_single_runs(setup, originals, method, strategy):

@@ -11,6 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from salun_jax import population, saliency
@@ -33,6 +34,7 @@ from salun_jax.unlearn.finetune import l1_schedule
 from salun_jax.unlearn.influence import _woodfisher
 
 UNLEARNING = [name for name in METHODS["classification"] if name != "Retrain"]
+ONE_SHOT = ("IU", "SSD")  # no SGD loop
 
 NUM_CLASSES = 10
 BASE = dict(epochs=2, batch_size=64, crop_padding=1, flip=False)
@@ -46,6 +48,8 @@ LEARNING_RATES = {
     "BE": 0.01,
     "SalUn": 0.1,
     "SalUn-soft": 0.05,
+    "NegGrad+": 0.05,
+    "SSD": 0.0,  # training-free
 }
 # Per-method settings of the shared runs. IU: a short WoodFisher recursion, and gradients without
 # augmentation (halves its compile time). l1-sparse: an alpha that shows against FT in 2 epochs.
@@ -54,6 +58,7 @@ DEFAULTS = {
     "IU": dict(iu_step_size=1.0, woodfisher_samples=20, iu_augment=False),
     "l1-sparse": dict(l1_coefficient=1e-3),
     "SalUn-soft": dict(epochs=1),
+    "SSD": dict(ssd_alpha=2.0),
 }
 # RL as SalUn-soft runs it (one epoch, concat), without the proximal step.
 RL_CONCAT = dict(epochs=1, rl_variant="concat")
@@ -173,13 +178,13 @@ def test_each_method_runs_and_changes_finite_params(setup, run, name):
     assert out.model is None
     assert not np.array_equal(_flat(out.state.params), _flat(setup.state.params))
     assert out.compile_seconds >= 0 and out.run_seconds > 0
-    if name != "IU":  # IU is one-shot: no epochs
+    if name not in ONE_SHOT:  # no epochs
         epochs = DEFAULTS.get(name, {}).get("epochs", BASE["epochs"])
         assert [h["epoch"] for h in out.history] == list(range(1, epochs + 1))
         assert all(np.isfinite(h["loss"]) for h in out.history)
 
 
-@pytest.mark.parametrize("name", [name for name in UNLEARNING if name != "IU"])
+@pytest.mark.parametrize("name", [name for name in UNLEARNING if name not in ONE_SHOT])
 def test_another_learning_rate_or_key_reuses_the_compiled_step(setup, run, name):
     # Values live in the state, not in the step: another learning rate, then also another key
     # (seed), run the first run's executable (0 s compiling), and the learning rate is used.
@@ -334,12 +339,12 @@ def test_rl_variants_both_run(setup, run):
 
 def test_each_sgd_method_is_one_declaration_for_single_runs_and_populations(setup):
     config = UnlearnConfig(**BASE)
-    assert set(SGD_METHODS) == set(UNLEARNING) - {"IU"}  # every method but Retrain and one-shot IU
+    assert set(SGD_METHODS) == set(UNLEARNING) - set(ONE_SHOT)  # all but Retrain and one-shot
     assert population.POPULATION_METHODS == SGD_METHODS
     forget, retain = set(setup.task.forget.tolist()), set(setup.task.retain.tolist())
     data_of = {"FT": [retain], "l1-sparse": [retain], "GA": [forget], "BS": [forget]}
     data_of |= {"BE": [forget], "SalUn-soft": [forget | retain], "RL": [forget | retain]}
-    data_of["SalUn"] = [forget | retain]  # the default variant, "concat": mixed batches
+    data_of["SalUn"] = data_of["NegGrad+"] = [forget | retain]  # the default: mixed batches
     for name in SGD_METHODS:
         spec = method_spec(name, setup.task, config)
         assert spec.name == name
@@ -375,6 +380,89 @@ def test_a_method_registered_later_is_declared_once_too(setup, monkeypatch):
     population._check_unlearn_inputs("mine", [1, 2], 2)  # accepted
     with pytest.raises(ValueError, match="no population version of 'IU'; known: FT.*mine"):
         population._check_unlearn_inputs("IU", [1, 2], 2)
+
+
+def test_neggrad_plus_step_equals_a_hand_written_reference(setup):
+    # One plain SGD step (no momentum, weight decay or augmentation) on one batch of 6 forget and
+    # 26 retain images: params - lr * grad(beta * mean_r CE - (1 - beta) * mean_f CE), with
+    # train-mode BatchNorm over the whole batch.
+    forget, retain = setup.task.forget[:6], setup.task.retain[:26]
+    split = dataclasses.replace(setup.task.split, forget=forget, retain=retain, description={})
+    task = dataclasses.replace(setup.task, split=split)
+    lr = 0.1
+    config = UnlearnConfig(
+        epochs=1, batch_size=32, learning_rate=lr, momentum=0.0, weight_decay=0.0,
+        crop_padding=0, flip=False, neggrad_beta=0.75,
+    )  # fmt: skip
+    out = get_method("NegGrad+")(setup.state, task, config, jax.random.key(0), progress=False)
+
+    order = np.concatenate([forget, retain])
+    images = jnp.asarray(task.images[order], jnp.float32) / 255.0
+    labels = jnp.asarray(task.labels[order])
+
+    def reference_step(beta):
+        def loss(params):
+            logits, _ = setup.state.apply_fn(
+                {"params": params, "batch_stats": setup.state.batch_stats},
+                images,
+                train=True,
+                batch_mask=jnp.ones(len(labels), bool),
+                mutable=["batch_stats"],
+            )
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            return beta * jnp.mean(ce[6:]) - (1 - beta) * jnp.mean(ce[:6])
+
+        grads = jax.grad(loss)(setup.state.params)
+        return jax.tree.map(lambda p, g: p - lr * g, setup.state.params, grads)
+
+    assert int(out.state.step) == 1
+    chex.assert_trees_all_close(out.state.params, reference_step(0.75), atol=2e-5, rtol=1e-4)
+    # The forget term matters: the retain-only step (beta = 1) lands elsewhere.
+    assert np.max(np.abs(_flat(out.state.params) - _flat(reference_step(1.0)))) > 1e-3
+
+
+def test_ssd_equals_a_hand_written_reference(setup):
+    # Importances by hand: mean over batches of the squared gradient of the batch-mean CE (eval
+    # mode, no augmentation): forget = 10 images in one padded batch of 20; train = forget +
+    # retain, 40 images, 2 batches in index order. Then theta * min(lam I_D / I_f, 1) where
+    # I_f > alpha I_D.
+    forget, retain = np.sort(setup.task.forget[:10]), np.sort(setup.task.retain[:30])
+    split = dataclasses.replace(setup.task.split, forget=forget, retain=retain, description={})
+    task = dataclasses.replace(setup.task, split=split)
+    alpha, lam = 2.0, 0.5
+    config = UnlearnConfig(
+        batch_size=20, crop_padding=0, flip=False, ssd_alpha=alpha, ssd_lambda=lam
+    )
+    out = get_method("SSD")(setup.state, task, config, jax.random.key(0))
+    state = setup.state
+
+    def batch_gradient_squared(indices):
+        images = jnp.asarray(task.images[indices], jnp.float32) / 255.0
+        labels = jnp.asarray(task.labels[indices])
+
+        def loss(params):
+            logits = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images)
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+        return jax.tree.map(jnp.square, jax.grad(loss)(state.params))
+
+    i_f = batch_gradient_squared(forget)
+    train = np.sort(np.concatenate([forget, retain]))
+    halves = [batch_gradient_squared(train[:20]), batch_gradient_squared(train[20:])]
+    i_d = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
+    selected = jax.tree.map(lambda f, d: f > alpha * d, i_f, i_d)
+    expected = jax.tree.map(
+        lambda p, f, d, s: np.where(s, p * np.minimum(lam * d / np.where(s, f, 1), 1), p),
+        state.params, i_f, i_d, selected,
+    )  # fmt: skip
+    share = np.mean(_flat(selected))
+    assert 0.01 < share < 0.99, share  # the case tests both branches
+    chex.assert_trees_all_close(out.state.params, expected, atol=1e-6, rtol=1e-4)
+    chex.assert_trees_all_equal(out.state.batch_stats, state.batch_stats)
+    # With a mask, only its weights may change.
+    masked = get_method("SSD")(state, task, config, jax.random.key(0), mask=setup.mask)
+    frozen = _flat(setup.mask) == 0
+    np.testing.assert_array_equal(_flat(masked.state.params)[frozen], _flat(state.params)[frozen])
 
 
 def test_unknown_method_refused():

@@ -27,6 +27,7 @@ from salun_jax.unlearn.diffusion import (
 )
 from salun_jax.unlearn.finetune import fine_tune, gradient_ascent, l1_sparse
 from salun_jax.unlearn.influence import influence_unlearning
+from salun_jax.unlearn.neggrad import neggrad_plus
 from salun_jax.unlearn.relabel import random_label, salun, salun_soft
 from salun_jax.unlearn.sd import (
     SDTask,
@@ -36,6 +37,7 @@ from salun_jax.unlearn.sd import (
     sd_random_label,
     sd_salun,
 )
+from salun_jax.unlearn.ssd import selective_synaptic_dampening
 
 
 def retrain(
@@ -67,6 +69,8 @@ METHODS: dict[str, dict[str, Callable[..., UnlearnOutput]]] = {
         "BE": boundary_expanding,
         "SalUn": salun,
         "SalUn-soft": salun_soft,
+        "NegGrad+": neggrad_plus,
+        "SSD": selective_synaptic_dampening,
     },
     "diffusion": {
         "Retrain": ddpm_retrain,

@@ -98,6 +98,9 @@ class UnlearnConfig:
     remove_shadow_logit: bool = True  # boundary expanding: drop the K+1-th logit afterwards
     soft_mask_ratio: float = 0.5  # SalUn-soft: share of coordinates reset per step at the start
     woodfisher_samples: int = 1000  # IU: retain samples in the WoodFisher recursion (+2 upstream)
+    neggrad_beta: float = 0.999  # NegGrad+: beta * CE(D_r) - (1 - beta) * CE(D_f)
+    ssd_alpha: float = 10.0  # SSD: select weights whose forget importance > alpha * train's
+    ssd_lambda: float = 1.0  # SSD: dampen them by min(lambda * I_D / I_f, 1)
     iu_augment: bool = True  # IU: upstream keeps the train transform on while taking gradients
 
     def __post_init__(self):
@@ -115,6 +118,9 @@ class UnlearnConfig:
         validation.check_real("UnlearnConfig.iu_step_size", self.iu_step_size)
         validation.check_real("UnlearnConfig.boundary_bound", self.boundary_bound, 0.0)
         validation.check_real("UnlearnConfig.soft_mask_ratio", self.soft_mask_ratio, 0.0, 1.0)
+        validation.check_real("UnlearnConfig.neggrad_beta", self.neggrad_beta, 0.0, 1.0)
+        validation.check_real("UnlearnConfig.ssd_alpha", self.ssd_alpha, 0.0)
+        validation.check_real("UnlearnConfig.ssd_lambda", self.ssd_lambda, 0.0)
         validation.check_int("UnlearnConfig.woodfisher_samples", self.woodfisher_samples, 0)
 
 
