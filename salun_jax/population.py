@@ -52,7 +52,6 @@ from salun_jax.unlearn.boundary import drop_last_output, extend_head, wide_head_
 from salun_jax.unlearn.common import (
     UnlearnConfig,
     UnlearnTask,
-    phase_batches,
     unlearning_optimizer,
 )
 
@@ -383,6 +382,7 @@ def population_unlearn(
     _check_unlearn_inputs(method_name, seeds, num_members)
     spec = method_spec(method_name, task, config)  # the single run's declaration
     spec.check_mask(mask)
+    spec.check_config(config)
     keys = _keys(seeds)
     narrow_apply_fn = states.apply_fn
     if method_name == "BE":
@@ -404,7 +404,7 @@ def population_unlearn(
         state,
         step,
         task.data(),
-        phase_batches(spec.phases, config.batch_size),
+        spec.batches_fn(config.batch_size),
         num_epochs=config.epochs,
         keys=keys,
         order_seed=_order_seed(keys[0]) if order_seed is None else int(order_seed),

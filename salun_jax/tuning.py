@@ -60,6 +60,7 @@ KNOBS = {
     "SalUn": "mask_fraction",
     "SalUn-soft": "soft_mask_ratio",
     "NegGrad+": "neggrad_beta",
+    "SCRUB": "epochs",
 }
 _INTEGER_KNOBS = ("epochs", "woodfisher_samples")
 SELECTION_KEYS = ("UA", "RA", "VA", "MIA")

@@ -112,6 +112,7 @@ def originals(setup):
         ("BE", "map"),
         ("SalUn-soft", "vmap"),
         ("NegGrad+", "vmap"),
+        ("SCRUB", "vmap"),
     ],
 )
 def test_unlearn_population_matches_single_runs(setup, originals, method, strategy):

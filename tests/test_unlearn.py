@@ -50,6 +50,7 @@ LEARNING_RATES = {
     "SalUn-soft": 0.05,
     "NegGrad+": 0.05,
     "SSD": 0.0,  # training-free
+    "SCRUB": 0.01,
 }
 # Per-method settings of the shared runs. IU: a short WoodFisher recursion, and gradients without
 # augmentation (halves its compile time). l1-sparse: an alpha that shows against FT in 2 epochs.
@@ -345,6 +346,7 @@ def test_each_sgd_method_is_one_declaration_for_single_runs_and_populations(setu
     data_of = {"FT": [retain], "l1-sparse": [retain], "GA": [forget], "BS": [forget]}
     data_of |= {"BE": [forget], "SalUn-soft": [forget | retain], "RL": [forget | retain]}
     data_of["SalUn"] = data_of["NegGrad+"] = [forget | retain]  # the default: mixed batches
+    data_of["SCRUB"] = [forget, retain]  # max-steps, then min-steps
     for name in SGD_METHODS:
         spec = method_spec(name, setup.task, config)
         assert spec.name == name
@@ -421,6 +423,63 @@ def test_neggrad_plus_step_equals_a_hand_written_reference(setup):
     assert np.max(np.abs(_flat(out.state.params) - _flat(reference_step(1.0)))) > 1e-3
 
 
+def test_scrub_epoch_equals_a_hand_written_reference(setup):
+    # One epoch, plain SGD, no augmentation: a max-step on the 6 forget images (-KL to the
+    # teacher), then a min-step on the 26 retain images (gamma CE + alpha KL); the student in
+    # train mode, the teacher (the start) in inference mode; KL at temperature T times T^2.
+    forget, retain = setup.task.forget[:6], setup.task.retain[:26]
+    split = dataclasses.replace(setup.task.split, forget=forget, retain=retain, description={})
+    task = dataclasses.replace(setup.task, split=split)
+    lr, alpha, gamma, temperature = 0.1, 0.5, 0.9, 4.0
+    config = UnlearnConfig(
+        epochs=1, batch_size=32, learning_rate=lr, momentum=0.0, weight_decay=0.0,
+        crop_padding=0, flip=False, scrub_max_epochs=1, scrub_alpha=alpha, scrub_gamma=gamma,
+        scrub_temperature=temperature,
+    )  # fmt: skip
+    out = get_method("SCRUB")(setup.state, task, config, jax.random.key(0), progress=False)
+    state = setup.state
+
+    def kl(student, teacher):  # by hand
+        p_t = jax.nn.softmax(teacher / temperature)
+        return temperature**2 * jnp.sum(
+            p_t * (jnp.log(p_t) - jax.nn.log_softmax(student / temperature)), axis=-1
+        )
+
+    def step(params, indices, loss_of):
+        images = jnp.asarray(task.images[indices], jnp.float32) / 255.0
+        labels = jnp.asarray(task.labels[indices])
+        teacher = state.apply_fn(state.variables, images, train=False)
+
+        def loss(p):
+            logits, _ = state.apply_fn(
+                {"params": p, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                batch_mask=jnp.ones(len(labels), bool),
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(loss_of(logits, teacher, labels))
+
+        return jax.tree.map(lambda p, g: p - lr * g, params, jax.grad(loss)(params))
+
+    maxed = step(state.params, forget, lambda s, t, y: -kl(s, t))
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    expected = step(maxed, retain, lambda s, t, y: gamma * ce(s, y) + alpha * kl(s, t))
+    assert int(out.state.step) == 2
+    chex.assert_trees_all_close(out.state.params, expected, atol=2e-5, rtol=1e-4)
+    # Without the max-step (scrub_max_epochs=0) the run is one min-step: another point.
+    no_max = get_method("SCRUB")(
+        state, task, dataclasses.replace(config, scrub_max_epochs=0), jax.random.key(0)
+    )
+    assert int(no_max.state.step) == 1
+    assert np.max(np.abs(_flat(no_max.state.params) - _flat(out.state.params))) > 1e-4
+    # Epochs of different lengths: an LR milestone inside the run is refused.
+    with pytest.raises(ValueError, match="SCRUB: its epochs differ in length"):
+        get_method("SCRUB")(
+            state, task, dataclasses.replace(config, epochs=3, milestones=(2,)), jax.random.key(0)
+        )
+
+
 def test_ssd_equals_a_hand_written_reference(setup):
     # Importances by hand: mean over batches of the squared gradient of the batch-mean CE (eval
     # mode, no augmentation): forget = 10 images in one padded batch of 20; train = forget +
@@ -466,8 +525,8 @@ def test_ssd_equals_a_hand_written_reference(setup):
 
 
 def test_unknown_method_refused():
-    with pytest.raises(ValueError, match="unknown classification unlearning method 'SCRUB'.*SalUn"):
-        get_method("SCRUB")
+    with pytest.raises(ValueError, match="unknown classification unlearning method 'UNSIR'.*SalUn"):
+        get_method("UNSIR")
     with pytest.raises(ValueError, match="unknown kind of task 'video'"):
         get_method("SalUn", "video")
     assert get_method("SalUn", "sd") is METHODS["sd"]["SalUn"]

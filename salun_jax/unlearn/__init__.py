@@ -29,6 +29,7 @@ from salun_jax.unlearn.finetune import fine_tune, gradient_ascent, l1_sparse
 from salun_jax.unlearn.influence import influence_unlearning
 from salun_jax.unlearn.neggrad import neggrad_plus
 from salun_jax.unlearn.relabel import random_label, salun, salun_soft
+from salun_jax.unlearn.scrub import scrub
 from salun_jax.unlearn.sd import (
     SDTask,
     SDUnlearnConfig,
@@ -70,6 +71,7 @@ METHODS: dict[str, dict[str, Callable[..., UnlearnOutput]]] = {
         "SalUn": salun,
         "SalUn-soft": salun_soft,
         "NegGrad+": neggrad_plus,
+        "SCRUB": scrub,
         "SSD": selective_synaptic_dampening,
     },
     "diffusion": {

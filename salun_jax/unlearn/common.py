@@ -101,6 +101,12 @@ class UnlearnConfig:
     neggrad_beta: float = 0.999  # NegGrad+: beta * CE(D_r) - (1 - beta) * CE(D_f)
     ssd_alpha: float = 10.0  # SSD: select weights whose forget importance > alpha * train's
     ssd_lambda: float = 1.0  # SSD: dampen them by min(lambda * I_D / I_f, 1)
+    # SCRUB: max-steps (-KL to the teacher) on D_f in the first scrub_max_epochs epochs, then
+    # min-steps (gamma * CE + alpha * KL) on D_r; KL at temperature T (the reference defaults)
+    scrub_max_epochs: int = 2
+    scrub_alpha: float = 0.001
+    scrub_gamma: float = 0.99
+    scrub_temperature: float = 4.0
     iu_augment: bool = True  # IU: upstream keeps the train transform on while taking gradients
 
     def __post_init__(self):
@@ -121,6 +127,12 @@ class UnlearnConfig:
         validation.check_real("UnlearnConfig.neggrad_beta", self.neggrad_beta, 0.0, 1.0)
         validation.check_real("UnlearnConfig.ssd_alpha", self.ssd_alpha, 0.0)
         validation.check_real("UnlearnConfig.ssd_lambda", self.ssd_lambda, 0.0)
+        validation.check_int("UnlearnConfig.scrub_max_epochs", self.scrub_max_epochs, 0)
+        validation.check_real("UnlearnConfig.scrub_alpha", self.scrub_alpha, 0.0)
+        validation.check_real("UnlearnConfig.scrub_gamma", self.scrub_gamma, 0.0)
+        validation.check_real(
+            "UnlearnConfig.scrub_temperature", self.scrub_temperature, 0.0, low_open=True
+        )
         validation.check_int("UnlearnConfig.woodfisher_samples", self.woodfisher_samples, 0)
 
 
@@ -147,17 +159,22 @@ def steps_per_epoch(phases: Sequence[np.ndarray], batch_size: int) -> int:
     return sum(math.ceil(len(ix) / batch_size) for ix in phases if len(ix))
 
 
-def phase_batches(phases: Sequence[np.ndarray], batch_size: int) -> BatchesFn:
+def phase_batches(
+    phases: Sequence[np.ndarray], batch_size: int, phase_epochs: Sequence[int | None] = ()
+) -> BatchesFn:
     """The loop's batches of an unlearning run: each epoch runs the index `phases` in order
     (e.g. forget batches, then retain batches), each shuffled and cut into padded batches for
-    all devices of all processes (each takes its rows, `loop.local_rows`)."""
+    all devices of all processes (each takes its rows, `loop.local_rows`). Phase i runs in the
+    first `phase_epochs[i]` epochs only (None or absent: in every epoch)."""
     num_devices = jax.device_count()
     for ix in phases:
         warn_if_padded(len(ix), batch_size)
-    phases = [ix for ix in phases if len(ix)]
+    limits = [*phase_epochs, *[None] * (len(phases) - len(phase_epochs))]
+    phases = [(ix, limit) for ix, limit in zip(phases, limits, strict=True) if len(ix)]
 
     def batches_fn(epoch, np_rng):
-        batches = [epoch_batches(ix, batch_size, np_rng, num_devices) for ix in phases]
+        active = [ix for ix, limit in phases if limit is None or epoch < limit]
+        batches = [epoch_batches(ix, batch_size, np_rng, num_devices) for ix in active]
         return (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
 
     return batches_fn
@@ -180,8 +197,15 @@ class MethodSpec:
     extra_fn: Callable[[TrainState], dict] | None = None
     post_update_fn: Callable[[TrainState], TrainState] | None = None
     epoch_start_fn: Callable[[TrainState, int], TrainState] | None = None
+    # Phase i runs in the first phase_epochs[i] epochs only (None or absent: every epoch), e.g.
+    # SCRUB's max-steps on the forget set. Such epochs differ in length.
+    phase_epochs: tuple[int | None, ...] = ()
 
     def __post_init__(self):
+        if len(self.phase_epochs) > len(self.phases):
+            raise ValueError(
+                f"MethodSpec: {len(self.phase_epochs)} phase_epochs for {len(self.phases)} phases"
+            )
         if self.mask not in ("optional", "required", "forbidden"):
             raise ValueError(f"MethodSpec.mask: optional, required or forbidden, not {self.mask}")
 
@@ -192,7 +216,20 @@ class MethodSpec:
             raise ValueError(f"{self.name} does not take a mask ({self.mask_reason})")
 
     def steps_per_epoch(self, batch_size: int) -> int:
+        """Steps of the first epoch (every epoch's, unless `phase_epochs` drops phases)."""
         return steps_per_epoch(self.phases, batch_size)
+
+    def batches_fn(self, batch_size: int) -> BatchesFn:
+        return phase_batches(self.phases, batch_size, self.phase_epochs)
+
+    def check_config(self, config: UnlearnConfig) -> None:
+        """Epochs of different lengths would misplace a step-counted LR milestone: refused."""
+        dropped = any(e is not None and e < config.epochs for e in self.phase_epochs)
+        if dropped and any(m < config.epochs for m in config.milestones):
+            raise ValueError(
+                f"{self.name}: its epochs differ in length, so LR milestones inside the run "
+                f"({config.milestones} within {config.epochs} epochs) are not supported"
+            )
 
 
 def unlearning_optimizer(
@@ -232,6 +269,7 @@ def run_unlearning_sgd(
     `salun_jax.population`). `run_options` (workdir, checkpoint_every, progress) go to
     `loop.run`. The returned state carries no `extra`."""
     spec.check_mask(mask)
+    spec.check_config(config)
     state = state.with_optimizer(
         unlearning_optimizer(config, spec.steps_per_epoch(config.batch_size), mask)
     )
@@ -247,7 +285,7 @@ def run_unlearning_sgd(
         state,
         step,
         task.data(),
-        phase_batches(spec.phases, config.batch_size),
+        spec.batches_fn(config.batch_size),
         num_epochs=config.epochs,
         key=rng,
         seed=seed,
