@@ -70,6 +70,28 @@ def random_other_labels(rng: jax.Array, labels: jax.Array, num_classes: int) -> 
 # 1. Classification.
 
 
+def train_mode_logits(params, images, batch, state) -> tuple[jax.Array, PyTree]:
+    """The model's logits in train mode and its new BatchNorm statistics.
+
+    BatchNorm's batch statistics are taken over the real examples only (weight 0 marks the
+    padding of a last partial batch), as PyTorch's smaller last batch. A shard with no real
+    example at all (a pmapped last batch) falls back to all its rows, copies of real images,
+    rather than an empty mean (NaN). Across devices the step pmeans these statistics with equal
+    weight per device, so on an uneven padded last batch a device with few real examples counts
+    as much as a full one: exact on one device or when every shard is full.
+    """
+    batch_mask = batch["weight"] > 0  # [B]
+    batch_mask = batch_mask | ~jnp.any(batch_mask)
+    logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        batch_mask=batch_mask,
+        mutable=["batch_stats"],
+    )
+    return logits, updates.get("batch_stats", {})
+
+
 @functools.cache
 def classification_loss(
     *,
@@ -105,24 +127,10 @@ def classification_loss(
         labels = batch["label"]
         if label_fn is not None:
             labels = label_fn(label_rng, images, labels, batch, state)
-        # BatchNorm's batch statistics over the real examples only (weight 0 marks the padding
-        # of a last partial batch), as PyTorch's smaller last batch. A shard with no real example
-        # at all (a pmapped last batch) falls back to all its rows, copies of real images, rather
-        # than an empty mean (NaN). Across devices the step pmeans these statistics with equal
-        # weight per device, so on an uneven padded last batch a device with few real examples
-        # counts as much as a full one: exact on one device or when every shard is full.
-        batch_mask = batch["weight"] > 0  # [B]
-        batch_mask = batch_mask | ~jnp.any(batch_mask)
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            batch_mask=batch_mask,
-            mutable=["batch_stats"],
-        )
+        logits, batch_stats = train_mode_logits(params, images, batch, state)
         aux = {
             "metrics": {"accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32)},
-            "batch_stats": updates.get("batch_stats", {}),
+            "batch_stats": batch_stats,
         }
         if penalty_fn is not None:
             aux["penalty"] = penalty_fn(params, state.step)

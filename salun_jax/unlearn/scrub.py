@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from salun_jax.losses import prepare_images, softmax_cross_entropy
+from salun_jax.losses import prepare_images, softmax_cross_entropy, train_mode_logits
 from salun_jax.unlearn.common import MethodSpec, UnlearnConfig, UnlearnTask, sgd_method
 
 
@@ -37,22 +37,13 @@ def distill_kl(student_logits, teacher_logits, temperature):
 @functools.cache
 def _scrub_loss(crop_padding: int, flip: bool):
     """Per example: -KL on forget examples, gamma * CE + alpha * KL on retain ones (each batch
-    holds one kind: the phases are separate). BatchNorm as `classification_loss`: statistics over
-    the real examples."""
+    holds one kind: the phases are separate); BatchNorm as `losses.train_mode_logits`."""
 
     def loss_fn(params, batch, rng, state):
         augment_rng, _ = jax.random.split(rng)
         images = prepare_images(augment_rng, batch["image"], crop_padding, flip)
         labels = batch["label"]
-        batch_mask = batch["weight"] > 0
-        batch_mask = batch_mask | ~jnp.any(batch_mask)
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            batch_mask=batch_mask,
-            mutable=["batch_stats"],
-        )
+        logits, batch_stats = train_mode_logits(params, images, batch, state)
         values = state.extra
         teacher = jax.lax.stop_gradient(state.apply_fn(values["teacher"], images, train=False))
         kl = distill_kl(logits, teacher, values["scrub_temperature"])
@@ -60,7 +51,7 @@ def _scrub_loss(crop_padding: int, flip: bool):
         retain_loss = retain_loss + values["scrub_alpha"] * kl
         aux = {
             "metrics": {"accuracy": (jnp.argmax(logits, -1) == labels).astype(jnp.float32)},
-            "batch_stats": updates.get("batch_stats", {}),
+            "batch_stats": batch_stats,
         }
         return jnp.where(batch["forget"], -kl, retain_loss), aux
 
