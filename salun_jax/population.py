@@ -47,7 +47,7 @@ from salun_jax.saliency import forget_loss_given_stats, gradient_saliency, mask_
 from salun_jax.step import TrainState, init_variables, make_step
 from salun_jax.train import TrainConfig, training_loss, training_optimizer
 from salun_jax.types import BatchesFn, PyTree
-from salun_jax.unlearn import METHODS, SGD_METHODS, method_spec
+from salun_jax.unlearn import SGD_METHODS, method_spec, sgd_methods
 from salun_jax.unlearn.boundary import drop_last_output, extend_head, wide_head_model
 from salun_jax.unlearn.common import (
     UnlearnConfig,
@@ -321,7 +321,7 @@ def unlearning_order_seed(seed: int) -> int:
 
 
 def _check_unlearn_inputs(method_name: str, seeds: list[int], num_members: int) -> None:
-    known = [n for n, fn in METHODS["classification"].items() if hasattr(fn, "spec")]
+    known = sgd_methods()
     if method_name not in known:  # registered later too (docs/README.md, a new method)
         raise ValueError(f"no population version of {method_name!r}; known: {', '.join(known)}")
     if len(seeds) != num_members:

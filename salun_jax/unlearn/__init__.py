@@ -88,9 +88,17 @@ METHODS: dict[str, dict[str, Callable[..., UnlearnOutput]]] = {
         "FMN": sd_fmn,
     },
 }
+
+
 # The SGD methods: each declared once by a `MethodSpec` (the function's `spec`), which the single
 # run and the population (`salun_jax.population`) both run. Retrain trains; IU is one-shot.
-SGD_METHODS = tuple(n for n, fn in METHODS["classification"].items() if hasattr(fn, "spec"))
+def sgd_methods() -> tuple[str, ...]:
+    """The registered classification methods declared by a `MethodSpec`, methods registered
+    later included."""
+    return tuple(n for n, fn in METHODS["classification"].items() if hasattr(fn, "spec"))
+
+
+SGD_METHODS = sgd_methods()  # at import
 MASKED_METHODS = ("SalUn",)
 # The original code's `--unlearn` names (Classification/unlearn/) and the method each is here.
 # SalUn is upstream's RL run with `--mask_path`: `unlearn("RL", ..., mask=m)` runs SalUn.
@@ -145,7 +153,7 @@ def method_spec(name: str, task: UnlearnTask, config: UnlearnConfig) -> MethodSp
     if not hasattr(method, "spec"):
         raise ValueError(
             f"{method_name(name)} is not an SGD unlearning method; these are: "
-            + ", ".join(SGD_METHODS)
+            + ", ".join(sgd_methods())
         )
     return method.spec(task, config)
 
@@ -207,6 +215,7 @@ __all__ = [
     "method_key",
     "method_name",
     "method_spec",
+    "sgd_methods",
     "retrain",
     "unlearn",
 ]
