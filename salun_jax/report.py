@@ -582,10 +582,16 @@ def plot_roc_curves(
     fig = _new_figure(6.0, 5.0)
     ax = fig.add_subplot()
     floor = 1e-4
-    for name, (positive, negative) in scores.items():
+    for index, (name, (positive, negative)) in enumerate(scores.items()):
         fpr, tpr = roc_curve(positive, negative)
         auc = attack_metrics(positive, negative)["auc"]
-        ax.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), label=f"{name} (AUC {auc:.3f})")
+        style = "-" if index < 10 else "--"  # matplotlib's colour cycle repeats after 10
+        ax.plot(
+            np.maximum(fpr, floor),
+            np.maximum(tpr, floor),
+            linestyle=style,
+            label=f"{name} (AUC {auc:.3f})",
+        )
     ax.plot([floor, 1.0], [floor, 1.0], color="gray", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -621,9 +627,10 @@ def plot_relearning_curves(
     fig = _new_figure(5.0 * len(kinds), 4.0)
     axes = fig.subplots(1, len(kinds), squeeze=False)[0]
     for ax, kind in zip(axes, kinds, strict=True):
-        for name, by_kind in curves.items():
+        for index, (name, by_kind) in enumerate(curves.items()):
             values = [float(v) for v in by_kind[kind]]
-            ax.plot(range(len(values)), values, marker=".", label=name)
+            style = "-" if index < 10 else "--"  # matplotlib's colour cycle repeats after 10
+            ax.plot(range(len(values)), values, marker=".", linestyle=style, label=name)
         ax.set_xlabel(f"relearning steps ({kind})")
         ax.set_ylabel("forget accuracy %")
         ax.grid(True, alpha=0.3)
