@@ -13,8 +13,8 @@ def test_audit_tiny_writes_its_tables_and_resumes_without_work(experiment, tmp_p
     result = experiment("audit.py", "audit_digits.py:tiny", workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
-    assert set(results["audit"]) == {"Original", "Retrain", "SalUn", "SSD"}
-    assert set(results["sequential"]) == {"Retrain", "SalUn", "SSD"}
+    assert set(results["audit"]) == {"Original", "Retrain", "SalUn"}
+    assert set(results["sequential"]) == {"Retrain", "SalUn"}
     for row in results["audit"].values():
         for key in ("ulira_auc", "ulira_tpr_at_1pct_fpr", "ulira_tpr_at_0.1pct_fpr"):
             assert 0.0 <= row[key] <= 1.0
@@ -32,12 +32,12 @@ def test_audit_tiny_writes_its_tables_and_resumes_without_work(experiment, tmp_p
     for plot in ("roc.png", "relearning.png"):
         assert (workdir / "plots" / plot).exists()
     first = json.loads((workdir / "run.json").read_text())
-    assert len(first["computed"]) == 4 + 3 and first["reused"] == []
+    assert len(first["computed"]) == 3 + 2 and first["reused"] == []
     # A rerun reuses every stage: nothing trained, the same numbers.
     again = experiment("audit.py", "audit_digits.py:tiny", workdir)
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads((workdir / "run.json").read_text())
-    assert rerun["computed"] == [] and len(rerun["reused"]) == 7
+    assert rerun["computed"] == [] and len(rerun["reused"]) == 5
     assert json.loads((workdir / "results.json").read_text())["audit"] == results["audit"]
     assert "epoch" not in again.stderr  # no training loop ran
 
