@@ -20,10 +20,12 @@ def test_audit_tiny_writes_its_tables_and_resumes_without_work(experiment, tmp_p
             assert 0.0 <= row[key] <= 1.0
         for key in ("mia", "klom_mean", "l2_original", "l2_retrain", "loss_barrier"):
             assert key in row
+        assert 0.0 <= row["tug_of_war"] <= 1.0
         assert len(row["relearn_retain_curve"]) == 3  # before and after each of 2 steps
     # Retrain against Retrain: chance, within the tiny run's sampling error (60 positives).
     assert abs(results["audit"]["Retrain"]["ulira_auc"] - 0.5) < 0.15
     assert results["audit"]["Retrain"]["l2_retrain"] == 0.0
+    assert results["audit"]["Retrain"]["tug_of_war"] > 0.8  # two Retrain populations agree
     assert results["audit"]["Original"]["l2_original"] == 0.0
     requests = results["sequential"]["SalUn"]["requests"]
     assert [r["request"] for r in requests] == [0, 1] and requests[1]["UA_earlier"] is not None

@@ -12,6 +12,9 @@ unseen. These ask it per example, against many retrained models:
   - KLoM (Georgiev et al., "Attribute-to-Delete: Machine Unlearning via Datamodel Matching",
     2024): for each example, the KL divergence between the distribution of its margin over
     unlearned models and over retrained models (binned). 0 when the two agree.
+  - Tug of War (Zhao et al., "What makes unlearning hard and what to do about it", NeurIPS
+    2024): the product over forget, retain and test data of 1 - |accuracy difference| to
+    Retrain. 1 when the unlearned model's accuracies are Retrain's.
   - Weight space: the L2 distance between models and the loss barrier along the line between
     them (linear mode connectivity).
 
@@ -239,3 +242,18 @@ def loss_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float:
         raise ValueError("loss_barrier: alphas must include 0 and 1 (the two models)")
     start, end = losses[alphas == 0.0][0], losses[alphas == 1.0][0]
     return float(np.max(losses - ((1.0 - alphas) * start + alphas * end)))
+
+
+def tug_of_war(accuracies: Sequence[float], reference: Sequence[float]) -> float:
+    """Tug of War: prod_i (1 - |a_i - r_i| / 100) over the (forget, retain, test) accuracies in
+    percent of an unlearned model (`accuracies`) and of Retrain (`reference`). In [0, 1]; 1 means
+    Retrain's accuracies on all three sets."""
+    a = np.asarray(accuracies, np.float64)
+    r = np.asarray(reference, np.float64)
+    if a.shape != (3,) or r.shape != (3,):
+        raise ValueError(
+            f"tug_of_war: (forget, retain, test) accuracies, got shapes {a.shape} and {r.shape}"
+        )
+    if np.any((a < 0) | (a > 100) | (r < 0) | (r > 100)) or not np.all(np.isfinite(a + r)):
+        raise ValueError(f"tug_of_war: accuracies in percent, got {a.tolist()}, {r.tolist()}")
+    return float(np.prod(1.0 - np.abs(a - r) / 100.0))

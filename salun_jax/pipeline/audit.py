@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from salun_jax import auditing, population, report
+from salun_jax.evaluation.audit import tug_of_war
 from salun_jax.models import create_model
 from salun_jax.pipeline.classification import method_config
 from salun_jax.pipeline.common import (
@@ -382,6 +383,17 @@ def _row(run: _Run, models: _Populations, name: str) -> dict:
         values["reference_margins"] = auditing.margins_on(
             paired, images[pool], labels[pool], strategy
         )
+        paired_correct = (
+            np.argmax(population.population_logits(paired, images[pool], strategy=strategy), -1)
+            == labels[pool][None]
+        )
+        values["reference_accuracies"] = [  # Tug of War's reference: the paired Retrain
+            float(np.mean(100.0 * np.sum(paired_correct & held, 1) / np.sum(held, 1))),
+            float(
+                np.mean(auditing.member_accuracy(paired, images[retain], labels[retain], strategy))
+            ),
+            float(np.mean(auditing.member_accuracy(paired, test_images, test_labels, strategy))),
+        ]
     originals = models.originals()
     barrier_idx = _subset(retain, int(run.config.barrier.examples), run.seed + 7)
     values.update(
@@ -487,6 +499,10 @@ def _summaries(run: _Run, rows: dict) -> tuple[dict, dict]:
             entry[key] = float(np.mean(values[key]))
             entry[f"{key}_std"] = float(np.std(values[key]))
         entry["UA"] = 100.0 - entry["forget_accuracy"]
+        entry["tug_of_war"] = tug_of_war(
+            [entry[k] for k in ("forget_accuracy", "retain_accuracy", "test_accuracy")],
+            rows["Retrain"]["reference_accuracies"],
+        )
         for key in ("l2_original", "l2_retrain", "loss_barrier"):
             entry[key] = float(np.mean(values[key]))
         for kind, curve in relearning.items():
@@ -507,6 +523,7 @@ def audit_table(results: dict) -> str:
         "TPR@0.1%FPR",
         "pop. SVC MIA %",
         "KLoM",
+        "ToW",
         "UA %",
         "relearned FA % (retain / +forget)",
         "L2 to Original",
@@ -521,6 +538,7 @@ def audit_table(results: dict) -> str:
             f"{r['ulira_tpr_at_0.1pct_fpr']:.3f}",
             f(r["mia"]),
             f"{r['klom_mean']:.3f}",
+            f"{r['tug_of_war']:.3f}",
             f(r["UA"]),
             f"{f(r['relearned_forget_accuracy_retain'])} / "
             f"{f(r['relearned_forget_accuracy_retain+forget'])}",
