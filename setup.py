@@ -28,8 +28,9 @@ setup(
         "safetensors>=0.8.0",
         "regex",
     ],
-    # The oneDNN convolution handlers' source, compiled on first use (salun_jax.models.onednn).
-    package_data={"salun_jax.models": ["onednn_conv.cc"]},
+    # The oneDNN convolution handlers' source, compiled when the CPU wing is asked for oneDNN
+    # (salun_jax.cpu.onednn).
+    package_data={"salun_jax.cpu": ["onednn_conv.cc"]},
     extras_require={
         # Accelerators (README, Install): jax with its CUDA 12 plugin or libtpu at jax's version.
         # The pinned sets are requirements/cuda12.txt and requirements/tpu.txt.

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from salun_jax import host_memory
+from salun_jax.cpu import host_memory
 
 _NUM_CLASSES = 10
 
