@@ -38,7 +38,13 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2"],
         # experiments/bench_train.py --conv_impls times PyTorch's step beside ours when present.
         "bench": ["torch==2.13.0"],
-        # conv_impl="onednn": oneDNN 3.2's headers and library (x86-64 Linux wheels, 39 MB).
-        "onednn": ["onednn-devel-cpu-gomp==2023.2.0"],
+        # The CPU wing's oneDNN convolutions (salun_jax.cpu.enable(conv="onednn")): oneDNN 3.2's
+        # headers and library (x86-64 Linux wheels, 39 MB; pinned in requirements/cpu-onednn.txt).
+        # Nothing is compiled at install: the handlers are built once when enabled.
+        "cpu-onednn": [
+            "onednn-devel-cpu-gomp==2023.2.0;"
+            ' sys_platform == "linux" and platform_machine == "x86_64"',
+            'onednn-cpu-gomp==2023.2.0; sys_platform == "linux" and platform_machine == "x86_64"',
+        ],
     },
 )
