@@ -1,5 +1,10 @@
 """oneDNN convolutions through the XLA FFI (salun_jax.cpu.onednn, `enable(conv="onednn")`)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import chex
 import flax.linen as nn
 import jax
@@ -13,6 +18,7 @@ from salun_jax.models import create_model
 from salun_jax.optim import make_sgd
 from salun_jax.step import create_train_state, make_step
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where oneDNN is installed (pip install -e ".[cpu-onednn]", x86-64 Linux); elsewhere they skip.
 needs_onednn = pytest.mark.skipif(
     not onednn.available(), reason=f"oneDNN convolutions unavailable: {onednn.unavailable_reason()}"
@@ -143,6 +149,8 @@ def test_missing_onednn_is_a_clear_error(monkeypatch, tmp_path):
     layer = onednn.Conv(4, (3, 3))
     with pytest.raises(RuntimeError, match=r"oneDNN convolutions cannot run here: oneDNN not"):
         layer.init(jax.random.key(0), jnp.ones((1, 6, 6, 3)))
+    with pytest.raises(RuntimeError, match="oneDNN convolutions cannot run here: oneDNN not"):
+        onednn.load()
     with pytest.raises(RuntimeError, match="oneDNN convolutions cannot run here"):
         onednn.forward(jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 4)), (1, 1), ((1, 1),) * 2)
 
@@ -159,3 +167,25 @@ def test_build_is_cached_and_compiler_errors_are_reported(monkeypatch, tmp_path)
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.raises(FileNotFoundError, match="no C\\+\\+ compiler"):
         onednn._build(str(tmp_path))
+
+
+@needs_onednn
+def test_enable_loads_onednn_without_starting_the_backend():
+    # Multi-process scripts initialise jax.distributed after the CPU options: enable() must not
+    # start JAX's backend, even when it builds and registers oneDNN's handlers.
+    script = (
+        "import json, salun_jax.cpu as cpu\n"
+        "from jax._src import xla_bridge\n"
+        "from salun_jax.cpu import onednn\n"
+        "from salun_jax.models import default_conv\n"
+        "settings = cpu.enable(conv='onednn')\n"
+        "print(json.dumps([settings['conv'], xla_bridge.backends_are_initialized(),\n"
+        "                  default_conv() is onednn.Conv]))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["onednn", False, True]

@@ -167,17 +167,20 @@ def unavailable_reason() -> str:
 
 
 def load() -> None:
-    """Builds (once, cached on disk), loads and registers the handlers.
+    """Builds (once, cached on disk), loads and registers the handlers, without starting JAX's
+    backend (a multi-process run initialises `jax.distributed` after the scripts' setup).
 
     Raises:
       RuntimeError: oneDNN convolutions cannot run here; the message says what is missing.
     """
-    if not available():
-        raise RuntimeError(f"oneDNN convolutions cannot run here: {unavailable_reason()}")
+    ok, reason = _load()
+    if not ok:
+        raise RuntimeError(f"oneDNN convolutions cannot run here: {reason}")
 
 
 def _call(name, result_shape, a, b, strides, padding):
-    load()  # builds and registers the handlers on first use
+    if not available():  # builds and registers the handlers on first use
+        raise RuntimeError(f"oneDNN convolutions cannot run here: {unavailable_reason()}")
     (top, bottom), (left, right) = padding
     return jax.ffi.ffi_call(
         _TARGET_PREFIX + name,
