@@ -39,6 +39,10 @@ def test_every_conv_module_gives_the_same_parameters(name, image_shape):
         for label, module in _CONVS.items()
     }
     assert shapes["xla"] == shapes["nn.Conv"] and shapes["onednn"] == shapes["nn.Conv"]
+    # The same repr too: the pipelines fingerprint work by it, and it must not split on the
+    # convolution module (nor change from one process to the next).
+    reprs = {repr(create_model(name, 10, (0.5,), (0.25,), 0.25, m)) for m in _CONVS.values()}
+    assert len(reprs) == 1 and "0x" not in reprs.pop()
     if name == "small_cnn":
         assert {"Conv_0", "Conv_1", "Conv_2"} <= set(shapes["nn.Conv"]["params"])
 

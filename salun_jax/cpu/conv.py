@@ -89,5 +89,12 @@ def conv_general_dilated(lhs, rhs, *args, **kwargs) -> jax.Array:
     return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
 
-# A flax convolution module (a partial of nn.Conv: parameters and their names do not change).
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+class Conv(nn.Conv):
+    """`flax.linen.Conv` with its input materialised on the CPU backend: the same parameters,
+    names (`Conv_0`, ...) and model repr as `nn.Conv`, so checkpoints, masks and the pipelines'
+    fingerprints do not depend on it."""
+
+    def __post_init__(self):
+        if self.conv_general_dilated is None and self.conv_general_dilated_cls is None:
+            object.__setattr__(self, "conv_general_dilated", conv_general_dilated)
+        super().__post_init__()

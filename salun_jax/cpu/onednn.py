@@ -296,8 +296,16 @@ def conv_general_dilated(
     return conv2d(lhs, rhs, strides, pads)
 
 
-# A flax convolution module (a partial of nn.Conv: parameters and their names do not change).
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+class Conv(nn.Conv):
+    """`flax.linen.Conv` run by oneDNN (`conv_general_dilated`): the same parameters, names
+    (`Conv_0`, ...) and model repr as `nn.Conv`, so checkpoints, masks and the pipelines'
+    fingerprints do not depend on it. Traced on the CPU backend, it builds the handlers if
+    `load()` has not (and raises RuntimeError where oneDNN cannot run)."""
+
+    def __post_init__(self):
+        if self.conv_general_dilated is None and self.conv_general_dilated_cls is None:
+            object.__setattr__(self, "conv_general_dilated", conv_general_dilated)
+        super().__post_init__()
 
 
 if __name__ == "__main__":  # python -m salun_jax.cpu.onednn: build the handlers now
