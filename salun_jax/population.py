@@ -32,6 +32,7 @@ with the epoch, the step and the device index by the same code.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -46,7 +47,7 @@ from salun_jax.saliency import forget_loss_given_stats, gradient_saliency, mask_
 from salun_jax.step import TrainState, init_variables, make_step
 from salun_jax.train import TrainConfig, training_loss, training_optimizer
 from salun_jax.types import BatchesFn, PyTree
-from salun_jax.unlearn import SGD_METHODS, method_spec, sgd_methods
+from salun_jax.unlearn import SGD_METHODS, method_spec, sgd_methods, ssd
 from salun_jax.unlearn.boundary import drop_last_output, extend_head, wide_head_model
 from salun_jax.unlearn.common import (
     UnlearnConfig,
@@ -55,7 +56,11 @@ from salun_jax.unlearn.common import (
 )
 
 STRATEGIES = ("auto", "vmap", "map", "unroll")
-POPULATION_METHODS = SGD_METHODS  # every method declared by a `MethodSpec`
+# One-shot methods with a population version (no SGD: `population_unlearn` maps their update over
+# the members). IU is not here: its WoodFisher recursion is a Python loop of per-sample steps.
+ONE_SHOT_POPULATION_METHODS = ("SSD",)
+# Every method declared by a `MethodSpec`, and the one-shot ones above.
+POPULATION_METHODS = (*SGD_METHODS, *ONE_SHOT_POPULATION_METHODS)
 
 
 class PopulationOutput(NamedTuple):
@@ -320,7 +325,7 @@ def unlearning_order_seed(seed: int) -> int:
 
 
 def _check_unlearn_inputs(method_name: str, seeds: list[int], num_members: int) -> None:
-    known = sgd_methods()
+    known = (*sgd_methods(), *ONE_SHOT_POPULATION_METHODS)
     if method_name not in known:  # registered later too (docs/README.md, a new method)
         raise ValueError(f"no population version of {method_name!r}; known: {', '.join(known)}")
     if len(seeds) != num_members:
@@ -344,10 +349,11 @@ def population_unlearn(
     checkpoint_every: int = 1,
 ) -> PopulationOutput:
     """Unlearns every member of a population with an SGD method (`POPULATION_METHODS`: FT, GA,
-    RL, l1-sparse, BS, BE, SalUn, SalUn-soft; IU is not SGD: `salun_jax.tuning` sweeps its step
-    size on one inverse-Hessian direction instead). BE's members keep the widened head during
-    the run (`epoch_end_fn` sees K+1 outputs) and lose the shadow output at the end unless
-    `config.remove_shadow_logit` is False.
+    RL, l1-sparse, BS, BE, SalUn, SalUn-soft, NegGrad+, SCRUB) or SSD (one-shot:
+    `population_ssd`, which takes no learning rates, epochs or work directory; IU is not here:
+    `salun_jax.tuning` sweeps its step size on one inverse-Hessian direction instead). BE's
+    members keep the widened head during the run (`epoch_end_fn` sees K+1 outputs) and lose the
+    shadow output at the end unless `config.remove_shadow_logit` is False.
 
     Member i equals `get_method(method_name)(member(states, i), task, config,
     jax.random.key(seeds[i]), mask=<its mask>, order_seed=order_seed)` up to float rounding, by
@@ -379,6 +385,10 @@ def population_unlearn(
     seeds = [int(s) for s in seeds]
     num_members = int(states.step.shape[0])
     _check_unlearn_inputs(method_name, seeds, num_members)
+    if method_name in ONE_SHOT_POPULATION_METHODS:
+        if learning_rates is not None or epoch_end_fn is not None:
+            raise ValueError(f"{method_name} is one-shot: no learning rates or epochs")
+        return population_ssd(states, task, config, seeds, mask, strategy=strategy)
     spec = method_spec(method_name, task, config)  # the single run's declaration
     spec.check_mask(mask)
     spec.check_config(config)
@@ -421,6 +431,72 @@ def population_unlearn(
         )
         out = out._replace(state=narrow)
     return out
+
+
+def population_ssd(
+    states: TrainState,
+    task: UnlearnTask,
+    config: UnlearnConfig,
+    seeds: Sequence[int],
+    mask: PyTree | None = None,
+    *,
+    strategy: str = "auto",
+) -> PopulationOutput:
+    """SSD on every member in one compiled program per pass: each member's importances are the
+    squared gradients of its own batch-mean CE (the gradient of the members' summed losses with
+    respect to the stacked params is each member's own), then `ssd.ssd_update` on the stacked
+    params (elementwise).
+
+    Member i equals `selective_synaptic_dampening(member(states, i), task, config,
+    jax.random.key(seeds[i]), mask=<its mask>)` up to float rounding: the same batches, and its
+    augmentation keyed as there, fold_in(<half of its key>, batch number).
+
+    References: Foster et al., AAAI 2024 (`salun_jax.unlearn.ssd`).
+    """
+    start = time.perf_counter()
+    num_members = int(states.step.shape[0])
+    halves = jax.vmap(jax.random.split)(_keys(seeds))  # [N, 2]: each single run's two keys
+    loss_fn = _members_mean_ce_loss(
+        states.apply_fn, config.crop_padding, config.flip, resolve_strategy(strategy)
+    )
+
+    def members_importance(indices, keys):
+        batches = ssd.importance_batches(task, indices, config.batch_size)
+        context = (states.batch_stats, keys)
+        return ssd.mean_squared_gradients(loss_fn, states.params, batches, keys[0], context)
+
+    forget_importance = members_importance(task.forget, halves[:, 0])
+    train_importance = members_importance(ssd.train_indices(task), halves[:, 1])
+    masks = None if mask is None else _member_masks(mask, states.params, num_members)
+    params = ssd.ssd_update(
+        states.params,
+        forget_importance,
+        train_importance,
+        config.ssd_alpha,
+        config.ssd_lambda,
+        masks,
+    )
+    params = jax.block_until_ready(params)
+    # One-shot, as the single run: compilation is not separated from the run.
+    return PopulationOutput(states.replace(params=params), [], 0.0, time.perf_counter() - start)
+
+
+@functools.cache
+def _members_mean_ce_loss(apply_fn, crop_padding: int, flip: bool, strategy: str):
+    """SSD's batch-mean CE (`ssd.mean_ce_loss`) of every member, summed; member i's augmentation
+    key is fold_in(keys[i], batch number), as `accumulate_gradients` keys a single model's."""
+    one = ssd.mean_ce_loss(apply_fn, crop_padding, flip)
+
+    def loss_fn(params, batch, rng, context):
+        del rng  # each member's own key comes in the context
+        batch_stats, keys = context
+
+        def member_loss(p, s, key):
+            return one(p, batch, jax.random.fold_in(key, batch["index"]), s)
+
+        return jnp.sum(map_members(member_loss, strategy, params, batch_stats, keys))
+
+    return loss_fn
 
 
 def population_logits(

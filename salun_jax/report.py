@@ -557,3 +557,84 @@ def plot_gaps(
     if title:
         ax.set_title(title)
     return _save_png(fig, path)
+
+
+def plot_roc_curves(
+    scores: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> pathlib.Path:
+    """ROC curves of attacks on log-log axes (the low-FPR regime of LiRA papers); writes a PNG.
+
+    Args:
+      scores: `{name: (positive scores, negative scores)}` (NaN dropped; higher = positive).
+      path: PNG destination (parents created).
+      title: optional figure title.
+
+    Returns:
+      The path written.
+    """
+    from salun_jax.evaluation.audit import attack_metrics, roc_curve
+
+    if not scores:
+        raise ValueError("scores is empty.")
+    fig = _new_figure(6.0, 5.0)
+    ax = fig.add_subplot()
+    floor = 1e-4
+    for index, (name, (positive, negative)) in enumerate(scores.items()):
+        fpr, tpr = roc_curve(positive, negative)
+        auc = attack_metrics(positive, negative)["auc"]
+        style = "-" if index < 10 else "--"  # matplotlib's colour cycle repeats after 10
+        ax.plot(
+            np.maximum(fpr, floor),
+            np.maximum(tpr, floor),
+            linestyle=style,
+            label=f"{name} (AUC {auc:.3f})",
+        )
+    ax.plot([floor, 1.0], [floor, 1.0], color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6)
+    if title:
+        ax.set_title(title)
+    return _save_png(fig, path)
+
+
+def plot_relearning_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> pathlib.Path:
+    """Forget accuracy (%) against relearning steps, one panel per kind of attack data.
+
+    Args:
+      curves: `{name: {kind: [accuracy after 0, 1, ..., k steps]}}` (kinds: e.g. "retain",
+        "retain+forget"), every name with the same kinds.
+      path: PNG destination (parents created).
+      title: optional figure title.
+
+    Returns:
+      The path written.
+    """
+    if not curves:
+        raise ValueError("curves is empty.")
+    kinds = list(next(iter(curves.values())))
+    fig = _new_figure(5.0 * len(kinds), 4.0)
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    for ax, kind in zip(axes, kinds, strict=True):
+        for index, (name, by_kind) in enumerate(curves.items()):
+            values = [float(v) for v in by_kind[kind]]
+            style = "-" if index < 10 else "--"  # matplotlib's colour cycle repeats after 10
+            ax.plot(range(len(values)), values, marker=".", linestyle=style, label=name)
+        ax.set_xlabel(f"relearning steps ({kind})")
+        ax.set_ylabel("forget accuracy %")
+        ax.grid(True, alpha=0.3)
+    axes[-1].legend(fontsize=6)
+    if title:
+        fig.suptitle(title)
+    return _save_png(fig, path)

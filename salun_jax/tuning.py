@@ -3,9 +3,10 @@ population, and is selected on a validation split against Retrain (never on the 
 
 The protocol, per method and seed:
   1. A grid of `learning_rates` x one other key knob (`KNOBS`: the number of epochs, the l1
-     coefficient, SalUn's mask fraction, SalUn-soft's soft-mask ratio or IU's number of
-     WoodFisher samples). Every method's grid has the same number of points: the budget
-     (`check_budget`). IU has no learning rate: its one-shot step size alpha takes that axis.
+     coefficient, SalUn's mask fraction, SalUn-soft's soft-mask ratio, IU's number of
+     WoodFisher samples, NegGrad+'s beta or SSD's selection weighting alpha). Every method's grid
+     has the same number of points: the budget (`check_budget`). The one-shot methods have no
+     learning rate: IU's step size alpha and SSD's dampening constant lambda take that axis.
   2. The learning rates are the members of one population (`population.population_unlearn`,
      per-member learning rates in the optimizer state, one compile). The knob is covered by
      evaluating the members after each epoch count in the grid (epochs: one run of the largest
@@ -14,7 +15,8 @@ The protocol, per method and seed:
      population per value (any other field of `UnlearnConfig`: `l1_coefficient`, `soft_mask_ratio`;
      both shape the whole run's schedule, so epoch snapshots would not be the shorter runs).
      IU is one-shot, theta + alpha * k: one direction k per sample count
-     (`influence.influence_direction`) serves all its step sizes. BE's members are scored
+     (`influence.influence_direction`) serves all its step sizes. SSD is one-shot too: one pair
+     of importances (`ssd.importances`) serves every (lambda, alpha). BE's members are scored
      with the shadow output dropped, as its runs end.
   3. Each setting is scored on the VALIDATION split, the train images held out of training
      (`Split.val`, restricted to the classes of the test split, so class-wise runs drop the
@@ -45,6 +47,7 @@ from salun_jax.data.splits import Split
 from salun_jax.evaluation.classification import evaluate_unlearning
 from salun_jax.step import TrainState
 from salun_jax.types import PyTree
+from salun_jax.unlearn import ssd
 from salun_jax.unlearn.boundary import drop_last_output
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnTask
 from salun_jax.unlearn.influence import influence_direction
@@ -61,6 +64,7 @@ KNOBS = {
     "SalUn-soft": "soft_mask_ratio",
     "NegGrad+": "neggrad_beta",
     "SCRUB": "epochs",
+    "SSD": "ssd_alpha",  # SSD's "learning rates" are its dampening constants lambda (ssd_lambda)
 }
 _INTEGER_KNOBS = ("epochs", "woodfisher_samples")
 SELECTION_KEYS = ("UA", "RA", "VA", "MIA")
@@ -214,6 +218,8 @@ def tune_method(
     rates = grid.learning_rates
     if method == "IU":
         _tune_iu(original, task, config, grid, seed, score_one)
+    elif method == "SSD":
+        _tune_ssd(original, task, config, grid, seed, score_one)
     elif grid.knob == "epochs":
         settings = [{"learning_rate": lr} for lr in rates]
         counts = sorted({int(v) for v in grid.values})
@@ -248,6 +254,22 @@ def _tune_iu(original, task, config, grid: TuningGrid, seed: int, score_one: Cal
         for alpha in grid.learning_rates:
             params = jax.tree.map(lambda p, d, a=alpha: p + a * d, original.params, k)
             setting = {"learning_rate": alpha, grid.knob: int(value)}
+            score_one(original.replace(params=params).variables, setting)
+
+
+def _tune_ssd(original, task, config, grid: TuningGrid, seed: int, score_one: Callable) -> None:
+    """SSD's grid: the importances once (they depend on neither knob), then every alpha with
+    every lambda (the grid's "learning rates"), as `selective_synaptic_dampening` with
+    key(seed)."""
+    forget_importance, train_importance = ssd.importances(
+        original, task, config, jax.random.key(seed)
+    )
+    for alpha in grid.values:
+        for lam in grid.learning_rates:
+            params = ssd.ssd_update(
+                original.params, forget_importance, train_importance, float(alpha), lam
+            )
+            setting = {"learning_rate": lam, grid.knob: float(alpha)}
             score_one(original.replace(params=params).variables, setting)
 
 

@@ -106,3 +106,16 @@ def test_weight_distance_and_loss_barrier():
         audit.loss_barrier([0.0, 0.5], [1.0, 2.0])
     with pytest.raises(ValueError, match="differ in structure"):
         audit.l2_distance(a, {"w": a["w"]})
+
+
+def test_tug_of_war_by_hand():
+    # (1 - 0.10) * (1 - 0.02) * (1 - 0.05) for accuracy gaps of 10, 2 and 5 points.
+    assert audit.tug_of_war([90.0, 98.0, 85.0], [100.0, 100.0, 90.0]) == pytest.approx(
+        0.9 * 0.98 * 0.95, abs=1e-12
+    )
+    assert audit.tug_of_war([12.5, 99.0, 90.0], [12.5, 99.0, 90.0]) == 1.0  # Retrain's own
+    assert audit.tug_of_war([0.0, 0.0, 0.0], [100.0, 50.0, 50.0]) == 0.0
+    with pytest.raises(ValueError, match="forget, retain, test"):
+        audit.tug_of_war([90.0, 98.0], [100.0, 100.0])
+    with pytest.raises(ValueError, match="in percent"):
+        audit.tug_of_war([0.9, 0.98, 1.5e2], [1.0, 1.0, 0.9])

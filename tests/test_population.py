@@ -166,6 +166,40 @@ def test_unlearn_population_matches_single_runs(setup, originals, method, strate
     chex.assert_shape(logits, (len(SEEDS), 5, task.num_classes))
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "map"])
+def test_ssd_population_matches_single_runs(setup, originals, strategy):
+    """SSD is one-shot: its population maps the importances and the dampening over the members,
+    each member's augmentation keyed as its single run (crop_padding=1 draws random crops)."""
+    *_, task = setup
+    config = UnlearnConfig(batch_size=64, crop_padding=1, flip=False, ssd_alpha=1.0, ssd_lambda=1.0)
+    mask = salun_mask(population.member(originals, 0), task, 0.5, batch_size=64)
+    for member_mask in (None, mask):
+        out = population.population_unlearn(
+            "SSD", originals, task, config, (7, 9), member_mask, strategy=strategy
+        )
+        for i, seed in enumerate((7, 9)):
+            alone = get_method("SSD")(
+                population.member(originals, i),
+                task,
+                config,
+                jax.random.key(seed),
+                mask=member_mask,
+            ).state
+            got = population.member(out.state, i)
+            chex.assert_trees_all_close(got.params, alone.params, **TOLERANCE)
+            # dampening really happened
+            assert not all(
+                np.allclose(a, b)
+                for a, b in zip(
+                    jax.tree.leaves(got.params),
+                    jax.tree.leaves(population.member(originals, i).params),
+                    strict=True,
+                )
+            )
+    with pytest.raises(ValueError, match="one-shot"):
+        population.population_unlearn("SSD", originals, task, config, (7, 9), learning_rates=(1, 2))
+
+
 def test_population_logits_shape_and_strategy(setup, originals):
     images = setup[0][:37]
     by_map = population.population_logits(originals, images, batch_size=16, strategy="map")

@@ -248,6 +248,31 @@ def test_tune_iu_sweeps_the_step_size_on_one_direction(digits_setup):
     chex.assert_trees_all_close(variables["params"], jax.device_get(single.params), atol=1e-5)
 
 
+def test_tune_ssd_sweeps_alpha_and_lambda_on_one_pair_of_importances(digits_setup):
+    task, original, val_split, predict_fn, reference = digits_setup
+    config = UnlearnConfig(batch_size=64, crop_padding=0, flip=False)
+    grid = tuning.make_grid("SSD", (0.5, 1.0), (1.0, 10.0))
+    summary, variables = tuning.tune_method(
+        "SSD", original, task, config, grid, reference, predict_fn, val_split, seed=5
+    )
+    assert [(p["learning_rate"], p["ssd_alpha"]) for p in summary["points"]] == [
+        (0.5, 1.0),
+        (1.0, 1.0),
+        (0.5, 10.0),
+        (1.0, 10.0),
+    ]
+    chosen = summary["chosen"]
+    single = get_method("SSD")(
+        original,
+        task,
+        dataclasses.replace(
+            config, ssd_lambda=chosen["learning_rate"], ssd_alpha=chosen["ssd_alpha"]
+        ),
+        jax.random.key(5),
+    ).state
+    chex.assert_trees_all_close(variables["params"], jax.device_get(single.params), atol=1e-6)
+
+
 def test_tune_be_scores_the_k_way_model(digits_setup):
     task, original, val_split, predict_fn, reference = digits_setup
     config = UnlearnConfig(epochs=1, learning_rate=0.01, batch_size=64, crop_padding=0, flip=False)

@@ -341,7 +341,7 @@ def test_rl_variants_both_run(setup, run):
 def test_each_sgd_method_is_one_declaration_for_single_runs_and_populations(setup):
     config = UnlearnConfig(**BASE)
     assert set(SGD_METHODS) == set(UNLEARNING) - set(ONE_SHOT)  # all but Retrain and one-shot
-    assert population.POPULATION_METHODS == SGD_METHODS
+    assert population.POPULATION_METHODS == (*SGD_METHODS, "SSD")  # SSD: one-shot, mapped
     forget, retain = set(setup.task.forget.tolist()), set(setup.task.retain.tolist())
     data_of = {"FT": [retain], "l1-sparse": [retain], "GA": [forget], "BS": [forget]}
     data_of |= {"BE": [forget], "SalUn-soft": [forget | retain], "RL": [forget | retain]}

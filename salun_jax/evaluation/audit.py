@@ -12,6 +12,9 @@ unseen. These ask it per example, against many retrained models:
   - KLoM (Georgiev et al., "Attribute-to-Delete: Machine Unlearning via Datamodel Matching",
     2024): for each example, the KL divergence between the distribution of its margin over
     unlearned models and over retrained models (binned). 0 when the two agree.
+  - Tug of War (Zhao et al., "What makes unlearning hard and what to do about it", NeurIPS
+    2024): the product over forget, retain and test data of 1 - |accuracy difference| to
+    Retrain. 1 when the unlearned model's accuracies are Retrain's.
   - Weight space: the L2 distance between models and the loss barrier along the line between
     them (linear mode connectivity).
 
@@ -106,11 +109,7 @@ def gaussian_log_ratio(
     return log_density(scores, mean_in, std_in) - log_density(scores, mean_out, std_out)
 
 
-def attack_metrics(
-    positive: np.ndarray, negative: np.ndarray, fprs: Sequence[float] = LOW_FPRS
-) -> dict[str, float]:
-    """AUC and the TPR at each FPR in `fprs` (the largest TPR whose FPR does not exceed it) of
-    an attack whose scores are higher for `positive` cases; NaN scores are dropped."""
+def _scores_of_both_kinds(positive, negative) -> tuple[np.ndarray, np.ndarray]:
     positive = np.asarray(positive, np.float64).ravel()
     negative = np.asarray(negative, np.float64).ravel()
     positive, negative = positive[~np.isnan(positive)], negative[~np.isnan(negative)]
@@ -120,13 +119,44 @@ def attack_metrics(
             f"{len(negative)} negative"
         )
     truth = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
-    scores = np.concatenate([positive, negative])
+    return truth, np.concatenate([positive, negative])
+
+
+def roc_curve(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of an attack whose scores are higher for `positive` cases (NaN dropped)."""
+    truth, scores = _scores_of_both_kinds(positive, negative)
+    fpr, tpr, _ = metrics.roc_curve(truth, scores)
+    return fpr, tpr
+
+
+def attack_metrics(
+    positive: np.ndarray, negative: np.ndarray, fprs: Sequence[float] = LOW_FPRS
+) -> dict[str, float]:
+    """AUC and the TPR at each FPR in `fprs` (the largest TPR whose FPR does not exceed it) of
+    an attack whose scores are higher for `positive` cases; NaN scores are dropped."""
+    truth, scores = _scores_of_both_kinds(positive, negative)
     fpr, tpr, _ = metrics.roc_curve(truth, scores)
     out = {"auc": float(metrics.roc_auc_score(truth, scores))}
     for target in fprs:
         out[f"tpr_at_{target:g}_fpr"] = float(np.max(tpr[fpr <= target]))
-    out["num_positive"], out["num_negative"] = len(positive), len(negative)
+    out["num_positive"], out["num_negative"] = int(truth.sum()), int(len(truth) - truth.sum())
     return out
+
+
+def ulira_scores(
+    unlearned_targets: np.ndarray,
+    retrained_targets: np.ndarray,
+    unlearned_shadows: np.ndarray,
+    retrained_shadows: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """U-LiRA's attack scores (`ulira`'s arguments): (positive, negative), the
+    `gaussian_log_ratio` of the unlearned and of the retrained targets, [T_u, E] and [T_r, E]."""
+    examples = np.shape(unlearned_targets)[-1]
+    unlearned_shadows = _check_models_by_examples("unlearned_shadows", unlearned_shadows, examples)
+    retrained_shadows = _check_models_by_examples("retrained_shadows", retrained_shadows, examples)
+    positive = gaussian_log_ratio(unlearned_targets, unlearned_shadows, retrained_shadows)
+    negative = gaussian_log_ratio(retrained_targets, unlearned_shadows, retrained_shadows)
+    return positive, negative
 
 
 def ulira(
@@ -143,11 +173,9 @@ def ulira(
     model does not count for the example. Targets and shadows are different models. Scores are
     `gaussian_log_ratio` of each target against the shadows; the attack's positives are the
     unlearned targets. Returns `attack_metrics`: AUC 0.5 and TPR = FPR at chance."""
-    examples = np.shape(unlearned_targets)[-1]
-    unlearned_shadows = _check_models_by_examples("unlearned_shadows", unlearned_shadows, examples)
-    retrained_shadows = _check_models_by_examples("retrained_shadows", retrained_shadows, examples)
-    positive = gaussian_log_ratio(unlearned_targets, unlearned_shadows, retrained_shadows)
-    negative = gaussian_log_ratio(retrained_targets, unlearned_shadows, retrained_shadows)
+    positive, negative = ulira_scores(
+        unlearned_targets, retrained_targets, unlearned_shadows, retrained_shadows
+    )
     return attack_metrics(positive, negative, fprs)
 
 
@@ -214,3 +242,18 @@ def loss_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float:
         raise ValueError("loss_barrier: alphas must include 0 and 1 (the two models)")
     start, end = losses[alphas == 0.0][0], losses[alphas == 1.0][0]
     return float(np.max(losses - ((1.0 - alphas) * start + alphas * end)))
+
+
+def tug_of_war(accuracies: Sequence[float], reference: Sequence[float]) -> float:
+    """Tug of War: prod_i (1 - |a_i - r_i| / 100) over the (forget, retain, test) accuracies in
+    percent of an unlearned model (`accuracies`) and of Retrain (`reference`). In [0, 1]; 1 means
+    Retrain's accuracies on all three sets."""
+    a = np.asarray(accuracies, np.float64)
+    r = np.asarray(reference, np.float64)
+    if a.shape != (3,) or r.shape != (3,):
+        raise ValueError(
+            f"tug_of_war: (forget, retain, test) accuracies, got shapes {a.shape} and {r.shape}"
+        )
+    if np.any((a < 0) | (a > 100) | (r < 0) | (r > 100)) or not np.all(np.isfinite(a + r)):
+        raise ValueError(f"tug_of_war: accuracies in percent, got {a.tolist()}, {r.tolist()}")
+    return float(np.prod(1.0 - np.abs(a - r) / 100.0))

@@ -27,7 +27,7 @@ from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask
 
 
 @functools.cache
-def _mean_ce_loss(apply_fn, crop_padding: int, flip: bool):
+def mean_ce_loss(apply_fn, crop_padding: int, flip: bool):
     """The batch-mean CE in eval mode; the BatchNorm statistics are an argument (one compiled
     program for every model of this shape)."""
 
@@ -38,17 +38,42 @@ def _mean_ce_loss(apply_fn, crop_padding: int, flip: bool):
     return loss_fn
 
 
+def importance_batches(task: UnlearnTask, indices: np.ndarray, batch_size: int) -> dict:
+    """`indices` in order, cut into `batch_size` batches (the last one padded), each with its
+    batch number `index` (a population keys each member's augmentation with it)."""
+    arrays = {"image": task.images, "label": task.labels}
+    batches = gather_batches(arrays, np.asarray(indices), batch_size)
+    batches["index"] = np.arange(batches["label"].shape[0], dtype=np.int32)
+    return batches
+
+
+def mean_squared_gradients(loss_fn, params: PyTree, batches: dict, rng, context) -> PyTree:
+    """The mean over `batches` of the elementwise squared gradient of `loss_fn`."""
+    total = accumulate_gradients(loss_fn, params, batches, rng, context=context, square=True)
+    num_batches = batches["label"].shape[0]
+    return jax.tree.map(lambda x: x / num_batches, total)
+
+
 def importance(state, task: UnlearnTask, indices: np.ndarray, config: UnlearnConfig, rng) -> PyTree:
     """The mean over `config.batch_size` batches of `indices` (in order, the last one padded) of
     the squared gradient of the batch-mean CE at `state`: SSD's importance, params-shaped."""
-    arrays = {"image": task.images, "label": task.labels}
-    batches = gather_batches(arrays, np.asarray(indices), config.batch_size)
-    loss_fn = _mean_ce_loss(state.apply_fn, config.crop_padding, config.flip)
-    total = accumulate_gradients(
-        loss_fn, state.params, batches, rng, context=state.batch_stats, square=True
-    )
-    num_batches = batches["label"].shape[0]
-    return jax.tree.map(lambda x: x / num_batches, total)
+    batches = importance_batches(task, indices, config.batch_size)
+    loss_fn = mean_ce_loss(state.apply_fn, config.crop_padding, config.flip)
+    return mean_squared_gradients(loss_fn, state.params, batches, rng, state.batch_stats)
+
+
+def train_indices(task: UnlearnTask) -> np.ndarray:
+    """SSD's D: the whole train set, forget and retain, in index order."""
+    return np.sort(np.concatenate([task.forget, task.retain]))
+
+
+def importances(state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array):
+    """(I_f, I_D): the importances on the forget set and on the train set, with the two halves
+    of `rng`. They do not depend on alpha or lambda: one pair serves a whole tuning grid."""
+    forget_rng, train_rng = jax.random.split(rng)
+    forget_importance = importance(state, task, task.forget, config, forget_rng)
+    train_importance = importance(state, task, train_indices(task), config, train_rng)
+    return forget_importance, train_importance
 
 
 def dampen(params: PyTree, forget_importance: PyTree, train_importance: PyTree, alpha, lam):
@@ -62,6 +87,14 @@ def dampen(params: PyTree, forget_importance: PyTree, train_importance: PyTree, 
     return jax.tree.map(leaf, params, forget_importance, train_importance)
 
 
+def ssd_update(params, forget_importance, train_importance, alpha, lam, mask=None) -> PyTree:
+    """`dampen`, then, with a 0/1 `mask`, the old value wherever the mask is 0."""
+    new = dampen(params, forget_importance, train_importance, alpha, lam)
+    if mask is None:
+        return new
+    return jax.tree.map(lambda n, old, m: jnp.where(m > 0, n, old), new, params, mask)
+
+
 def selective_synaptic_dampening(
     state, task: UnlearnTask, config: UnlearnConfig, rng: jax.Array, mask=None, **run_options
 ) -> UnlearnOutput:
@@ -72,17 +105,15 @@ def selective_synaptic_dampening(
     if mask is not None:
         check_mask(mask, state.params)
     start = time.perf_counter()
-    forget_rng, train_rng = jax.random.split(rng)
-    forget_importance = importance(state, task, task.forget, config, forget_rng)
-    train = np.sort(np.concatenate([task.forget, task.retain]))
-    train_importance = importance(state, task, train, config, train_rng)
-    params = dampen(
-        state.params, forget_importance, train_importance, config.ssd_alpha, config.ssd_lambda
+    forget_importance, train_importance = importances(state, task, config, rng)
+    params = ssd_update(
+        state.params,
+        forget_importance,
+        train_importance,
+        config.ssd_alpha,
+        config.ssd_lambda,
+        mask,
     )
-    if mask is not None:
-        params = jax.tree.map(
-            lambda new, old, m: jnp.where(m > 0, new, old), params, state.params, mask
-        )
     params = jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     # One-shot: compilation is not separated from the run here (reported as run time).
