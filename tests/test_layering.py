@@ -86,7 +86,7 @@ subprocess.Popen.__init__ = _recording_init
 
 import numpy as np
 import salun_jax as sj
-from salun_jax.pipeline import classification, cli, diffusion, forgetting_quality, sd  # noqa
+from salun_jax.pipeline import audit, classification, cli, diffusion, forgetting_quality, sd  # noqa
 
 data = sj.load_dataset("digits")
 split = sj.make_split(data.train_labels, data.test_labels, forget_fraction=0.1, seed=1)
