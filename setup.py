@@ -28,8 +28,9 @@ setup(
         "safetensors>=0.8.0",
         "regex",
     ],
-    # The oneDNN convolution handlers' source, compiled on first use (salun_jax.models.onednn).
-    package_data={"salun_jax.models": ["onednn_conv.cc"]},
+    # The oneDNN convolution handlers' source, compiled when the CPU wing is asked for oneDNN
+    # (salun_jax.cpu.onednn).
+    package_data={"salun_jax.cpu": ["onednn_conv.cc"]},
     extras_require={
         # Accelerators (README, Install): jax with its CUDA 12 plugin or libtpu at jax's version.
         # The pinned sets are requirements/cuda12.txt and requirements/tpu.txt.
@@ -37,7 +38,13 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2"],
         # experiments/bench_train.py --conv_impls times PyTorch's step beside ours when present.
         "bench": ["torch==2.13.0"],
-        # conv_impl="onednn": oneDNN 3.2's headers and library (x86-64 Linux wheels, 39 MB).
-        "onednn": ["onednn-devel-cpu-gomp==2023.2.0"],
+        # The CPU wing's oneDNN convolutions (salun_jax.cpu.enable(conv="onednn")): oneDNN 3.2's
+        # headers and library (x86-64 Linux wheels, 39 MB; pinned in requirements/cpu-onednn.txt).
+        # Nothing is compiled at install: the handlers are built once when enabled.
+        "cpu-onednn": [
+            "onednn-devel-cpu-gomp==2023.2.0;"
+            ' sys_platform == "linux" and platform_machine == "x86_64"',
+            'onednn-cpu-gomp==2023.2.0; sys_platform == "linux" and platform_machine == "x86_64"',
+        ],
     },
 )

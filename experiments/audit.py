@@ -9,7 +9,8 @@ plots/roc.png, plots/relearning.png and run.json in --workdir; stages are stored
 rerun reuses those whose settings, data and code match.
 """
 
+from salun_jax import cpu
 from salun_jax.pipeline import audit, cli
 
 if __name__ == "__main__":
-    cli.run_pipeline(audit.run)
+    cli.run_pipeline(audit.run, setup=cpu.enable)

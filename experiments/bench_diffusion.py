@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from salun_jax import host_memory
+from salun_jax import cpu
 from salun_jax.diffusion import linear_schedule
 from salun_jax.evaluation.generation import generate_samples
 from salun_jax.losses import denoising_loss
@@ -181,7 +181,7 @@ def bench_sampling(name: str, model: UNet, params, batch_size: int, num_steps: i
 
 def main(argv):
     del argv
-    host_memory.keep_freed_host_memory()  # before JAX starts its backend
+    cpu.enable()  # the scripts' CPU options, before JAX starts its backend
     quick = _QUICK.value
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.local_device_count()}, jax {jax.__version__}"

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from salun_jax import host_memory, population
+from salun_jax import cpu, population
 from salun_jax.data import load_dataset
 from salun_jax.models import create_model
 from salun_jax.train import TrainConfig
@@ -65,7 +65,7 @@ def _time(data, indices, model, config, members: int, strategy: str) -> dict:
 
 def main(argv):
     del argv
-    host_memory.keep_freed_host_memory()  # before JAX starts its backend
+    cpu.enable()  # the scripts' CPU options, before JAX starts its backend
     data = load_dataset("digits")
     model = create_model("small_cnn", data.num_classes, data.mean, data.std, 0.5)
     config = TrainConfig(

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from salun_jax import host_memory, saliency
+from salun_jax import cpu, saliency
 from salun_jax.data.batches import gather_batches
 from salun_jax.losses import classification_forget_loss
 from salun_jax.models import create_model
@@ -92,7 +92,7 @@ def run(model_name, width, forget, batch_size, image_size, channels, repeats) ->
 
 def main(argv):
     del argv
-    host_memory.keep_freed_host_memory()  # before JAX starts its backend
+    cpu.enable()  # the scripts' CPU options, before JAX starts its backend
     result = run(
         _MODEL.value,
         _WIDTH.value,

@@ -17,11 +17,12 @@ device busy: throughput >= 90% of the bare step's and no compilation after the w
 one ahead-of-time compile of each call. `--strict` exits 1 when a model fails. `--quick` runs a
 tiny SmallCNN on 8x8 images in seconds (the test's configuration).
 
-`--conv_impls=xla,onednn,auto` instead times the bare step of each convolution setting
-(salun_jax.models.conv) and, when torch is importable (`pip install -e .[bench]`), the same ResNet
-in PyTorch (`torch_twin.py`, NCHW and channels_last, in a process of its own), rotating the order
-each round, and prints the per-layer choice of "auto". `--epoch_dataset=<zip>` adds whole
-`loop.run` epochs per setting. Judge ratios on a quiet machine: under load they move by 30%.
+`--conv_impls=xla,onednn` instead times the bare step with each of the CPU wing's convolution
+modules (salun_jax.cpu; `flax` is plain `nn.Conv`, the library without the wing) and, when torch
+is importable (`pip install -e .[bench]`), the same ResNet in PyTorch (`torch_twin.py`, NCHW and
+channels_last, in a process of its own), rotating the order each round. `--epoch_dataset=<zip>`
+adds whole `loop.run` epochs per setting. Judge ratios on a quiet machine: under load they move
+by 30%.
 
 Measurements, with their commands, machines and dates: docs/benchmarks.md, section 4.
 """
@@ -35,18 +36,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch_twin  # experiments/: the same ResNet in PyTorch
 from absl import app, flags
 
-from salun_jax import host_memory, loop
+from salun_jax import cpu, loop
 from salun_jax.data.batches import index_batches
 from salun_jax.losses import classification_loss
-from salun_jax.models import conv as conv_lib
 from salun_jax.models import create_model
 from salun_jax.optim import make_sgd
 from salun_jax.step import create_train_state, make_step
@@ -77,12 +77,10 @@ _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the results as JSO
 _CONV_IMPLS = flags.DEFINE_list(
     "conv_impls",
     [],
-    "Compare the bare train step with these conv_impl settings (xla, custom, auto, plain, "
-    "onednn; see salun_jax.models.conv) and, when torch is importable, PyTorch's step (NCHW and "
-    "channels_last), interleaved; prints the per-layer choice table. Replaces the loop check. "
-    "Steps compile with the library's CPU options (salun_jax.models.conv.compiler_options: "
-    "YNNPACK kept off convolutions); a setting with the suffix '+ynn' (e.g. xla+ynn) compiles "
-    "with XLA's defaults instead, YNNPACK on the convolutions.",
+    "Compare the bare train step with these convolution modules (xla, onednn: the CPU wing's, "
+    "salun_jax.cpu; flax: plain nn.Conv) and, when torch is importable, PyTorch's step (NCHW and "
+    "channels_last), interleaved. Replaces the loop check. The process runs with the wing's "
+    "options (salun_jax.cpu.enable: YNNPACK kept off convolutions, host memory kept).",
 )
 _TORCH = flags.DEFINE_bool("torch", True, "With --conv_impls: also time PyTorch if importable.")
 _EPOCH_DATASET = flags.DEFINE_string(
@@ -435,72 +433,19 @@ def run_benchmark() -> dict:
     return output
 
 
-# 6. Convolution formulations, PyTorch's step, whole epochs.
+# 6. Convolution modules, PyTorch's step, whole epochs.
+
+FLAX_CONV = "flax"  # plain nn.Conv: the models' default without the CPU wing
 
 
-def conv_layer_table(model, image_shape, batch_size: int) -> list[dict]:
-    """Per distinct conv shape of `model`: its layers, the plan "auto" uses and the candidates'
-    times (from the plan cache; empty until an "auto" step has been compiled)."""
-    rows: dict[str, dict] = {}
-    cache = conv_lib.plan_cache()
-    x = jnp.zeros((batch_size, *image_shape))
-    for name, shape in conv_lib.conv_layer_shapes(model, x):
-        row = rows.setdefault(shape.key(), {"shape": shape.key(), "layers": [], "first": False})
-        row["layers"].append(name)
-        row["first"] = row["first"] or shape.input_shape[-1] == image_shape[-1]
-        plan, times = cache.get(shape), cache.times(shape)
-        row["plan"] = None if plan is None else str(plan)
-        row["times"] = times
-        if plan is not None and times:
-            # The stem's input gradient is never computed (the images need none).
-            parts = ("forward", "weight_grad") if row["first"] else conv_lib.PLAN_PARTS
-            row["xla_s"] = sum(times[p]["xla"] for p in parts)
-            row["chosen_s"] = sum(times[p][getattr(plan, p)] for p in parts)
-    return list(rows.values())
-
-
-def format_layer_table(rows: list[dict]) -> str:
-    header = (
-        f"{'conv shape (B x H x W x C, kernel, out, stride, pad)':<52}{'n':>3}  "
-        f"{'auto plan fwd/dx/dw':<20}{'xla ms':>8}{'auto ms':>8}{'speedup':>8}"
-    )
-    lines = [header, "-" * len(header)]
-    total_xla = total_chosen = 0.0
-    for row in rows:
-        n = len(row["layers"])
-        if "xla_s" in row:
-            total_xla += n * row["xla_s"]
-            total_chosen += n * row["chosen_s"]
-            tail = (
-                f"{1e3 * row['xla_s']:>8.1f}{1e3 * row['chosen_s']:>8.1f}"
-                f"{row['xla_s'] / row['chosen_s']:>8.2f}"
-            )
-        else:
-            tail = "     (not timed)"
-        lines.append(f"{row['shape']:<52}{n:>3}  {row['plan'] or '-':<20}{tail}")
-    if total_chosen:
-        lines.append(
-            f"{'all conv layers (isolated fwd + dx + dw, x n)':<55}  {'':<20}"
-            f"{1e3 * total_xla:>8.1f}{1e3 * total_chosen:>8.1f}{total_xla / total_chosen:>8.2f}"
-        )
-    return "\n".join(lines)
-
-
-# The library compiles with `conv_lib.compiler_options()` (on CPU: YNNPACK kept off the
-# convolutions); a setting with this suffix compiles with XLA's defaults, for comparison.
-YNN_CONVS = "+ynn"
-
-
-def _split_setting(setting: str) -> tuple[str, dict]:
-    """ "xla" -> ("xla", the library's compiler options); "xla+ynn" -> ("xla", {}: XLA's
-    defaults, YNNPACK on the convolutions)."""
-    impl, ynn, rest = setting.partition(YNN_CONVS)
-    if rest or impl not in conv_lib.CONV_IMPLS:
-        raise ValueError(
-            f"unknown conv_impl setting {setting!r}; known: {', '.join(conv_lib.CONV_IMPLS)}, "
-            f"each optionally with {YNN_CONVS!r}"
-        )
-    return impl, ({} if ynn else conv_lib.compiler_options())
+def conv_setting(setting: str):
+    """The flax convolution module of a --conv_impls setting."""
+    if setting == FLAX_CONV:
+        return nn.Conv
+    if setting not in cpu.CONVS:
+        known = ", ".join((*cpu.CONVS, FLAX_CONV))
+        raise ValueError(f"unknown conv_impls setting {setting!r}; known: {known}")
+    return cpu.conv_module(setting)
 
 
 def bench_conv_impls(
@@ -514,26 +459,27 @@ def bench_conv_impls(
     image_shape: tuple[int, ...],
     with_torch: bool,
 ) -> dict:
-    """Bare train steps of `name` with each conv_impl (and PyTorch's, NCHW and channels_last,
-    when importable), `steps` steps each per round, in rotating order over `rounds` rounds."""
+    """Bare train steps of `name` with each convolution module (and PyTorch's, NCHW and
+    channels_last, when importable), `steps` steps each per round, in rotating order over
+    `rounds` rounds."""
     data = _synthetic_data(batch_size, image_shape)
     batch = {**data, "weight": np.ones(batch_size, np.float32)}
     device_batch = jax.device_put(batch)
     key = jax.random.key(1)
-    runners, compile_s, table = {}, {}, []
-    settings = {setting: _split_setting(setting) for setting in impls}  # bad names fail here
-    for setting, (impl, compiler_options) in settings.items():
+    runners, compile_s = {}, {}
+    convs = {setting: conv_setting(setting) for setting in impls}  # bad names fail here
+    for setting, conv in convs.items():
         model = create_model(
-            name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1], width, impl
+            name, _NUM_CLASSES, (0.5,) * image_shape[-1], (0.25,) * image_shape[-1], width, conv
         )
         state = create_train_state(
             model, jax.random.key(0), image_shape, make_sgd(0.01, momentum=0.9, weight_decay=5e-4)
         )
-        start = time.perf_counter()  # for "auto" this includes timing new layer shapes once
+        start = time.perf_counter()
         compiled = (
             jax.jit(make_step(classification_loss(), axis_name=None))
             .lower(state, device_batch, key)
-            .compile(compiler_options=compiler_options or None)
+            .compile()
         )
         compile_s[setting] = time.perf_counter() - start
         print(
@@ -548,8 +494,6 @@ def bench_conv_impls(
             jax.block_until_ready((out, metrics))
 
         runners[f"jax {setting}"] = run_jax
-        if setting == "auto":
-            table = conv_layer_table(model, image_shape, batch_size)
     torch_version, close_torch = None, lambda: None
     if with_torch:
         torch_version, torch_runners, close_torch = torch_twin.runners(name, width, batch)
@@ -589,7 +533,6 @@ def bench_conv_impls(
         "step_s_per_round": times,
         "images_per_s": rates,
         "ratios": ratios,
-        "layers": table,
         "load_average": os.getloadavg(),
     }
 
@@ -597,7 +540,7 @@ def bench_conv_impls(
 def bench_epochs(
     dataset_path: str, name: str, width: float, impls: list[str], per_class: int, rounds: int
 ) -> dict:
-    """Seconds of whole `loop.run` epochs (batch 128, no augmentation) per conv_impl, on the
+    """Seconds of whole `loop.run` epochs (batch 128, no augmentation) per setting, on the
     first `per_class` train images of each class of `dataset_path`, interleaved over rounds."""
     from salun_jax.data.sources import load_dataset  # noqa: PLC0415
 
@@ -610,10 +553,9 @@ def bench_epochs(
     batches_fn = index_batches(indices, 128)
     key = jax.random.key(1)
     states = {}
-    settings = {setting: _split_setting(setting) for setting in impls}
     for impl in impls:
         model = create_model(
-            name, dataset.num_classes, dataset.mean, dataset.std, width, settings[impl][0]
+            name, dataset.num_classes, dataset.mean, dataset.std, width, conv_setting(impl)
         )
         states[impl] = create_train_state(
             model,
@@ -626,19 +568,16 @@ def bench_epochs(
     for round_index in range(rounds):
         order = impls if round_index % 2 == 0 else impls[::-1]
         for impl in order:
-            # A "+ynn" setting: the library compiles with XLA's defaults (on the first round).
-            ynn = {conv_lib.YNN_CONVOLUTIONS_ENV_VAR: "1"} if YNN_CONVS in impl else {}
-            with mock.patch.dict(os.environ, ynn):
-                out = loop.run(
-                    states[impl],
-                    make_step(classification_loss()),
-                    data,
-                    batches_fn,
-                    num_epochs=1,
-                    key=key,
-                    seed=round_index,
-                    progress=False,
-                )
+            out = loop.run(
+                states[impl],
+                make_step(classification_loss()),
+                data,
+                batches_fn,
+                num_epochs=1,
+                key=key,
+                seed=round_index,
+                progress=False,
+            )
             seconds[impl].append(out.run_seconds)
             losses[impl].append(out.history[-1]["loss"])
             print(
@@ -692,9 +631,6 @@ def run_conv_comparison() -> dict:
             print(f"  {label:<22}{rate:>8.1f} img/s")
         for label, ratio in record["ratios"].items():
             print(f"  {label:<44}{ratio:>6.2f}x")
-        if record["layers"]:
-            print("\nper-layer choice of conv_impl=auto (isolated, jitted, medians):")
-            print(format_layer_table(record["layers"]))
         print(f"load average {record['load_average']}", flush=True)
     output = {"jax_version": jax.__version__, "conv_results": results}
     if _EPOCH_DATASET.value:
@@ -716,8 +652,8 @@ def run_conv_comparison() -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    kept = host_memory.keep_freed_host_memory()  # before JAX starts its backend
-    print(f"host memory kept between calls (salun_jax.host_memory): {kept}", flush=True)
+    options = cpu.enable()  # the scripts' CPU options, before JAX starts its backend
+    print(f"CPU options (salun_jax.cpu.enable): {options}", flush=True)
     if _QUICK.value:
         for name, value in _QUICK_VALUES.items():
             if not flags.FLAGS[name].present:

@@ -7,7 +7,8 @@ GA, sampling and evaluation, results.json and results.md).
 Re-running the same command resumes from the work directory.
 """
 
+from salun_jax import cpu
 from salun_jax.pipeline import cli, diffusion
 
 if __name__ == "__main__":
-    cli.run_pipeline(diffusion.train_and_evaluate)
+    cli.run_pipeline(diffusion.train_and_evaluate, setup=cpu.enable)

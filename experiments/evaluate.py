@@ -11,6 +11,7 @@ import json
 
 from absl import flags
 
+from salun_jax import cpu
 from salun_jax.pipeline import cli
 
 WORKDIR = flags.DEFINE_string("workdir", None, "The finished run's work directory.")
@@ -32,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, None)
+    cli.run(main, None, setup=cpu.enable)

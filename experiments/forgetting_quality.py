@@ -7,7 +7,8 @@
 Writes config.json, results.json (keyed by method), results.md, run.json and plots/ in --workdir.
 """
 
+from salun_jax import cpu
 from salun_jax.pipeline import cli, forgetting_quality
 
 if __name__ == "__main__":
-    cli.run_pipeline(forgetting_quality.run)
+    cli.run_pipeline(forgetting_quality.run, setup=cpu.enable)

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import time
 
-from salun_jax.host_memory import keep_freed_host_memory
+import salun_jax.cpu
 
-keep_freed_host_memory()  # as the experiment scripts do, before JAX starts its backend
+salun_jax.cpu.enable()  # as the experiment scripts do, before JAX starts its backend
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

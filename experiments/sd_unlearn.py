@@ -12,7 +12,8 @@ the methods, samples, UA with a classifier, grids, results.json and results.md).
 Re-running the same command resumes from the work directory.
 """
 
+from salun_jax import cpu
 from salun_jax.pipeline import cli, sd
 
 if __name__ == "__main__":
-    cli.run_pipeline(sd.train_and_evaluate)
+    cli.run_pipeline(sd.train_and_evaluate, setup=cpu.enable)

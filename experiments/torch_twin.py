@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from salun_jax import host_memory
+from salun_jax.cpu import host_memory
 
 _NUM_CLASSES = 10
 
@@ -121,7 +121,7 @@ def _worker(connection, model_name: str, width: float, batch: dict) -> None:
 def runners(model_name: str, width: float, batch: dict):
     """(torch version, {"torch <layout>": run(count)}, close) with PyTorch in a child process,
     or (None, {}, close) without it. Why a process of its own: oneDNN's OpenMP threads
-    (conv_impl="onednn") and PyTorch's share one libgomp in a process, and PyTorch's step, run
+    (the CPU wing's "onednn") and PyTorch's share one libgomp in a process, and PyTorch's step, run
     after ours in the same process, was ~20% slower on 2 cores (656 -> 534 img/s, NCHW) and
     stayed so. Each runner returns the child's own timing of its steps."""
     context = multiprocessing.get_context("spawn")

@@ -9,6 +9,7 @@ re-running the same command resumes from the newest checkpoint.
 from absl import flags
 from ml_collections import config_flags
 
+from salun_jax import cpu
 from salun_jax.pipeline import classification, cli
 from salun_jax.pipeline.common import is_primary
 
@@ -26,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, _CONFIG)
+    cli.run(main, _CONFIG, setup=cpu.enable)

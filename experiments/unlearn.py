@@ -7,7 +7,8 @@ Writes config.json, results.json, results.md, plots/ and seed_<s>/ in --workdir;
 same command resumes.
 """
 
+from salun_jax import cpu
 from salun_jax.pipeline import classification, cli
 
 if __name__ == "__main__":
-    cli.run_pipeline(classification.train_and_evaluate)
+    cli.run_pipeline(classification.train_and_evaluate, setup=cpu.enable)

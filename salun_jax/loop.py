@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from salun_jax import metric_writer
-from salun_jax.models import conv
 from salun_jax.provenance import code_version
 from salun_jax.step import AXIS, TrainState
 from salun_jax.types import BatchesFn, PyTree
@@ -182,8 +181,7 @@ def compiled_step(step: Callable, *args) -> tuple[Callable, float]:
         _EXECUTABLES.move_to_end(key)
         return compiled, 0.0
     start = time.perf_counter()
-    options = conv.compiler_options()  # the CPU's convolution library, see there
-    compiled = parallel_step(step).lower(*args).compile(compiler_options=options or None)
+    compiled = parallel_step(step).lower(*args).compile()
     _EXECUTABLES[key] = compiled
     while len(_EXECUTABLES) > _MAX_EXECUTABLES:
         _EXECUTABLES.popitem(last=False)

@@ -43,7 +43,6 @@ import numpy as np
 
 from salun_jax import loop
 from salun_jax.data.batches import gather_batches, index_batches
-from salun_jax.models import conv
 from salun_jax.saliency import forget_loss_given_stats, gradient_saliency, mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
 from salun_jax.train import TrainConfig, training_loss, training_optimizer
@@ -514,7 +513,7 @@ def population_logits(
         variables = {"params": params, "batch_stats": batch_stats}
         return apply_fn(variables, batch.astype(jnp.float32) / 255.0, train=False)
 
-    @conv.jit
+    @jax.jit
     def logits_fn(params, batch_stats, batch):
         return map_members(lambda p, s: member_logits(p, s, batch), strategy, params, batch_stats)
 

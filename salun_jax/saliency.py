@@ -23,7 +23,6 @@ import optax
 
 from salun_jax.data.batches import gather_batches
 from salun_jax.losses import classification_forget_loss
-from salun_jax.models import conv
 from salun_jax.types import BatchLossFn, PyTree
 
 
@@ -145,7 +144,7 @@ def gradient_saliency(
     )
 
 
-@functools.partial(conv.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
 def _accumulate_step(batch_loss_fn, clip_norm, square, total, params, batch, rng, context):
     if context is not None:
         loss_fn = batch_loss_fn

@@ -15,9 +15,9 @@ an sdist, so the sdist-only dependencies (tensorflow-datasets' `promise`) are bu
 scratch wheel folder first, as pip would build them on the target.
 
 Runs 3 resolutions at a time (--jobs). Prints OK or FAIL per line and target, with the resolved
-jax stack and the checks of the set (CPU: the CPU jaxlib, no CUDA plugin or libtpu; CUDA 12: the
-plugin at jax's version, no oneDNN; TPU: libtpu, no oneDNN). Exit status 1 if any fails. The
-offline facts (files parse, pins agree, no CPU-only pin in the accelerator sets) are
+jax stack and the checks of the set (CPU: the CPU jaxlib, no CUDA plugin, libtpu or oneDNN;
+CUDA 12: the plugin at jax's version, no oneDNN; TPU: libtpu, no oneDNN). Exit status 1 if any
+fails. The offline facts (files parse, pins agree, no CPU-only pin in the accelerator sets) are
 tests/test_install.py's.
 """
 
@@ -62,8 +62,8 @@ INSTALL_LINES = (
         "requirements.txt",
         None,
         ("native", "3.12"),
-        ("jax", "jaxlib", "onednn-cpu-gomp"),
-        ("jax-cuda", "libtpu"),
+        ("jax", "jaxlib"),
+        ("jax-cuda", "libtpu", "onednn"),  # oneDNN is the cpu-onednn extra's
     ),
     InstallLine(
         "cuda12",

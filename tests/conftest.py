@@ -9,9 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="salun_jax_xla_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-from salun_jax.host_memory import keep_freed_host_memory  # noqa: E402
+import salun_jax.cpu  # noqa: E402
 
-keep_freed_host_memory()  # as the experiment scripts do, before JAX starts its backend
+# The scripts' CPU options (malloc, YNNPACK off convolutions, the models' convolution module), as
+# the experiment scripts set them, before JAX starts its backend.
+salun_jax.cpu.enable()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

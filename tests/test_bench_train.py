@@ -57,7 +57,7 @@ def test_bench_train_conv_impls_quick(tmp_path):
             sys.executable,
             SCRIPT,
             "--quick",
-            "--conv_impls=xla,xla+ynn,plain,auto",
+            "--conv_impls=xla,flax",
             "--torch=false",
             "--rounds=2",
             f"--json_out={json_out}",
@@ -69,15 +69,11 @@ def test_bench_train_conv_impls_quick(tmp_path):
         timeout=180,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "per-layer choice of conv_impl=auto" in result.stdout
+    assert "CPU options (salun_jax.cpu.enable)" in result.stdout
     (record,) = json.loads(json_out.read_text())["conv_results"]
-    assert set(record["images_per_s"]) == {"jax xla", "jax xla+ynn", "jax plain", "jax auto"}
-    assert "jax plain / jax xla" in record["ratios"]
+    assert set(record["images_per_s"]) == {"jax xla", "jax flax"}
+    assert "jax flax / jax xla" in record["ratios"]
     assert all(len(t) == 2 for t in record["step_s_per_round"].values())
-    # SmallCNN: three conv layers of three distinct shapes, each timed and given a plan.
-    assert [len(row["layers"]) for row in record["layers"]] == [1, 1, 1]
-    assert all(row["plan"] and row["xla_s"] > 0 for row in record["layers"])
-    assert (tmp_path / "cache" / "conv_plans.json").exists()
 
 
 def test_torch_twin_has_the_same_parameter_count():
@@ -99,16 +95,18 @@ def test_torch_twin_has_the_same_parameter_count():
     assert isinstance(net(torch.zeros(2, 3, 32, 32)), torch.Tensor)
 
 
-def test_ynn_setting_compiles_with_xla_defaults():
-    from salun_jax.models import conv
+def test_conv_settings_are_the_wings_modules():
+    import flax.linen as nn
+
+    from salun_jax.cpu import conv
 
     sys.path.insert(0, os.path.dirname(SCRIPT))
     try:
         import bench_train
     finally:
         sys.path.pop(0)
-    assert bench_train._split_setting("auto") == ("auto", conv.compiler_options())
-    assert bench_train._split_setting("xla+ynn") == ("xla", {})
-    for bad in ("xla+ynn+ynn", "ynn", "xla+eigen", "+ynn"):
-        with pytest.raises(ValueError, match="unknown conv_impl setting"):
-            bench_train._split_setting(bad)
+    assert bench_train.conv_setting("xla") is conv.Conv
+    assert bench_train.conv_setting("flax") is nn.Conv
+    for bad in ("auto", "plain", "custom", "xla+ynn"):
+        with pytest.raises(ValueError, match="unknown conv_impls setting"):
+            bench_train.conv_setting(bad)

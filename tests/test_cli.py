@@ -398,3 +398,21 @@ def test_damaged_results_json_is_named_and_moved_aside_by_the_pipeline(tmp_path)
     ]
     assert len(warnings) == 1 and str(aside) in warnings[0], result.stderr[-3000:]
     _assert_interrupted(result)
+
+
+def test_bad_cpu_options_are_one_line(tmp_path):
+    # The scripts set the CPU wing's options first (salun_jax.cpu.enable): a bad choice stops
+    # there, before any work, with one line.
+    result = _finish(
+        _start(
+            "unlearn.py",
+            f"--config={TINY}",
+            f"--workdir={tmp_path / 'run'}",
+            env=_env(SALUN_JAX_CONV_IMPL="auto"),
+        )
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: $SALUN_JAX_CONV_IMPL must be one of xla, onednn, got 'auto'"
+    )
+    assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""salun_jax.host_memory: XLA:CPU's per-call scratch is paged in once, not on every call."""
+"""salun_jax.cpu.host_memory: XLA:CPU's per-call scratch is paged in once, not on every call."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from salun_jax import host_memory
+from salun_jax.cpu import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # median is not robust, the minimum is.)
 _SCRIPT = """
 import json, resource
-from salun_jax.host_memory import keep_freed_host_memory
+from salun_jax.cpu.host_memory import keep_freed_host_memory
 kept = keep_freed_host_memory()
 import jax, jax.numpy as jnp
 from jax import lax

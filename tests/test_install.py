@@ -13,10 +13,11 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Pins requirements.txt may hold beyond requirements/common.txt: the CPU jax, oneDNN (CPU-only
-# convolutions) and the test tools. A runtime pin belongs in common.txt, where the CUDA 12 and
-# TPU sets get it too.
-CPU_ONLY = {"jax", "jaxlib", "onednn-cpu-gomp", "onednn-devel-cpu-gomp"}
+# Pins requirements.txt may hold beyond requirements/common.txt: the CPU jax and the test tools.
+# A runtime pin belongs in common.txt, where the CUDA 12 and TPU sets get it too.
+CPU_ONLY = {"jax", "jaxlib"}
+# What requirements/cpu-onednn.txt adds to requirements.txt: the CPU wing's oneDNN.
+ONEDNN = {"onednn-cpu-gomp", "onednn-devel-cpu-gomp"}
 TEST_TOOLS = {"pytest", "pytest-xdist", "execnet", "ruff"}
 
 
@@ -74,7 +75,7 @@ def test_accelerator_sets_have_no_cpu_only_pin(name, extra):
     line = next(line for line in script.INSTALL_LINES if line.name == name)
     pins, common = _pins(line.requirements), _pins("requirements/common.txt")
     assert set(pins) - set(common) == {"jax"}
-    assert not (set(pins) & (CPU_ONLY - {"jax"} | TEST_TOOLS))
+    assert not (set(pins) & (CPU_ONLY - {"jax"} | ONEDNN | TEST_TOOLS))
     jax = pins["jax"]
     assert jax.extras == {extra}
     assert _version(jax) == _version(_pins("requirements.txt")["jax"])
@@ -98,3 +99,17 @@ def test_readme_install_section_shows_every_line():
     section = re.search(r"^## Install\n(.*?)^## ", readme, re.S | re.M).group(1)
     for line in script.INSTALL_LINES:
         assert line.command in section, line.command
+
+
+def test_onednn_is_an_extra_not_a_default():
+    cpu, onednn = _pins("requirements.txt"), _pins("requirements/cpu-onednn.txt")
+    assert not set(cpu) & ONEDNN  # the default install compiles and downloads nothing for it
+    assert set(onednn) - set(cpu) == ONEDNN
+    assert {name: str(onednn[name]) for name in cpu} == {name: str(r) for name, r in cpu.items()}
+    extra = {
+        canonicalize_name(script.Requirement(text).name): script.Requirement(text)
+        for text in script.setup_requirements("cpu-onednn")
+    }
+    for name in ONEDNN:
+        assert SpecifierSet(str(extra[name].specifier)).contains(_version(onednn[name])), name
+        assert str(extra[name].marker) == str(onednn[name].marker), name

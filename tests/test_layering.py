@@ -2,8 +2,11 @@
 imports from its own layer or below, never from a layer above it."""
 
 import ast
+import json
 import os
 import re
+import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "salun_jax")
@@ -67,3 +70,54 @@ def test_every_import_points_down():
                         f"imports {imported} (layer {layers[imported]})"
                     )
     assert not upward, "\n".join(upward)
+
+
+# Import the library (the pipelines and the command line too), build and train a model, save a
+# checkpoint, evaluate it: with every subprocess the library starts recorded (git, for the code
+# version, is fine; a C++ compiler is not).
+_CORE_SCRIPT = """
+import json, subprocess, sys
+started = []
+_popen_init = subprocess.Popen.__init__
+def _recording_init(self, args, *a, **k):
+    started.append([str(arg) for arg in (args if isinstance(args, (list, tuple)) else [args])])
+    _popen_init(self, args, *a, **k)
+subprocess.Popen.__init__ = _recording_init
+
+import numpy as np
+import salun_jax as sj
+from salun_jax.pipeline import audit, classification, cli, diffusion, forgetting_quality, sd  # noqa
+
+data = sj.load_dataset("digits")
+split = sj.make_split(data.train_labels, data.test_labels, forget_fraction=0.1, seed=1)
+model = sj.create_model("small_cnn", data.num_classes, data.mean, data.std, 0.25)
+config = sj.TrainConfig(model="small_cnn", epochs=1, batch_size=256)
+out = sj.train_classifier(data.train_images, data.train_labels, split.train, model, config,
+                          workdir=sys.argv[1])
+task = sj.UnlearnTask(model, data.train_images, data.train_labels, split, data.num_classes)
+mask = sj.salun_mask(out.state, task, fraction=0.5, config=sj.UnlearnConfig(epochs=1))
+metrics = sj.evaluate(out.state, task, data.test_images, data.test_labels)
+print(json.dumps({"wing": sorted(m for m in sys.modules if m.startswith("salun_jax.cpu")),
+                  "conv": type(model.conv).__name__ + ":" + getattr(model.conv, "__name__", ""),
+                  "started": started, "TA": metrics["TA"]}))
+"""
+
+
+def test_the_library_runs_without_the_cpu_wing(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    for name in ("XLA_FLAGS", "SALUN_JAX_CONV_IMPL"):
+        env.pop(name, None)
+    out = subprocess.run(
+        [sys.executable, "-c", _CORE_SCRIPT, str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["wing"] == [], "salun_jax.cpu was imported"
+    assert result["conv"] == "type:Conv"  # plain nn.Conv
+    compilers = ("c++", "g++", "gcc", "cc", "clang", "clang++", os.environ.get("CXX", "c++"))
+    assert not [args for args in result["started"] if os.path.basename(args[0]) in compilers]
+    assert result["TA"] > 0

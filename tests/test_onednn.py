@@ -1,17 +1,25 @@
-"""oneDNN convolutions through the XLA FFI (salun_jax.models.onednn, conv_impl="onednn")."""
+"""oneDNN convolutions through the XLA FFI (salun_jax.cpu.onednn, `enable(conv="onednn")`)."""
+
+import json
+import os
+import subprocess
+import sys
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from salun_jax.cpu import onednn
 from salun_jax.losses import classification_loss
-from salun_jax.models import conv, create_model, onednn
+from salun_jax.models import create_model
 from salun_jax.optim import make_sgd
 from salun_jax.step import create_train_state, make_step
 
-# requirements.txt installs oneDNN on x86-64 Linux, so CI runs these; elsewhere they skip.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where oneDNN is installed (pip install -e ".[cpu-onednn]", x86-64 Linux); elsewhere they skip.
 needs_onednn = pytest.mark.skipif(
     not onednn.available(), reason=f"oneDNN convolutions unavailable: {onednn.unavailable_reason()}"
 )
@@ -41,13 +49,18 @@ def test_forward_and_gradients_match_xla(kernel_size, stride, padding):
     kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 5, 6)), jnp.float32)
     strides = (stride, stride)
 
-    def run(plan):
-        return _value_and_grads(lambda x, k: conv.conv2d(x, k, strides, padding, plan), x, kernel)
+    def xla(x, k):
+        return jax.lax.conv_general_dilated(
+            x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def run(conv2d):
+        return _value_and_grads(conv2d, x, kernel)
 
     run = jax.jit(run, static_argnums=0)
     # Float rounding only (another summation order): within 1e-5 of each output's largest value.
-    got_leaves = jax.tree.leaves(run(conv.ONEDNN_PLAN))
-    for got, expected in zip(got_leaves, jax.tree.leaves(run(conv.XLA_PLAN)), strict=True):
+    got_leaves = jax.tree.leaves(run(lambda x, k: onednn.conv2d(x, k, strides, padding)))
+    for got, expected in zip(got_leaves, jax.tree.leaves(run(xla)), strict=True):
         scale = float(jnp.max(jnp.abs(expected)))
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * scale)
 
@@ -74,9 +87,7 @@ def test_deterministic_and_vmapped():
     pads = ((1, 1), (1, 1))
 
     def grads(kernel):
-        return _value_and_grads(
-            lambda x, k: conv.conv2d(x, k, (2, 2), pads, conv.ONEDNN_PLAN), x, kernel
-        )
+        return _value_and_grads(lambda x, k: onednn.conv2d(x, k, (2, 2), pads), x, kernel)
 
     # A population (one kernel per member) runs member by member: same as separate calls.
     first, second = jax.jit(jax.vmap(grads))(kernels), jax.jit(jax.vmap(grads))(kernels)
@@ -95,8 +106,8 @@ def test_resnet_train_step_matches_xla_and_has_no_xla_convolutions():
         "weight": np.ones(8, np.float32),
     }
     results, hlo = {}, {}
-    for impl in ("xla", "onednn"):
-        model = create_model("resnet8", 10, (0.5,) * 3, (0.25,) * 3, 0.25, impl)
+    for impl, conv_module in (("xla", nn.Conv), ("onednn", onednn.Conv)):
+        model = create_model("resnet8", 10, (0.5,) * 3, (0.25,) * 3, 0.25, conv_module)
         state = create_train_state(
             model, jax.random.key(0), (16, 16, 3), make_sgd(0.1, momentum=0.9)
         )
@@ -114,14 +125,14 @@ def test_resnet_train_step_matches_xla_and_has_no_xla_convolutions():
         name: hlo["onednn"].count(f'custom_call_target="salun_onednn_conv_{name}"')
         for name in ("forward", "input_grad", "weight_grad")
     }
-    layers = len(conv.conv_layer_shapes(model, jnp.zeros((8, 16, 16, 3))))
+    layers = 1 + 3 * 2 + 2  # ResNet-8: the stem, 2 per block, 2 shortcut convolutions
     assert calls == {"forward": layers, "input_grad": layers - 1, "weight_grad": layers}
 
 
 @needs_onednn
 def test_other_dtypes_fall_back_to_xla():
     # bfloat16 is not among the handlers' types: the layer keeps XLA's convolution.
-    layer = conv.Conv(4, (3, 3), conv_impl="onednn", dtype=jnp.bfloat16)
+    layer = onednn.Conv(4, (3, 3), dtype=jnp.bfloat16)
     x = jnp.ones((2, 6, 6, 3), jnp.bfloat16)
     variables = layer.init(jax.random.key(0), x)
     text = jax.jit(layer.apply).lower(variables, x).compile().as_text()
@@ -130,14 +141,16 @@ def test_other_dtypes_fall_back_to_xla():
 
 def test_missing_onednn_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(onednn, "_prefixes", lambda: [str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match=r"pip install -e \"\.\[onednn\]\""):
+    with pytest.raises(FileNotFoundError, match=r"pip install -e \"\.\[cpu-onednn\]\""):
         onednn._find_onednn()
     monkeypatch.setattr(onednn, "_load", lambda: (False, "oneDNN not found (test)"))
     assert not onednn.available()
     assert onednn.unavailable_reason() == "oneDNN not found (test)"
-    layer = conv.Conv(4, (3, 3), conv_impl="onednn")
-    with pytest.raises(RuntimeError, match=r"conv_impl='onednn' cannot run here: oneDNN not"):
+    layer = onednn.Conv(4, (3, 3))
+    with pytest.raises(RuntimeError, match=r"oneDNN convolutions cannot run here: oneDNN not"):
         layer.init(jax.random.key(0), jnp.ones((1, 6, 6, 3)))
+    with pytest.raises(RuntimeError, match="oneDNN convolutions cannot run here: oneDNN not"):
+        onednn.load()
     with pytest.raises(RuntimeError, match="oneDNN convolutions cannot run here"):
         onednn.forward(jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 4)), (1, 1), ((1, 1),) * 2)
 
@@ -154,3 +167,25 @@ def test_build_is_cached_and_compiler_errors_are_reported(monkeypatch, tmp_path)
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.raises(FileNotFoundError, match="no C\\+\\+ compiler"):
         onednn._build(str(tmp_path))
+
+
+@needs_onednn
+def test_enable_loads_onednn_without_starting_the_backend():
+    # Multi-process scripts initialise jax.distributed after the CPU options: enable() must not
+    # start JAX's backend, even when it builds and registers oneDNN's handlers.
+    script = (
+        "import json, salun_jax.cpu as cpu\n"
+        "from jax._src import xla_bridge\n"
+        "from salun_jax.cpu import onednn\n"
+        "from salun_jax.models import default_conv\n"
+        "settings = cpu.enable(conv='onednn')\n"
+        "print(json.dumps([settings['conv'], xla_bridge.backends_are_initialized(),\n"
+        "                  default_conv() is onednn.Conv]))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["onednn", False, True]

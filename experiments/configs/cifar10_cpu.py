@@ -18,8 +18,8 @@ moves there (UA 5.7, RA 96.8): ascent at this learning rate is seed-sensitive.
 Augmentation (crop 4 + flip, the same 15 epochs) was tried for a regime nearer the paper's: the
 original then reaches RA 71.2 / TA 65.9 (it underfits in 15 epochs; ~10 min per model), so the
 default stays without augmentation.
-With oneDNN convolutions (`SALUN_JAX_CONV_IMPL=onednn` before the command; README, "Faster CPU
-training"), clean clone of 9e1655e, empty caches, nothing else running: 17 min 0 s in all, original
+With oneDNN convolutions (`SALUN_JAX_CONV_IMPL=onednn` before the command; README, "CPU
+speed"), clean clone of 9e1655e, empty caches, nothing else running: 17 min 0 s in all, original
 epochs 12.7-14.7 s, Retrain epochs 10.7-11.8 s. Seed 1: Retrain UA 40.8 / MIA 58.3 / RA 99.99 /
 TA 59.1; Avg. Gap RL 7.1, SalUn-soft 8.4, SalUn 8.8, BS 16.3, BE 19.7, GA 20.9, FT 21.3,
 l1-sparse 21.3, IU 24.3 (float rounding moves 15 epochs of training; the same groups lead).

@@ -17,7 +17,6 @@ from salun_jax.data.splits import Split, check_split_fits
 from salun_jax.evaluation.metrics import accuracy
 from salun_jax.evaluation.mia import from_logits, stratified_shadow_indices, svc_mia
 from salun_jax.evaluation.mia import loss_mia as _loss_mia
-from salun_jax.models import conv
 
 
 @functools.cache
@@ -25,10 +24,9 @@ def make_predict_fn(apply_fn: Callable, return_features: bool = False) -> Callab
     """Jitted eval-mode forward on uint8 images: (variables, images) -> logits [, features].
 
     Cached: the same `apply_fn` (see `salun_jax.step.canonical_module`) gives the same jitted
-    function, compiled once per input shape in a process; with the CPU's convolution options
-    (`salun_jax.models.conv.compiler_options`), as the training steps."""
+    function, compiled once per input shape in a process."""
 
-    @conv.jit
+    @jax.jit
     def predict_fn(variables, images):
         return apply_fn(
             variables,

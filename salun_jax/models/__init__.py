@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 
-from salun_jax.models.conv import Conv, ConvImpl, default_conv_impl
-from salun_jax.models.resnet import ResNet, ResNet8, ResNet18, ResNet34, ResNet50
+from salun_jax.models.resnet import ModuleDef, ResNet, ResNet8, ResNet18, ResNet34, ResNet50
 from salun_jax.models.vgg import VGG, VGG16BN, SmallCNN
 
 MODELS = {
@@ -19,6 +18,22 @@ MODELS = {
     "small_cnn": SmallCNN,
 }
 
+# What `create_model` builds convolutions with when not told: one process-wide choice.
+_default_conv: ModuleDef = nn.Conv
+
+
+def set_default_conv(conv: ModuleDef) -> None:
+    """Sets the convolution module `create_model` uses when given none (`nn.Conv` until set),
+    for the whole process: the one hook through which the CPU wing (`salun_jax.cpu.enable`)
+    reaches the models that the library builds from configs. Call it before building models."""
+    global _default_conv
+    _default_conv = conv
+
+
+def default_conv() -> ModuleDef:
+    """The convolution module `create_model` uses when given none (see `set_default_conv`)."""
+    return _default_conv
+
 
 def create_model(
     name: str,
@@ -26,13 +41,12 @@ def create_model(
     mean: Sequence[float],
     std: Sequence[float],
     width: float = 1.0,
-    conv_impl: ConvImpl | None = None,
+    conv: ModuleDef | None = None,
 ) -> nn.Module:
     """Builds a classifier by name. Input to the model: float [0, 1] images [B, H, W, C].
 
-    `conv_impl` chooses how convolutions run ("xla", "custom", "auto", "plain", "onednn";
-    None: the default of `salun_jax.models.conv.default_conv_impl`); parameters do not depend on
-    it.
+    `conv`: the convolution module, `nn.Conv` or a drop-in with its parameters (None:
+    `default_conv()`); parameters and their names do not depend on it.
 
     Raises:
       ValueError: unknown model name.
@@ -42,14 +56,17 @@ def create_model(
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
     return MODELS[name](
-        num_classes=num_classes, mean=tuple(mean), std=tuple(std), width=width, conv_impl=conv_impl
+        num_classes=num_classes,
+        mean=tuple(mean),
+        std=tuple(std),
+        width=width,
+        conv=default_conv() if conv is None else conv,
     )
 
 
 __all__ = [
     "MODELS",
-    "Conv",
-    "ConvImpl",
+    "ModuleDef",
     "ResNet",
     "ResNet8",
     "ResNet18",
@@ -59,5 +76,6 @@ __all__ = [
     "VGG",
     "VGG16BN",
     "create_model",
-    "default_conv_impl",
+    "default_conv",
+    "set_default_conv",
 ]

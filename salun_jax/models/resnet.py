@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from salun_jax.models.conv import Conv, ConvImpl, default_conv_impl
+# A flax module class or factory (`nn.Conv`, or a partial of it), as in flax's examples.
+ModuleDef = Any
 
 # PyTorch's kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -79,13 +80,11 @@ def batch_norm_mask(batch_mask: jax.Array | None, x: jax.Array) -> jax.Array | N
 class BasicBlock(nn.Module):
     features: int
     strides: int = 1
-    conv_impl: ConvImpl = "xla"
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x, train: bool, batch_mask: jax.Array | None = None):
-        conv = functools.partial(
-            Conv, use_bias=False, kernel_init=conv_kernel_init, conv_impl=self.conv_impl
-        )
+        conv = functools.partial(self.conv, use_bias=False, kernel_init=conv_kernel_init)
         mask = batch_norm_mask(batch_mask, x)
         y = conv(self.features, (3, 3), self.strides, padding=1, name="conv1")(x)
         y = nn.relu(_batch_norm(train, "bn1")(y, mask=mask))
@@ -101,13 +100,11 @@ class BottleneckBlock(nn.Module):
     features: int
     strides: int = 1
     expansion: int = 4
-    conv_impl: ConvImpl = "xla"
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x, train: bool, batch_mask: jax.Array | None = None):
-        conv = functools.partial(
-            Conv, use_bias=False, kernel_init=conv_kernel_init, conv_impl=self.conv_impl
-        )
+        conv = functools.partial(self.conv, use_bias=False, kernel_init=conv_kernel_init)
         mask = batch_norm_mask(batch_mask, x)
         out_features = self.features * self.expansion
         y = conv(self.features, (1, 1), name="conv1")(x)
@@ -127,9 +124,8 @@ class ResNet(nn.Module):
     `width` scales every stage's channels (64 * width, ...) for small CPU variants.
     `batch_mask` ([B] bool, train mode): the examples BatchNorm's batch statistics are taken over
     (the real rows of a padded batch); None: all.
-    `conv_impl`: how convolutions run ("xla", "custom", "auto", "plain", "onednn";
-    None: the default, see `salun_jax.models.conv.default_conv_impl`); the parameters are the
-    same.
+    `conv`: the convolution module (`nn.Conv`, or a drop-in with its parameters, such as the
+    CPU wing's `salun_jax.cpu.conv.Conv`).
     """
 
     stage_sizes: Sequence[int]
@@ -139,29 +135,21 @@ class ResNet(nn.Module):
     base_features: int = 64
     mean: Sequence[float] = (0.0, 0.0, 0.0)
     std: Sequence[float] = (1.0, 1.0, 1.0)
-    conv_impl: ConvImpl | None = None
+    conv: ModuleDef = nn.Conv
 
     def features(self, x, train: bool, batch_mask: jax.Array | None = None):
         """Penultimate (pooled) features [B, D]."""
         x = Normalize(self.mean, self.std)(x)
         base = max(1, int(round(self.base_features * self.width)))
-        conv_impl = default_conv_impl(self.conv_impl)
-        x = Conv(
-            base,
-            (3, 3),
-            1,
-            padding=1,
-            use_bias=False,
-            kernel_init=conv_kernel_init,
-            conv_impl=conv_impl,
-            name="conv1",
+        x = self.conv(
+            base, (3, 3), 1, padding=1, use_bias=False, kernel_init=conv_kernel_init, name="conv1"
         )(x)
         x = nn.relu(_batch_norm(train, "bn1")(x, mask=batch_norm_mask(batch_mask, x)))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = self.block_cls(
-                    base * 2**stage, strides, conv_impl=conv_impl, name=f"layer{stage + 1}_{block}"
+                    base * 2**stage, strides, conv=self.conv, name=f"layer{stage + 1}_{block}"
                 )(x, train=train, batch_mask=batch_mask)
         return jnp.mean(x, axis=(1, 2))
 

@@ -47,11 +47,11 @@ def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
     )
 
 
-# flax's own nn.Conv: materialising the convolution inputs (models.conv, which speeds the ResNets'
-# CPU step) measured no gain on this UNet (GroupNorm, no BatchNorm). DDPM train step, in-process
-# A/B on two cores, interleaved rounds, plain vs materialised: paper UNet batch 8, median 2.50 vs
-# 2.30 s/step, but the median per-round time ratio plain / materialised is 0.99; tiny UNet batch
-# 64, 0.124 vs 0.124 s/step (ratio 1.00); the same parameters after a step.
+# flax's own nn.Conv: materialising the convolution inputs (salun_jax.cpu.conv, which speeds the
+# ResNets' CPU step) measured no gain on this UNet (GroupNorm, no BatchNorm). DDPM train step,
+# in-process A/B on two cores, interleaved rounds, plain vs materialised: paper UNet batch 8,
+# median 2.50 vs 2.30 s/step, but the median per-round time ratio plain / materialised is 0.99;
+# tiny UNet batch 64, 0.124 vs 0.124 s/step (ratio 1.00); the same parameters after a step.
 def _conv(
     features: int,
     in_channels: int,

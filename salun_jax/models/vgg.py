@@ -13,8 +13,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from salun_jax.models.conv import Conv, ConvImpl, default_conv_impl
-from salun_jax.models.resnet import Normalize, TorchDense, batch_norm_mask, conv_kernel_init
+from salun_jax.models.resnet import (
+    ModuleDef,
+    Normalize,
+    TorchDense,
+    batch_norm_mask,
+    conv_kernel_init,
+)
 
 VGG16_LAYOUT = (
     64,
@@ -54,19 +59,11 @@ def _conv_bn_relu(
     stride: int,
     train: bool,
     batch_mask: jax.Array | None,
-    conv_impl: ConvImpl,
+    conv: ModuleDef,
 ) -> jax.Array:
     """3x3 conv (no bias, PyTorch's kaiming-normal fan-out init) + BatchNorm (batch statistics
     over the `batch_mask` examples) + ReLU, inside a compact module."""
-    x = Conv(
-        features,
-        (3, 3),
-        stride,
-        padding=1,
-        use_bias=False,
-        kernel_init=conv_kernel_init,
-        conv_impl=conv_impl,
-    )(x)
+    x = conv(features, (3, 3), stride, padding=1, use_bias=False, kernel_init=conv_kernel_init)(x)
     bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
     return nn.relu(bn(x, mask=batch_norm_mask(batch_mask, x)))
 
@@ -75,7 +72,7 @@ class VGG(nn.Module):
     """VGG with BatchNorm. Input: float images in [0, 1], [B, H, W, C]. Output: logits [B, K].
 
     `batch_mask` ([B] bool, train mode): the examples BatchNorm's batch statistics are taken over.
-    `conv_impl`: the convolutions' gradient formulation, as in `ResNet`.
+    `conv`: the convolution module, as in `ResNet`.
     """
 
     layout: Sequence = VGG16_LAYOUT
@@ -84,7 +81,7 @@ class VGG(nn.Module):
     hidden: int = 256
     mean: Sequence[float] = (0.0, 0.0, 0.0)
     std: Sequence[float] = (1.0, 1.0, 1.0)
-    conv_impl: ConvImpl | None = None
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(
@@ -105,7 +102,7 @@ class VGG(nn.Module):
                 1,
                 train,
                 batch_mask,
-                default_conv_impl(self.conv_impl),
+                self.conv,
             )
         x = _adaptive_avg_pool(x, 2).reshape(x.shape[0], -1)  # [B, 4 * C]
         dense = functools.partial(
@@ -123,13 +120,13 @@ VGG16BN = functools.partial(VGG, layout=VGG16_LAYOUT)
 
 class SmallCNN(nn.Module):
     """A small conv net for 8x8 inputs: 3 conv-BN-ReLU layers (strides 1, 2, 2), mean pool, fc.
-    `batch_mask` and `conv_impl` as in `VGG`."""
+    `batch_mask` and `conv` as in `VGG`."""
 
     num_classes: int = 10
     width: float = 1.0
     mean: Sequence[float] = (0.0,)
     std: Sequence[float] = (1.0,)
-    conv_impl: ConvImpl | None = None
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(
@@ -147,7 +144,7 @@ class SmallCNN(nn.Module):
                 stride,
                 train,
                 batch_mask,
-                default_conv_impl(self.conv_impl),
+                self.conv,
             )
         feats = jnp.mean(x, axis=(1, 2))
         logits = TorchDense(self.num_classes, name="fc")(feats)

@@ -283,15 +283,17 @@ def _env_int(name: str) -> int | None:
     return int(value) if value else None
 
 
-def run(main: Callable, config_flag=None) -> None:
+def run(main: Callable, config_flag=None, setup: Callable[[], object] | None = None) -> None:
     """`absl.app.run(main)`, but a bad flag or config override (unknown key, missing config file)
     and any `UserError` raised by `main` end with one clear error line instead of a traceback,
     and so do Ctrl-C and OS errors naming a file (`os_failure`). `--help` / `--helpfull` print
     the flags, `--show_config` the config; both exit 0 without running. The config is locked
     after the overrides, so a mistyped key cannot add a setting. `config_flag` None: a script
-    without a config (experiments/evaluate.py)."""
+    without a config (experiments/evaluate.py). `setup`: called first, before JAX starts its
+    backend, to set process-wide options (the scripts pass `salun_jax.cpu.enable`); a ValueError
+    or RuntimeError it raises ends with one line."""
     try:
-        _run(main, config_flag)
+        _run(main, config_flag, setup)
     except (KeyboardInterrupt, OSError) as error:  # while parsing or starting up
         failure = os_failure(error)
         if failure is None:
@@ -385,12 +387,14 @@ def _parse(config_flag) -> list[str]:
     return remaining
 
 
-def _run(main: Callable, config_flag) -> None:
+def _run(main: Callable, config_flag, setup: Callable[[], object] | None) -> None:
     from absl import app
 
-    from salun_jax.host_memory import keep_freed_host_memory
-
-    keep_freed_host_memory()  # before JAX starts its backend and its threads
+    if setup is not None:
+        try:
+            setup()
+        except (ValueError, RuntimeError) as error:
+            fail(str(error))
     sys.unraisablehook = _quiet_closed_loop
     # Ctrl-C (SIGINT) interrupts even where the parent started us with it ignored (a background
     # job of a script, some launchers and test runners): the one-line interrupt below needs it.
@@ -443,10 +447,12 @@ def _run(main: Callable, config_flag) -> None:
     app.run(guarded_main, flags_parser=lambda argv: remaining)  # parsed once
 
 
-def run_pipeline(pipeline: Callable[[object, str], str]) -> None:
-    """The whole entry of a pipeline script: --config and --workdir flags, `run`, then
-    `pipeline(config, workdir)` and its returned table printed by process 0 (every process of a
-    multi-process run gets it)."""
+def run_pipeline(
+    pipeline: Callable[[object, str], str], setup: Callable[[], object] | None = None
+) -> None:
+    """The whole entry of a pipeline script: --config and --workdir flags, `run` (with `setup`),
+    then `pipeline(config, workdir)` and its returned table printed by process 0 (every process
+    of a multi-process run gets it)."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -462,4 +468,4 @@ def run_pipeline(pipeline: Callable[[object, str], str]) -> None:
         if is_primary():
             print(table)
 
-    run(main, config_flag)
+    run(main, config_flag, setup)

@@ -18,7 +18,6 @@ from jax.flatten_util import ravel_pytree
 
 from salun_jax.data.batches import gather_batches
 from salun_jax.losses import eval_mode_ce
-from salun_jax.models import conv
 from salun_jax.saliency import accumulate_gradients
 from salun_jax.types import PyTree
 from salun_jax.unlearn.common import UnlearnConfig, UnlearnOutput, UnlearnTask
@@ -36,14 +35,14 @@ def _summed_ce_loss(apply_fn, crop_padding: int, flip: bool):
     return loss_fn
 
 
-@functools.partial(conv.jit, static_argnums=(0,))
+@functools.partial(jax.jit, static_argnums=(0,))
 def _flat_grad(per_sample_loss, params, sample, rng, batch_stats):
     sample = jax.tree.map(lambda x: x[None], sample)
     grads = jax.grad(per_sample_loss)(params, sample, rng, batch_stats)
     return ravel_pytree(grads)[0]
 
 
-@functools.partial(conv.jit, static_argnums=(0,), donate_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1, 2))
 def _woodfisher_step(per_sample_loss, k, o, params, sample, rng, n, batch_stats):
     """tmp = o.g; k -= (k.g / (N + tmp)) o; o -= (tmp / (N + tmp)) o (upstream, literally)."""
     g = _flat_grad(per_sample_loss, params, sample, rng, batch_stats)

@@ -1,25 +1,31 @@
-"""oneDNN's convolutions on XLA:CPU, through the XLA FFI (`conv_impl="onednn"`).
+"""oneDNN's convolutions on XLA:CPU, through the XLA FFI: `Conv` (`enable(conv="onednn")`).
 
 XLA:CPU runs convolutions with its own Eigen kernels (or YNNPACK's); neither has the blocked,
 JIT-generated kernels of oneDNN, which PyTorch uses on CPU. `onednn_conv.cc` (beside this file)
 wraps oneDNN's forward, backward-data and backward-weights convolutions as three XLA FFI
-handlers on JAX's own layouts (NHWC activations, HWIO kernels, float32). This module compiles it
-once per environment with the C++ compiler, into the data cache directory, loads it and
-registers the handlers; `forward`, `input_grad` and `weight_grad` call them from traced code.
+handlers on JAX's own layouts (NHWC activations, HWIO kernels, float32). `load()` compiles it
+with the C++ compiler ($CXX, else c++) into the cache directory, once per source, jaxlib, oneDNN
+and compiler (a few seconds; `python -m salun_jax.cpu.onednn` does it at install time), loads it
+and registers the handlers. Nothing here runs unless asked: `salun_jax.cpu.enable(conv="onednn")`,
+this module's `load()`, or tracing its `Conv`.
 
-What it needs: oneDNN 3.x with its headers, e.g. `pip install -e ".[onednn]"` (the
+ResNet-18 x0.25, batch 128, 2 cores (docs/benchmarks.md, section 4.5): the train step 1.6-1.7x
+faster than XLA's convolutions, 0.94-1.05x PyTorch's NCHW step in the same run.
+
+What it needs: oneDNN 3.x with its headers, `pip install -e ".[cpu-onednn]"` (the
 onednn-devel-cpu-gomp wheel, oneDNN 3.2 on GNU OpenMP), or $SALUN_JAX_ONEDNN_ROOT naming a
-prefix with include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so*; and a C++17 compiler ($CXX, else
-c++). `available()` says whether all of it is there; `unavailable_reason()` says what is not.
+prefix with include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so*; and a C++17 compiler.
 
-oneDNN runs its own OpenMP threads inside each call ($OMP_NUM_THREADS, default: all cores).
-Values equal XLA's to float rounding (a different summation order); tests/test_onednn.py checks
-each part against `lax.conv_general_dilated`'s forward and autodiff on odd shapes, strides and
-paddings.
+Limits: float32 only (other dtypes keep XLA's convolutions), first-order gradients (a custom
+VJP), under `vmap` (populations) the members' convolutions run one after another; oneDNN runs
+its own OpenMP threads inside each call ($OMP_NUM_THREADS, default: all cores). Values equal
+XLA's to float rounding (a different summation order); tests/test_onednn.py checks each part
+against `lax.conv_general_dilated`'s forward and autodiff on odd shapes, strides and paddings.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.metadata
@@ -31,15 +37,19 @@ import sys
 import tempfile
 import threading
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from salun_jax.cache_paths import resolve_cache_dir
+
 ROOT_ENV_VAR = "SALUN_JAX_ONEDNN_ROOT"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "onednn_conv.cc")
 _TARGETS = ("forward", "input_grad", "weight_grad")
 _TARGET_PREFIX = "salun_onednn_conv_"
+_NHWC = ("NHWC", "HWIO", "NHWC")
 # Wheels that ship oneDNN's headers and library into the environment's prefix.
 _DISTRIBUTIONS = ("onednn-devel-cpu-gomp", "onednn-cpu-gomp")
 _lock = threading.Lock()
@@ -73,7 +83,7 @@ def _find_onednn() -> tuple[str, str]:
             return os.path.join(prefix, "include"), libraries[0]
     raise FileNotFoundError(
         "oneDNN not found (looked in: " + ", ".join(_prefixes()) + "); install it with "
-        'pip install -e ".[onednn]" or set $' + ROOT_ENV_VAR
+        'pip install -e ".[cpu-onednn]" or set $' + ROOT_ENV_VAR
     )
 
 
@@ -131,8 +141,6 @@ def _load() -> tuple[bool, str]:
 def _build_and_register() -> tuple[bool, str]:
     import ctypes  # noqa: PLC0415 (only here)
 
-    from salun_jax.cache_paths import resolve_cache_dir  # noqa: PLC0415
-
     try:
         library = ctypes.CDLL(_build(resolve_cache_dir()))
     except (OSError, RuntimeError) as error:  # FileNotFoundError is an OSError
@@ -147,7 +155,7 @@ def _build_and_register() -> tuple[bool, str]:
 
 def available() -> bool:
     """Whether oneDNN convolutions can run here: the CPU backend, oneDNN and a compiler found,
-    and the handlers built (the first call builds them, a few seconds, then cached on disk)."""
+    and the handlers built (the first call builds them, then they are cached on disk)."""
     return jax.default_backend() == "cpu" and _load()[0]
 
 
@@ -158,13 +166,16 @@ def unavailable_reason() -> str:
     return _load()[1]
 
 
-def version() -> str:
-    """The oneDNN library file used, links resolved (e.g. "libdnnl.so.3.2"; "" if none), for
-    cache keys."""
-    try:
-        return os.path.basename(os.path.realpath(_find_onednn()[1]))
-    except FileNotFoundError:
-        return ""
+def load() -> None:
+    """Builds (once, cached on disk), loads and registers the handlers, without starting JAX's
+    backend (a multi-process run initialises `jax.distributed` after the scripts' setup).
+
+    Raises:
+      RuntimeError: oneDNN convolutions cannot run here; the message says what is missing.
+    """
+    ok, reason = _load()
+    if not ok:
+        raise RuntimeError(f"oneDNN convolutions cannot run here: {reason}")
 
 
 def _call(name, result_shape, a, b, strides, padding):
@@ -187,7 +198,7 @@ def forward(x, kernel, strides, padding):
     """x [B, H, W, C] (x) kernel [kh, kw, C, O] -> [B, Ho, Wo, O], float32."""
     out = jax.eval_shape(  # XLA's own shape rule for the same convolution
         lambda x, kernel: lax.conv_general_dilated(
-            x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x, kernel, strides, padding, dimension_numbers=_NHWC
         ),
         jax.ShapeDtypeStruct(x.shape, x.dtype),
         jax.ShapeDtypeStruct(kernel.shape, kernel.dtype),
@@ -203,3 +214,100 @@ def input_grad(g, kernel, x_shape, strides, padding):
 def weight_grad(x, g, kernel_shape, strides, padding):
     """The gradient w.r.t. the kernel [kh, kw, C, O] of <g, forward(x, kernel)>."""
     return _call("weight_grad", tuple(kernel_shape), x, g, strides, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, kernel, strides, padding):
+    """NHWC x [B, H, W, C] (x) HWIO kernel [kh, kw, C, O] -> [B, Ho, Wo, O], all three parts
+    by oneDNN (reverse mode only). `strides`: (sh, sw); `padding`: ((top, bottom), (left,
+    right)), non-negative."""
+    return forward(x, kernel, strides, padding)
+
+
+def _conv2d_fwd(x, kernel, strides, padding):
+    return forward(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    dx = input_grad(g, kernel, x.shape, strides, padding)
+    dw = weight_grad(x, g, kernel.shape, strides, padding)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def _is_plain_2d(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count):
+    """Whether a convolution is one oneDNN's handlers take: 2-D, NHWC/HWIO, float32, ungrouped,
+    undilated."""
+
+    def trivial(dilation):
+        return dilation is None or all(d == 1 for d in dilation)
+
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return (
+        lhs.ndim == 4
+        and lhs.dtype == jnp.float32
+        and rhs.dtype == jnp.float32
+        and feature_group_count == 1
+        and trivial(lhs_dilation)
+        and trivial(rhs_dilation)
+        and given == nhwc
+    )
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    batch_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
+    """`lax.conv_general_dilated` run by oneDNN on the CPU backend where its handlers take the
+    convolution (see `_is_plain_2d`; padding non-negative), else XLA's."""
+    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
+    if (
+        jax.default_backend() != "cpu"
+        or batch_group_count != 1
+        or precision is not None
+        or preferred_element_type is not None
+        or not _is_plain_2d(
+            lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
+        )
+    ):
+        return lax.conv_general_dilated(
+            lhs, rhs, *args, feature_group_count, batch_group_count, precision,
+            preferred_element_type,
+        )  # fmt: skip
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    pads = tuple((int(low), int(high)) for low, high in padding)
+    if any(p < 0 for pair in pads for p in pair):  # cropping: XLA's
+        return lax.conv_general_dilated(lhs, rhs, strides, pads, dimension_numbers=_NHWC)
+    return conv2d(lhs, rhs, strides, pads)
+
+
+class Conv(nn.Conv):
+    """`flax.linen.Conv` run by oneDNN (`conv_general_dilated`): the same parameters, names
+    (`Conv_0`, ...) and model repr as `nn.Conv`, so checkpoints, masks and the pipelines'
+    fingerprints do not depend on it. Traced on the CPU backend, it builds the handlers if
+    `load()` has not (and raises RuntimeError where oneDNN cannot run)."""
+
+    def __post_init__(self):
+        if self.conv_general_dilated is None and self.conv_general_dilated_cls is None:
+            object.__setattr__(self, "conv_general_dilated", conv_general_dilated)
+        super().__post_init__()
+
+
+if __name__ == "__main__":  # python -m salun_jax.cpu.onednn: build the handlers now
+    load()
+    print(f"oneDNN convolutions built: {_build(resolve_cache_dir())}")
