@@ -23,7 +23,7 @@ def readme_run():
     import jax
 
     code = _readme_example()
-    assert len([line for line in code.splitlines() if line.strip()]) <= 13
+    assert len([line for line in code.splitlines() if line.strip()]) <= 15
     namespace: dict = {}
     jax.config.update("jax_disable_most_optimizations", False)
     try:

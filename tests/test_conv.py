@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import chex
 import flax.linen as nn
@@ -171,6 +172,13 @@ def test_enable_checks_its_arguments_and_a_running_backend(monkeypatch):
             settings = salun_jax.cpu.enable(keep_host_memory=False)
         assert settings == {"conv": "xla", "xla_flag": None, "host_memory": False}
         assert default_conv() is conv.Conv
+        flag = conv.xla_flag()
+        if flag is not None:  # a second call (the README's in a test process): quiet, no change
+            monkeypatch.setenv("XLA_FLAGS", flag)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert salun_jax.cpu.enable(keep_host_memory=False)["xla_flag"] is None
+            assert os.environ["XLA_FLAGS"] == flag
     finally:
         set_default_conv(before)
 
