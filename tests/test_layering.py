@@ -72,6 +72,24 @@ def test_every_import_points_down():
     assert not upward, "\n".join(upward)
 
 
+def test_no_function_outside_models_is_longer_than_100_lines():
+    # Layers' code reads top to bottom; the models' setup methods are the one allowed exception.
+    long = []
+    for root, _, files in os.walk(PACKAGE):
+        if os.path.relpath(root, PACKAGE).split(os.sep)[0] == "models":
+            continue
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > 100:
+                        long.append(f"{os.path.relpath(path, REPO)}:{node.lineno} {node.name}")
+    assert not long, "\n".join(long)
+
+
 # Import the library (the pipelines and the command line too), build and train a model, save a
 # checkpoint, evaluate it: with every subprocess the library starts recorded (git, for the code
 # version, is fine; a C++ compiler is not).
