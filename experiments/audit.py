@@ -10,7 +10,7 @@ rerun reuses those whose settings, data and code match.
 """
 
 from salun_jax import cpu
-from salun_jax.pipeline import audit, cli
+from salun_jax.pipeline import cli
 
 if __name__ == "__main__":
-    cli.run_pipeline(audit.run, setup=cpu.enable)
+    cli.run_pipeline("salun_jax.pipeline.audit:run", setup=cpu.enable)

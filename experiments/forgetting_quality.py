@@ -8,7 +8,7 @@ Writes config.json, results.json (keyed by method), results.md, run.json and plo
 """
 
 from salun_jax import cpu
-from salun_jax.pipeline import cli, forgetting_quality
+from salun_jax.pipeline import cli
 
 if __name__ == "__main__":
-    cli.run_pipeline(forgetting_quality.run, setup=cpu.enable)
+    cli.run_pipeline("salun_jax.pipeline.forgetting_quality:run", setup=cpu.enable)

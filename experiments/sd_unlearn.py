@@ -13,7 +13,7 @@ Re-running the same command resumes from the work directory.
 """
 
 from salun_jax import cpu
-from salun_jax.pipeline import cli, sd
+from salun_jax.pipeline import cli
 
 if __name__ == "__main__":
-    cli.run_pipeline(sd.train_and_evaluate, setup=cpu.enable)
+    cli.run_pipeline("salun_jax.pipeline.sd:train_and_evaluate", setup=cpu.enable)

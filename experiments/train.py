@@ -10,8 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from salun_jax import cpu
-from salun_jax.pipeline import classification, cli
-from salun_jax.pipeline.common import is_primary
+from salun_jax.pipeline import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (resumes if it exists).")
@@ -20,7 +19,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    results = classification.train_original(_CONFIG.value, _WORKDIR.value)
+    from salun_jax.pipeline.classification import train_original
+    from salun_jax.pipeline.common import is_primary
+
+    results = train_original(_CONFIG.value, _WORKDIR.value)
     if is_primary():  # one line per run, not per process
         accuracy, where = results["test_accuracy"], f"{_WORKDIR.value}/results.json"
         print(f"test accuracy {accuracy:.2f}% (results in {where})")

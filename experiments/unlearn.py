@@ -8,7 +8,7 @@ same command resumes.
 """
 
 from salun_jax import cpu
-from salun_jax.pipeline import classification, cli
+from salun_jax.pipeline import cli
 
 if __name__ == "__main__":
-    cli.run_pipeline(classification.train_and_evaluate, setup=cpu.enable)
+    cli.run_pipeline("salun_jax.pipeline.classification:train_and_evaluate", setup=cpu.enable)

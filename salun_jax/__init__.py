@@ -14,53 +14,85 @@ The paper's pipeline, one call a step (see README.md):
     metrics = evaluate(unlearned, task, data.test_images, data.test_labels)
 """
 
-from salun_jax import population, tuning
-from salun_jax.data import load_dataset
-from salun_jax.data.splits import Split, load_split, make_split, save_split
-from salun_jax.evaluation.classification import evaluate
-from salun_jax.loop import RunOutput, StaleRunError, TrainingDivergedError, run
-from salun_jax.models import create_model
-from salun_jax.optim import (
-    make_adam,
-    make_sgd,
-    multistep_schedule,
-    multistep_sgd,
-    saliency_masked,
-)
-from salun_jax.saliency import (
-    gradient_saliency,
-    load_mask,
-    mask_from_scores,
-    mask_stats,
-    mask_sweep,
-    salun_mask,
-    save_mask,
-)
-from salun_jax.step import TrainState, create_train_state, make_step
-from salun_jax.train import TrainConfig, train_classifier
-from salun_jax.unlearn import (
-    DiffusionTask,
-    DiffusionUnlearnConfig,
-    SDTask,
-    SDUnlearnConfig,
-    UnlearnConfig,
-    UnlearnOutput,
-    UnlearnTask,
-    get_method,
-    method_key,
-    unlearn,
-)
+import importlib
+import sys
+from types import ModuleType as _ModuleType  # `types`: salun_jax.types once imported
+
 from salun_jax.version import __version__
+
+# name -> the module that defines it. Imported on first use (PEP 562), so `import salun_jax` and
+# the command line's --help stay light (no JAX until a name that needs it is used).
+_API = {
+    "population": "salun_jax.population",
+    "tuning": "salun_jax.tuning",
+    "load_dataset": "salun_jax.data",
+    **dict.fromkeys(("Split", "load_split", "make_split", "save_split"), "salun_jax.data.splits"),
+    "evaluate": "salun_jax.evaluation.classification",
+    **dict.fromkeys(
+        ("RunOutput", "StaleRunError", "TrainingDivergedError", "run"), "salun_jax.loop"
+    ),
+    "create_model": "salun_jax.models",
+    **dict.fromkeys(
+        ("make_adam", "make_sgd", "multistep_schedule", "multistep_sgd", "saliency_masked"),
+        "salun_jax.optim",
+    ),
+    **dict.fromkeys(
+        (
+            "gradient_saliency",
+            "load_mask",
+            "mask_from_scores",
+            "mask_stats",
+            "mask_sweep",
+            "salun_mask",
+            "save_mask",
+        ),
+        "salun_jax.saliency",
+    ),
+    **dict.fromkeys(("TrainState", "create_train_state", "make_step"), "salun_jax.step"),
+    **dict.fromkeys(("TrainConfig", "train_classifier"), "salun_jax.train"),
+    **dict.fromkeys(
+        (
+            "DiffusionTask",
+            "DiffusionUnlearnConfig",
+            "SDTask",
+            "SDUnlearnConfig",
+            "UnlearnConfig",
+            "UnlearnOutput",
+            "UnlearnTask",
+            "get_method",
+            "method_key",
+            "unlearn",
+        ),
+        "salun_jax.unlearn",
+    ),
+    # A finished pipeline run, back from its work directory.
+    **dict.fromkeys(("load_run", "evaluate_run"), "salun_jax.pipeline.runs"),
+}
+
+
+class _Package(_ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing a submodule binds it on its package: `salun_jax.unlearn` stays the function
+        # (`sj.unlearn(...)`), not the subpackage of the same name.
+        if name == "unlearn" and isinstance(value, _ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
-    # A finished pipeline run, back from its work directory (imported on first use: it brings the
-    # pipeline's configs and data loading).
-    if name in ("load_run", "evaluate_run"):
-        from salun_jax.pipeline import runs
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'salun_jax' has no attribute {name!r}")
+    if name in ("population", "tuning"):  # submodules
+        return importlib.import_module(module)
+    return getattr(importlib.import_module(module), name)
 
-        return getattr(runs, name)
-    raise AttributeError(f"module 'salun_jax' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))
 
 
 __all__ = [

@@ -5,8 +5,15 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run, in-process tests and the scripts they
-# launch alike: the same small programs (tiny models, the digits pipeline) compile once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="salun_jax_xla_"))
+# launch alike, on both xdist workers (named by the run's id, which xdist gives each worker):
+# the same small programs (tiny models, the digits pipeline) compile once.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN_ID:
+    _CACHE = os.path.join(tempfile.gettempdir(), f"salun_jax_xla_{_RUN_ID}")
+    os.makedirs(_CACHE, exist_ok=True)
+else:
+    _CACHE = tempfile.mkdtemp(prefix="salun_jax_xla_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import salun_jax.cpu  # noqa: E402

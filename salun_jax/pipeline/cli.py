@@ -10,6 +10,7 @@ Other exceptions are bugs and keep their traceback.
 from __future__ import annotations
 
 import errno
+import importlib
 import io
 import logging
 import os
@@ -18,7 +19,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from salun_jax.pipeline.common import UserError
+# Only the standard library at import: --help answers without importing JAX (the pipelines,
+# `salun_jax.pipeline.common` and the `setup` options load once the command line is parsed).
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
@@ -390,11 +392,6 @@ def _parse(config_flag) -> list[str]:
 def _run(main: Callable, config_flag, setup: Callable[[], object] | None) -> None:
     from absl import app
 
-    if setup is not None:
-        try:
-            setup()
-        except (ValueError, RuntimeError) as error:
-            fail(str(error))
     sys.unraisablehook = _quiet_closed_loop
     # Ctrl-C (SIGINT) interrupts even where the parent started us with it ignored (a background
     # job of a script, some launchers and test runners): the one-line interrupt below needs it.
@@ -406,6 +403,13 @@ def _run(main: Callable, config_flag, setup: Callable[[], object] | None) -> Non
         _print_and_exit(
             lambda: print(config_flag.value.to_json_best_effort(indent=2, sort_keys=True))
         )
+    if setup is not None:  # parsing computes nothing: JAX's backend has not started yet
+        try:
+            setup()
+        except (ValueError, RuntimeError) as error:
+            fail(str(error))
+
+    from salun_jax.pipeline.common import UserError
 
     def guarded_main(argv):
         try:
@@ -448,15 +452,14 @@ def _run(main: Callable, config_flag, setup: Callable[[], object] | None) -> Non
 
 
 def run_pipeline(
-    pipeline: Callable[[object, str], str], setup: Callable[[], object] | None = None
+    pipeline: Callable[[object, str], str] | str, setup: Callable[[], object] | None = None
 ) -> None:
     """The whole entry of a pipeline script: --config and --workdir flags, `run` (with `setup`),
     then `pipeline(config, workdir)` and its returned table printed by process 0 (every process
-    of a multi-process run gets it)."""
+    of a multi-process run gets it). `pipeline` may be "module:function", imported once the
+    command line is parsed (so --help does not import JAX)."""
     from absl import flags
     from ml_collections import config_flags
-
-    from salun_jax.pipeline.common import is_primary
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
     workdir_flag = flags.DEFINE_string("workdir", None, "Work directory (resumes if it exists).")
@@ -464,7 +467,13 @@ def run_pipeline(
 
     def main(argv):
         del argv
-        table = pipeline(config_flag.value, workdir_flag.value)
+        from salun_jax.pipeline.common import is_primary
+
+        function = pipeline
+        if isinstance(pipeline, str):
+            module, name = pipeline.split(":")
+            function = getattr(importlib.import_module(module), name)
+        table = function(config_flag.value, workdir_flag.value)
         if is_primary():
             print(table)
 
