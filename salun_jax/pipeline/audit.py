@@ -36,10 +36,10 @@ import numpy as np
 
 from salun_jax import auditing, population, report
 from salun_jax.evaluation.audit import tug_of_war
-from salun_jax.models import create_model
 from salun_jax.pipeline.classification import method_config
 from salun_jax.pipeline.common import (
     UserError,
+    build_model,
     build_split,
     is_primary,
     load_data,
@@ -50,7 +50,6 @@ from salun_jax.pipeline.common import (
 )
 from salun_jax.pipeline.workdir import locked
 from salun_jax.provenance import code_version, fingerprint
-from salun_jax.step import canonical_module
 from salun_jax.train import TrainConfig
 from salun_jax.unlearn import MASKED_METHODS, METHODS, UnlearnTask, get_method
 from salun_jax.unlearn.sequential import sequential_unlearn
@@ -131,18 +130,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     split = build_split(dataset, config.split.to_dict())
     train_config = make_dataclass(TrainConfig, config.train.to_dict(), "train")
     method_configs = {m: method_config(config, m) for m in methods}
-    try:
-        model = canonical_module(
-            create_model(
-                train_config.model,
-                dataset.num_classes,
-                dataset.mean,
-                dataset.std,
-                train_config.width,
-            )
-        )
-    except ValueError as error:
-        raise UserError(f"bad train config: {error}") from error
+    model = build_model(dataset, train_config)
     if len(split.forget) < 4:
         raise UserError(f"the pool (forget set) has {len(split.forget)} examples; need >= 4")
     masks = auditing.in_masks(len(split.forget), groups, int(config.mask_seed))

@@ -49,6 +49,7 @@ from salun_jax.loop import StaleRunError, TrainingDivergedError
 from salun_jax.models import create_model
 from salun_jax.pipeline.common import (
     UserError,
+    build_model,
     build_split,
     check_config,
     is_primary,
@@ -281,19 +282,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str, original_root: str)
     """Data, recipes and model of a (validated) scenario; nothing is written."""
     dataset = load_data(config)
     train_config, retrain_config = recipes(config)
-    try:
-        # One module object for equal models: both scenarios' runs share compiled programs.
-        model = canonical_module(
-            create_model(
-                train_config.model,
-                dataset.num_classes,
-                dataset.mean,
-                dataset.std,
-                train_config.width,
-            )
-        )
-    except ValueError as error:
-        raise UserError(f"bad train config: {error}") from error
+    model = build_model(dataset, train_config)  # one module object: scenarios share programs
     grids = tuning_grids(config)
     return Setup(
         config=config,

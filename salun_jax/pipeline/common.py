@@ -18,6 +18,8 @@ import ml_collections
 from salun_jax import report
 from salun_jax.data import load_dataset, subset_per_class
 from salun_jax.data.splits import Split, load_split, make_split, save_split
+from salun_jax.models import create_model
+from salun_jax.step import canonical_module
 
 _logger = logging.getLogger(__name__)
 
@@ -219,3 +221,16 @@ def load_results(path: str, empty: dict) -> dict:
         "results file %s is %s; moved it to %s and starting new results", path, problem, aside
     )
     return empty
+
+
+def build_model(dataset, train_config):
+    """The train config's model for `dataset`, one module object per equal model
+    (`step.canonical_module`: runs of a process share compiled programs); a bad model setting
+    is a `UserError`."""
+    try:
+        model = create_model(
+            train_config.model, dataset.num_classes, dataset.mean, dataset.std, train_config.width
+        )
+    except ValueError as error:
+        raise UserError(f"bad train config: {error}") from error
+    return canonical_module(model)

@@ -38,10 +38,10 @@ import numpy as np
 
 from salun_jax import population, report
 from salun_jax.evaluation import forgetting_quality as fq
-from salun_jax.models import create_model
 from salun_jax.pipeline.classification import method_config
 from salun_jax.pipeline.common import (
     UserError,
+    build_model,
     build_split,
     config_hash,
     load_data,
@@ -183,12 +183,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     split = build_split(dataset, config.split.to_dict())
     train_config = make_dataclass(TrainConfig, config.train.to_dict(), "train")
     method_configs = {m: method_config(config, m) for m in config.run_methods}
-    try:
-        model = create_model(
-            train_config.model, dataset.num_classes, dataset.mean, dataset.std, train_config.width
-        )
-    except ValueError as error:
-        raise UserError(f"bad train config: {error}") from error
+    model = build_model(dataset, train_config)
     write_config(workdir, config)
     return _Run(
         config=config,
