@@ -15,6 +15,7 @@ The paper's pipeline, one call a step (see README.md):
 """
 
 import importlib
+import importlib.util
 import sys
 from types import ModuleType as _ModuleType  # `types`: salun_jax.types once imported
 
@@ -85,6 +86,8 @@ sys.modules[__name__].__class__ = _Package
 def __getattr__(name: str):
     module = _API.get(name)
     if module is None:
+        if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
+            return importlib.import_module(f"{__name__}.{name}")  # a submodule: sj.saliency
         raise AttributeError(f"module 'salun_jax' has no attribute {name!r}")
     if name in ("population", "tuning"):  # submodules
         return importlib.import_module(module)

@@ -139,3 +139,28 @@ def test_the_library_runs_without_the_cpu_wing(tmp_path):
     compilers = ("c++", "g++", "gcc", "cc", "clang", "clang++", os.environ.get("CXX", "c++"))
     assert not [args for args in result["started"] if os.path.basename(args[0]) in compilers]
     assert result["TA"] > 0
+
+
+def test_importing_the_package_is_light_and_every_api_name_resolves():
+    # `import salun_jax` (and so every script's --help) loads no JAX; each public name still
+    # resolves on first use, `sj.unlearn` is the function and submodules stay reachable.
+    code = (
+        "import sys, types, salun_jax as sj\n"
+        "light = 'jax' not in sys.modules\n"
+        "names = {n: type(getattr(sj, n)).__name__ for n in sj.__all__}\n"
+        "print(light, callable(sj.unlearn), isinstance(sj.unlearn, types.ModuleType),\n"
+        "      isinstance(sj.saliency, types.ModuleType), len(names))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    import salun_jax
+
+    expected = f"True True False True {len(salun_jax.__all__)}"
+    assert result.stdout.split("\n")[0] == expected, result.stdout
