@@ -308,6 +308,33 @@ def test_ctrl_c_says_interrupted_and_the_same_command_resumes(tmp_path):
     assert "train 1/200" not in again.stderr  # not from the start
 
 
+def test_ctrl_c_in_a_finalizer_still_ends_the_run():
+    # Python ignores an exception raised in a weakref callback of the garbage collector (it goes
+    # to sys.unraisablehook) and runs on: a Ctrl-C landing there once let a run finish with 0.
+    code = (
+        "import gc, sys, weakref\n"
+        "from salun_jax.pipeline import cli\n"
+        "sys.unraisablehook = cli._quiet_closed_loop\n"
+        "class Model: pass\n"
+        "def on_collect(_):\n"
+        "    raise KeyboardInterrupt\n"
+        "model = Model()\n"
+        "ref = weakref.ref(model, on_collect)\n"
+        "del model\n"
+        "gc.collect()\n"
+        "print('ran on')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+        timeout=120,
+    )
+    _assert_interrupted(result)
+    assert "ran on" not in result.stdout
+
+
 # ------------------------------------------------------------------------------------------------
 # A full disk mid-run (after the Ctrl-C test: its compiled programs are in the cache by now).
 

@@ -91,8 +91,12 @@ def _file_being_written(error: BaseException) -> str | None:
 def _quiet_closed_loop(unraisable) -> None:
     """sys.unraisablehook: drops "Event loop is closed" from tensorstore's write callbacks that
     complete after orbax gave up a save (a full disk, Ctrl-C); the failure itself is reported
-    (Python ignores unraisable exceptions anyway). Others go to the default hook."""
+    (Python ignores unraisable exceptions anyway). A Ctrl-C that landed in a finalizer (a
+    weakref callback of the garbage collector), which Python would ignore and run on, ends the
+    run as any Ctrl-C does. Others go to the default hook."""
     value = unraisable.exc_value
+    if isinstance(value, KeyboardInterrupt):
+        _exit_now(*os_failure(value))
     if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
         return
     sys.__unraisablehook__(unraisable)
