@@ -76,13 +76,6 @@ def concat_members(states: Sequence[TrainState]) -> TrainState:
     return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *states)
 
 
-def margins_on(
-    states: TrainState, images: np.ndarray, labels: np.ndarray, strategy: str = "auto"
-) -> np.ndarray:
-    """Every member's margin (logit-scaled confidence) on every image, [N, n]."""
-    return audit.margins(population.population_logits(states, images, strategy=strategy), labels)
-
-
 def ulira_and_klom(
     unlearned: np.ndarray,
     held: np.ndarray,

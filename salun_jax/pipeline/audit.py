@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from salun_jax import auditing, population, report
-from salun_jax.evaluation.audit import tug_of_war
+from salun_jax.evaluation import audit
 from salun_jax.pipeline.classification import method_config
 from salun_jax.pipeline.common import (
     UserError,
@@ -342,19 +342,27 @@ def _row(run: _Run, models: _Populations, name: str) -> dict:
         attacked, audited = models.retrain(independent=True), paired
     else:
         attacked = audited = models.unlearned(name)
-    margins = auditing.margins_on(attacked, images[pool], labels[pool], strategy)
     forget_sets = [pool[row] for row in held]
     retain = np.asarray(split.retain)
     test_images, test_labels = data.test_images[split.test], data.test_labels[split.test]
-    pool_logits = population.population_logits(attacked, images[pool], strategy=strategy)
-    pool_correct = np.argmax(pool_logits, -1) == labels[pool][None]
+
+    def pool_margins_and_accuracies(states) -> tuple[np.ndarray, dict]:
+        """Margins on the pool and per-member forget (held examples), retain and test accuracy,
+        from one pass over the pool."""
+        logits = population.population_logits(states, images[pool], strategy=strategy)
+        correct = np.argmax(logits, -1) == labels[pool][None]
+        return audit.margins(logits, labels[pool]), {
+            "forget_accuracy": 100.0 * np.sum(correct & held, 1) / np.sum(held, 1),
+            "retain_accuracy": auditing.member_accuracy(
+                states, images[retain], labels[retain], strategy
+            ),
+            "test_accuracy": auditing.member_accuracy(states, test_images, test_labels, strategy),
+        }
+
+    margins, accuracies = pool_margins_and_accuracies(attacked)
     values = {
         "margins": margins,
-        "forget_accuracy": 100.0 * np.sum(pool_correct & held, 1) / np.sum(held, 1),
-        "retain_accuracy": auditing.member_accuracy(
-            attacked, images[retain], labels[retain], strategy
-        ),
-        "test_accuracy": auditing.member_accuracy(attacked, test_images, test_labels, strategy),
+        **accuracies,
         "mia": auditing.population_mia(
             attacked,
             images,
@@ -367,20 +375,12 @@ def _row(run: _Run, models: _Populations, name: str) -> dict:
             strategy,
         ),
     }
-    if name == "Retrain":
-        values["reference_margins"] = auditing.margins_on(
-            paired, images[pool], labels[pool], strategy
-        )
-        paired_correct = (
-            np.argmax(population.population_logits(paired, images[pool], strategy=strategy), -1)
-            == labels[pool][None]
-        )
-        values["reference_accuracies"] = [  # Tug of War's reference: the paired Retrain
-            float(np.mean(100.0 * np.sum(paired_correct & held, 1) / np.sum(held, 1))),
-            float(
-                np.mean(auditing.member_accuracy(paired, images[retain], labels[retain], strategy))
-            ),
-            float(np.mean(auditing.member_accuracy(paired, test_images, test_labels, strategy))),
+    if name == "Retrain":  # the paired Retrain: U-LiRA's reference and Tug of War's
+        reference, paired_accuracies = pool_margins_and_accuracies(paired)
+        values["reference_margins"] = reference
+        values["reference_accuracies"] = [
+            float(np.mean(paired_accuracies[k]))
+            for k in ("forget_accuracy", "retain_accuracy", "test_accuracy")
         ]
     originals = models.originals()
     barrier_idx = _subset(retain, int(run.config.barrier.examples), run.seed + 7)
@@ -487,7 +487,7 @@ def _summaries(run: _Run, rows: dict) -> tuple[dict, dict]:
             entry[key] = float(np.mean(values[key]))
             entry[f"{key}_std"] = float(np.std(values[key]))
         entry["UA"] = 100.0 - entry["forget_accuracy"]
-        entry["tug_of_war"] = tug_of_war(
+        entry["tug_of_war"] = audit.tug_of_war(
             [entry[k] for k in ("forget_accuracy", "retain_accuracy", "test_accuracy")],
             rows["Retrain"]["reference_accuracies"],
         )
