@@ -32,7 +32,6 @@ TINY = os.path.join(CONFIGS, "digits_unlearn.py") + ":tiny"
 
 def _env(**changes):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, **changes}
-    env.pop("XLA_FLAGS", None)
     return {k: v for k, v in env.items() if v is not None}
 
 

@@ -39,7 +39,6 @@ print(json.dumps({"kept": kept, "temp": temp, "fewest_faults": min(faults[2:]),
 def _faults(keep: bool) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
     env[host_memory.ENV_VAR] = "1" if keep else "0"
-    env.pop("XLA_FLAGS", None)
     out = subprocess.run(
         [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )

@@ -177,7 +177,6 @@ def test_epoch_lines_are_info_only_for_slow_runs(digits, caplog, monkeypatch):
 def _train(workdir, *flags):
     """experiments/train.py on digits for 2 epochs, stdout and stderr into one pipe."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-    env.pop("XLA_FLAGS", None)
     return subprocess.Popen(
         [
             sys.executable,

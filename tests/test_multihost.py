@@ -73,7 +73,6 @@ def _free_port() -> int:
 def _launch(tmp_path, attempt):
     """Runs both processes; returns their (returncode, stdout, stderr), or None on a hang."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
     port, workdir = _free_port(), tmp_path / f"run{attempt}"
     procs = [
         subprocess.Popen(

@@ -29,16 +29,17 @@ YNN_CONVOLUTIONS_ENV_VAR = "SALUN_JAX_YNN_CONVOLUTIONS"
 
 
 @functools.cache
-def _xla_knows_option() -> bool:
-    """Whether this jaxlib's XLA has the option and its values: an unknown XLA_FLAGS entry aborts
-    the process when the backend starts, so look them up in its shared libraries instead."""
+def xla_knows(*words: str) -> bool:
+    """Whether this jaxlib's XLA has all these option names and values: an unknown XLA_FLAGS
+    entry aborts the process when the backend starts, so look them up in its shared libraries
+    instead."""
     import jaxlib  # noqa: PLC0415
 
-    words = [_YNN_OPTION.encode()] + [v.encode() for v in _YNN_WITHOUT_CONVOLUTIONS.split(",")]
+    encoded = [word.encode() for word in words]
     libraries = glob.glob(os.path.join(os.path.dirname(jaxlib.__file__), "*.so"))
     for path in sorted(libraries, key=os.path.getsize, reverse=True)[:2]:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            if all(data.find(word) >= 0 for word in words):
+            if all(data.find(word) >= 0 for word in encoded):
                 return True
     return False
 
@@ -49,7 +50,9 @@ def xla_flag() -> str | None:
     where this XLA does not know it."""
     if os.environ.get(YNN_CONVOLUTIONS_ENV_VAR, "0") == "1":
         return None
-    if _YNN_OPTION in os.environ.get("XLA_FLAGS", "") or not _xla_knows_option():
+    if _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return None
+    if not xla_knows(_YNN_OPTION, *_YNN_WITHOUT_CONVOLUTIONS.split(",")):
         return None
     return f"--{_YNN_OPTION}={_YNN_WITHOUT_CONVOLUTIONS}"
 
