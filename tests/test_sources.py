@@ -117,6 +117,23 @@ def test_digits_split_is_deterministic_and_stratified():
         assert 0.2 <= fraction < 0.21
 
 
+def test_digits_read_without_sklearn_match_its_loader(monkeypatch):
+    from sklearn.datasets import load_digits
+
+    from salun_jax.data import sources
+
+    bunch = load_digits()
+    images, labels = sources._digits_arrays()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+    assert tuple(str(n) for n in bunch.target_names) == load_dataset("digits").class_names
+    # Where the file is not where sklearn keeps it, sklearn's loader gives the same data.
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    images, labels = sources._digits_arrays()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+
+
 # --------------------------------------------------------------------------------------------
 # Dataset
 

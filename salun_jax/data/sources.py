@@ -307,14 +307,29 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 # 1. scikit-learn digits.
 
 
-def _load_digits() -> Dataset:
-    """The 8x8 digits, split per class: the last ceil(20%) of each class (dataset order) is test."""
-    from sklearn.datasets import load_digits  # Deferred: sklearn import is slow.
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, 8, 8] with values 0..16, labels): the digits.csv.gz that scikit-learn ships,
+    read directly, as `sklearn.datasets.load_digits` reads it (importing sklearn.datasets takes
+    about 2 s, longer than a short run on digits); that loader where the file is not found."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            data = np.loadtxt(path, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # noqa: PLC0415
 
     bunch = load_digits()
+    return bunch.images, bunch.target
+
+
+def _load_digits() -> Dataset:
+    """The 8x8 digits, split per class: the last ceil(20%) of each class (dataset order) is test."""
+    pixels, targets = _digits_arrays()
     # Pixel values are integers 0..16; scale to 0..255.
-    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [N, 8, 8, 1]
-    labels = bunch.target.astype(np.int32)
+    images = np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [N, 8, 8, 1]
+    labels = targets.astype(np.int32)
     is_test = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):
         (indices,) = np.nonzero(labels == label)
@@ -328,7 +343,7 @@ def _load_digits() -> Dataset:
         train_labels=labels[~is_test],
         test_images=images[is_test],
         test_labels=labels[is_test],
-        class_names=tuple(str(int(n)) for n in bunch.target_names),
+        class_names=tuple(str(n) for n in range(10)),
         mean=mean,
         std=std,
     )
