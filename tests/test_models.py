@@ -137,7 +137,6 @@ def test_all_padding_shard_falls_back_to_all_rows():
         "label": np.zeros(4, np.int32),
         "weight": np.zeros(4, np.float32),
     }
-    new_state, _ = make_step(classification_loss(crop_padding=0, flip=False), axis_name=None)(
-        state, batch, jax.random.key(1)
-    )
+    step = jax.jit(make_step(classification_loss(crop_padding=0, flip=False), axis_name=None))
+    new_state, _ = step(state, batch, jax.random.key(1))
     chex.assert_tree_all_finite(new_state.batch_stats)

@@ -6,6 +6,7 @@ compiles once however many tests look at it.
 """
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -402,6 +403,7 @@ def test_neggrad_plus_step_equals_a_hand_written_reference(setup):
     images = jnp.asarray(task.images[order], jnp.float32) / 255.0
     labels = jnp.asarray(task.labels[order])
 
+    @jax.jit  # one program instead of one per operation
     def reference_step(beta):
         def loss(params):
             logits, _ = setup.state.apply_fn(
@@ -445,9 +447,8 @@ def test_scrub_epoch_equals_a_hand_written_reference(setup):
             p_t * (jnp.log(p_t) - jax.nn.log_softmax(student / temperature)), axis=-1
         )
 
-    def step(params, indices, loss_of):
-        images = jnp.asarray(task.images[indices], jnp.float32) / 255.0
-        labels = jnp.asarray(task.labels[indices])
+    @functools.partial(jax.jit, static_argnums=3)  # one program instead of one per operation
+    def step(params, images, labels, loss_of):
         teacher = state.apply_fn(state.variables, images, train=False)
 
         def loss(p):
@@ -462,9 +463,12 @@ def test_scrub_epoch_equals_a_hand_written_reference(setup):
 
         return jax.tree.map(lambda p, g: p - lr * g, params, jax.grad(loss)(params))
 
-    maxed = step(state.params, forget, lambda s, t, y: -kl(s, t))
+    def batch(indices):
+        return jnp.asarray(task.images[indices], jnp.float32) / 255.0, task.labels[indices]
+
+    maxed = step(state.params, *batch(forget), lambda s, t, y: -kl(s, t))
     ce = optax.softmax_cross_entropy_with_integer_labels
-    expected = step(maxed, retain, lambda s, t, y: gamma * ce(s, y) + alpha * kl(s, t))
+    expected = step(maxed, *batch(retain), lambda s, t, y: gamma * ce(s, y) + alpha * kl(s, t))
     assert int(out.state.step) == 2
     chex.assert_trees_all_close(out.state.params, expected, atol=2e-5, rtol=1e-4)
     # Without the max-step (scrub_max_epochs=0) the run is one min-step: another point.
@@ -495,19 +499,21 @@ def test_ssd_equals_a_hand_written_reference(setup):
     out = get_method("SSD")(setup.state, task, config, jax.random.key(0))
     state = setup.state
 
-    def batch_gradient_squared(indices):
+    def batchgradient_squared(indices):
         images = jnp.asarray(task.images[indices], jnp.float32) / 255.0
-        labels = jnp.asarray(task.labels[indices])
+        return gradient_squared(images, task.labels[indices])
 
+    @jax.jit  # one program instead of one per operation
+    def gradient_squared(images, labels):
         def loss(params):
             logits = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images)
             return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
         return jax.tree.map(jnp.square, jax.grad(loss)(state.params))
 
-    i_f = batch_gradient_squared(forget)
+    i_f = batchgradient_squared(forget)
     train = np.sort(np.concatenate([forget, retain]))
-    halves = [batch_gradient_squared(train[:20]), batch_gradient_squared(train[20:])]
+    halves = [batchgradient_squared(train[:20]), batchgradient_squared(train[20:])]
     i_d = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
     selected = jax.tree.map(lambda f, d: f > alpha * d, i_f, i_d)
     expected = jax.tree.map(
