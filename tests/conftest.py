@@ -1,19 +1,18 @@
 """Shared fixtures: small in-memory data, run on CPU."""
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the whole run, in-process tests and the scripts they
-# launch alike, on both xdist workers (named by the run's id, which xdist gives each worker):
-# the same small programs (tiny models, the digits pipeline) compile once.
-_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-if _RUN_ID:
-    _CACHE = os.path.join(tempfile.gettempdir(), f"salun_jax_xla_{_RUN_ID}")
-    os.makedirs(_CACHE, exist_ok=True)
-else:
-    _CACHE = tempfile.mkdtemp(prefix="salun_jax_xla_")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# launch alike: the same small programs (tiny models, the digits pipeline) compile once. The
+# first process that loads this file makes it (pytest, or xdist's controller, whose workers and
+# their scripts inherit the variable) and removes it when the run ends (about 60 MB a run); a
+# directory the user set is kept.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="salun_jax_xla_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import salun_jax.cpu  # noqa: E402
@@ -129,6 +128,11 @@ _SLOW_FILES = (
     "test_experiments.py",
     "test_diffusion_pipeline.py",
 )
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
