@@ -283,6 +283,11 @@ def _assert_interrupted(result):
     assert "interrupted" in line and "resume" in line and "same command" in line, line
 
 
+# Digits training long enough for optimised code to pay: XLA's defaults (conftest skips most of
+# the optimisation for the scripts tests launch). The full-disk test below shares its programs.
+OPTIMIZED = _env(JAX_DISABLE_MOST_OPTIMIZATIONS=None)
+
+
 def test_ctrl_c_says_interrupted_and_the_same_command_resumes(tmp_path):
     command = (
         "train.py",
@@ -295,11 +300,13 @@ def test_ctrl_c_says_interrupted_and_the_same_command_resumes(tmp_path):
         entries, done = _checkpoint_entries(tmp_path), _finished_epochs(tmp_path)
         return bool(done) and any(not n.isdigit() or int(n) not in done for n in entries)
 
-    first = _interrupt_when(_start(*command), lambda _: saving_after_a_finished_one())
+    first = _interrupt_when(
+        _start(*command, env=OPTIMIZED), lambda _: saving_after_a_finished_one()
+    )
     _assert_interrupted(first)
     before = max(_finished_epochs(tmp_path))
     again = _interrupt_when(
-        _start(*command), lambda _: max(_finished_epochs(tmp_path)) > before + 1
+        _start(*command, env=OPTIMIZED), lambda _: max(_finished_epochs(tmp_path)) > before + 1
     )
     _assert_interrupted(again)
     resumed = re.search(r"resuming after epoch (\d+)", again.stderr)
@@ -359,11 +366,11 @@ def test_full_disk_during_a_checkpoint_and_a_bad_results_path_give_one_line(tmp_
     # results.json a directory: replacing it at the end fails with EISDIR, naming both files.
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "results.json").mkdir()
-    train = ("train.py", f"--config={DIGITS}", "--config.train.epochs=1")
+    train = (f"--config={DIGITS}", "--config.train.epochs=1")
     results = _run_all(
         {
-            "full": (*train, f"--workdir={tiny_tmpfs}/w"),
-            "isdir": (*train, f"--workdir={tmp_path}/w"),
+            "full": ("train.py", (*train, f"--workdir={tiny_tmpfs}/w"), {"env": OPTIMIZED}),
+            "isdir": ("train.py", (*train, f"--workdir={tmp_path}/w"), {"env": OPTIMIZED}),
         }
     )
     line = _one_error_line(results["full"])

@@ -227,7 +227,8 @@ print(json.dumps({"settings": settings, "alone": alone, "predict": predict.compi
 
 def _enabled_process(**env_vars) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, **env_vars}
-    env.pop("XLA_FLAGS", None)
+    for name in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS"):  # the library's XLA settings
+        env.pop(name, None)
     out = subprocess.run(
         [sys.executable, "-c", _ENABLED_SCRIPT], env=env, capture_output=True, text=True,
         timeout=300,

@@ -47,17 +47,10 @@ METHOD_KEYS = {
 }
 
 
-def _env():
-    # Most of XLA's optimisation skipped (backend level 0) only shortens compilation, which is
-    # most of these tiny runs (measured: 55 s -> 35 s for the tiny pipeline); the numerics are
-    # XLA's either way.
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-
-
 def _run(args, cwd, timeout=300):
     return subprocess.run(
         [sys.executable, *args],
-        env=_env(),
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),  # level 0: conftest
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -181,6 +181,34 @@ def test_trainable_sets(unet_and_params):
         trainable_params(params, "attn1")
 
 
+def test_results_report_each_methods_trainable_share(unet_and_params):
+    # results.json's trainable_fraction: SalUn its mask's, ESD and FMN their parameter sets'.
+    from salun_jax.pipeline.sd import _trainable_share
+
+    _, params = unet_and_params
+    sizes = [x.size for x in jax.tree.leaves(params)]
+    names = saliency.leaf_names(params)
+
+    def share(rule):
+        return sum(n for n, name in zip(sizes, names, strict=True) if rule(name)) / sum(sizes)
+
+    esd = SDUnlearnConfig(esd_train="noxattn")
+    assert _trainable_share("ESD", esd, None, params) == pytest.approx(
+        trainable_fraction(trainable_params(params, "noxattn"), params)
+    )
+    fmn = SDUnlearnConfig(fmn_only_cross_attention=True)
+    assert _trainable_share("FMN", fmn, None, params) == pytest.approx(
+        share(lambda n: "attn2" in n)
+    )
+    assert _trainable_share("FMN", SDUnlearnConfig(), None, params) == 1.0
+    mask = jax.tree.map(lambda x: jnp.zeros(x.shape, bool).at[(0,) * x.ndim].set(True), params)
+    assert _trainable_share("SalUn", SDUnlearnConfig(), mask, params) == pytest.approx(
+        len(sizes) / sum(sizes)
+    )
+    assert _trainable_share("SalUn", SDUnlearnConfig(), None, params) is None
+    assert _trainable_share("RL", SDUnlearnConfig(), None, params) == 1.0
+
+
 def test_salun_sd_keeps_non_salient_weights_bit_identical(task, unet_and_params):
     unet, params = unet_and_params
     # Random scores: the mask's origin does not matter here (the pipeline test builds one with
