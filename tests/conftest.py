@@ -124,14 +124,30 @@ def experiment():
     return run
 
 
-# The files of the long end-to-end tests, longest first: collected first, they start first on
-# the two xdist workers instead of leaving one worker alone with them at the end.
+# xdist gives each worker whole modules (`--dist loadscope`, pyproject.toml) in collection order
+# (`--no-loadscope-reorder`: xdist's own order, by number of tests, started the few-test
+# end-to-end modules last). The longest modules are collected first, longest first (their summed
+# durations on a 2-core machine, 2026-12-07, in seconds), so the short ones fill the end.
 _SLOW_FILES = (
-    "test_sd_experiment.py",
-    "test_faults.py",
-    "test_forgetting_quality_experiment.py",
-    "test_experiments.py",
-    "test_diffusion_pipeline.py",
+    "test_faults.py",  # 126
+    "test_sd_experiment.py",  # 96
+    "test_unlearn.py",  # 76
+    "test_experiments.py",  # 76
+    "test_population.py",  # 63
+    "test_sd_unlearn.py",  # 49
+    "test_ledger.py",  # 45
+    "test_loop.py",  # 43
+    "test_diffusion_pipeline.py",  # 43
+    "test_cli.py",  # 41
+    "test_diffusion_unlearning.py",  # 39
+    "test_tuning.py",  # 37
+    "test_forgetting_quality_experiment.py",  # 33
+    "test_audit_experiment.py",  # 32
+    "test_conv.py",  # 26
+    "test_losses_diffusion.py",  # 23
+    "test_models.py",  # 22
+    "test_metric_writer.py",  # 20
+    "test_api.py",  # 18
 )
 
 
