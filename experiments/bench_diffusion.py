@@ -44,7 +44,7 @@ from salun_jax import cpu
 from salun_jax.diffusion import linear_schedule
 from salun_jax.evaluation.generation import generate_samples
 from salun_jax.losses import denoising_loss
-from salun_jax.models.unet import UNet, paper_cifar10_unet, tiny_digits_unet
+from salun_jax.models.unet import UNet, minimal_unet, paper_cifar10_unet, tiny_digits_unet
 from salun_jax.step import make_step
 from salun_jax.train_diffusion import (
     DiffusionTrainConfig,
@@ -60,20 +60,6 @@ _TINY_BATCH = flags.DEFINE_integer("tiny_batch_size", 64, "Batch of the tiny UNe
 _TINY_STEPS = flags.DEFINE_integer("tiny_steps", 20, "Timed steps of the tiny UNet.")
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch_size", 100, "Images per sampler call.")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 100, "DDIM steps.")
-
-
-def _minimal_unet() -> UNet:
-    return UNet(
-        ch=8,
-        ch_mult=(1,),
-        num_res_blocks=0,
-        attn_resolutions=(),
-        dropout=0.1,
-        num_classes=10,
-        image_size=8,
-        out_channels=1,
-        num_groups=4,
-    )
 
 
 def matmul_gflops(n: int, repeats: int = 5) -> float:
@@ -190,7 +176,7 @@ def main(argv):
     reference["jax_matmul_gflops"] = matmul_gflops(reference["matmul_n"])
     key = jax.random.key(0, impl="rbg")  # rbg: init compiles much faster than threefry
     if quick:
-        model = _minimal_unet()
+        model = minimal_unet()
         params = init_unet_params(model, key)
         train = [bench_train_step("minimal UNet 8x8x1", model, params, 2, 1)]
         sampling = [bench_sampling("minimal UNet 8x8x1", model, params, 2, 1)]

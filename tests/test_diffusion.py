@@ -21,7 +21,7 @@ from salun_jax.diffusion import (
     to_uint8,
 )
 from salun_jax.losses import denoising_loss
-from salun_jax.models.unet import UNet
+from salun_jax.models.unet import minimal_unet
 from salun_jax.step import TrainState, make_step
 
 NULL_VALUE = 0.7
@@ -345,17 +345,7 @@ def compile_fast(fn, *args):
 @pytest.fixture(scope="module")
 def tiny():
     # The smallest UNet: one level, no blocks on the way down, the middle attention, dropout.
-    model = UNet(
-        ch=8,
-        ch_mult=(1,),
-        num_res_blocks=0,
-        attn_resolutions=(),
-        dropout=0.1,
-        num_classes=10,
-        image_size=8,
-        out_channels=1,
-        num_groups=4,
-    )
+    model = minimal_unet()
     x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
     key = jax.random.key(0, impl="rbg")  # XLA:CPU compiles threefry initialisers slowly
     init = compile_fast(lambda k: model.init(k, x, t, t, train=False)["params"], key)

@@ -27,7 +27,7 @@ from salun_jax.evaluation.generation import (
     unlearning_accuracy,
 )
 from salun_jax.losses import _eps, ddpm_esd_loss, denoising_loss, esd_target, guided_forget_loss
-from salun_jax.models.unet import NULL_CLASS_PARAM, UNet
+from salun_jax.models.unet import NULL_CLASS_PARAM, minimal_unet
 from salun_jax.train_diffusion import (
     DiffusionTrainConfig,
     create_diffusion_state,
@@ -63,18 +63,7 @@ def compile_fast(fn, *args):
 def _unet(null_class=True):
     # One level, no residual blocks on the way down: three blocks and the middle attention in
     # all, the smallest UNet that compiles (in seconds on CPU).
-    return UNet(
-        ch=8,
-        ch_mult=(1,),
-        num_res_blocks=0,
-        attn_resolutions=(),
-        dropout=0.1,
-        num_classes=NUM_CLASSES,
-        image_size=8,
-        out_channels=1,
-        num_groups=4,
-        null_class=null_class,
-    )
+    return minimal_unet(NUM_CLASSES, null_class=null_class)
 
 
 @pytest.fixture(scope="module")

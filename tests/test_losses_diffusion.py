@@ -29,7 +29,7 @@ from salun_jax.losses import (
     sample_null_mask,
     to_model_range,
 )
-from salun_jax.models.unet import UNet
+from salun_jax.models.unet import minimal_unet
 from salun_jax.step import TrainState, make_step
 
 NUM_CLASSES = 4
@@ -348,17 +348,7 @@ def test_guided_forget_loss_closed_form():
 
 
 def _unet(dropout):
-    return UNet(
-        ch=8,
-        ch_mult=(1,),
-        num_res_blocks=0,
-        attn_resolutions=(),
-        dropout=dropout,
-        num_classes=NUM_CLASSES,
-        image_size=8,
-        out_channels=1,
-        num_groups=4,
-    )
+    return minimal_unet(NUM_CLASSES, dropout=dropout)
 
 
 @pytest.fixture(scope="module")

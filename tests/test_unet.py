@@ -11,7 +11,7 @@ import pytest
 from salun_jax.models.unet import (
     NULL_CLASS_PARAM,
     Downsample,
-    UNet,
+    minimal_unet,
     paper_cifar10_unet,
     timestep_embedding,
     tiny_digits_unet,
@@ -91,17 +91,7 @@ def _expected_param_count(
 def tiny():
     # The smallest UNet (one level, no blocks on the way down, the middle attention, dropout):
     # compiling its init and forward, not running them, is what these tests cost.
-    model = UNet(
-        ch=8,
-        ch_mult=(1,),
-        num_res_blocks=0,
-        attn_resolutions=(),
-        dropout=0.1,
-        num_classes=10,
-        image_size=8,
-        out_channels=1,
-        num_groups=4,
-    )
+    model = minimal_unet()
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     t = jnp.array([0, 10, 500, 999])
     y = jnp.array([0, 3, 7, 9])

@@ -337,3 +337,21 @@ def tiny_digits_unet(num_classes: int = 10) -> UNet:
         out_channels=1,
         num_groups=8,
     )
+
+
+def minimal_unet(num_classes: int = 10, **overrides) -> UNet:
+    """The smallest UNet for 8x8x1 images: one level, no residual blocks on the way down, the
+    middle block's attention. Its programs compile in seconds on a CPU: for tests and quick
+    benchmark runs, not for learning anything. `overrides` replace any other field."""
+    fields = dict(
+        ch=8,
+        ch_mult=(1,),
+        num_res_blocks=0,
+        attn_resolutions=(),
+        dropout=0.1,
+        num_classes=num_classes,
+        image_size=8,
+        out_channels=1,
+        num_groups=4,
+    )
+    return UNet(**{**fields, **overrides})
