@@ -27,8 +27,8 @@ def _run(config, workdir, *overrides, timeout=900):
 
 
 def test_tiny_sd_chain_end_to_end_and_resume(tmp_path):
-    # SalUn here, FMN in the nudity chain below: each runs its own programs (about 15 s of
-    # compiling each); ESD's steps and results.json share are tested in-process (test_sd_unlearn).
+    # SalUn here, FMN in the nudity chain below (each method's programs compile in one chain
+    # only); ESD's steps and its results.json share are tested in-process (test_sd_unlearn).
     methods = "--config.run_methods=('SalUn',)"
     result = _run("sd_imagenette.py:test", tmp_path, methods)
     assert result.returncode == 0, result.stderr[-3000:]

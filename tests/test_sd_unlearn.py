@@ -192,9 +192,10 @@ def test_results_report_each_methods_trainable_share(unet_and_params):
     def share(rule):
         return sum(n for n, name in zip(sizes, names, strict=True) if rule(name)) / sum(sizes)
 
-    esd = SDUnlearnConfig(esd_train="noxattn")
+    esd = SDUnlearnConfig(esd_train="noxattn")  # ESD-u: all but cross-attention and the ends
+    ends = ("time_embedding", "conv_out", "conv_norm_out")
     assert _trainable_share("ESD", esd, None, params) == pytest.approx(
-        trainable_fraction(trainable_params(params, "noxattn"), params)
+        share(lambda n: "attn2" not in n and not n.startswith(ends))
     )
     fmn = SDUnlearnConfig(fmn_only_cross_attention=True)
     assert _trainable_share("FMN", fmn, None, params) == pytest.approx(

@@ -499,7 +499,7 @@ def test_ssd_equals_a_hand_written_reference(setup):
     out = get_method("SSD")(setup.state, task, config, jax.random.key(0))
     state = setup.state
 
-    def batchgradient_squared(indices):
+    def batch_gradient_squared(indices):
         images = jnp.asarray(task.images[indices], jnp.float32) / 255.0
         return gradient_squared(images, task.labels[indices])
 
@@ -511,9 +511,9 @@ def test_ssd_equals_a_hand_written_reference(setup):
 
         return jax.tree.map(jnp.square, jax.grad(loss)(state.params))
 
-    i_f = batchgradient_squared(forget)
+    i_f = batch_gradient_squared(forget)
     train = np.sort(np.concatenate([forget, retain]))
-    halves = [batchgradient_squared(train[:20]), batchgradient_squared(train[20:])]
+    halves = [batch_gradient_squared(train[:20]), batch_gradient_squared(train[20:])]
     i_d = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
     selected = jax.tree.map(lambda f, d: f > alpha * d, i_f, i_d)
     expected = jax.tree.map(
