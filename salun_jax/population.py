@@ -499,15 +499,11 @@ def _members_mean_ce_loss(apply_fn, crop_padding: int, flip: bool, strategy: str
     return loss_fn
 
 
-def population_logits(
-    states: TrainState,
-    images: np.ndarray,
-    *,
-    batch_size: int = 512,
-    strategy: str = "auto",
-) -> np.ndarray:
-    """Eval-mode logits of every member, [N, n, K] float32 (images uint8 [n, H, W, C])."""
-    apply_fn = states.apply_fn
+@functools.cache
+def _members_logits_fn(apply_fn: Callable, strategy: str) -> Callable:
+    """Jitted (params, batch_stats, uint8 batch) -> every member's eval-mode logits. Cached: the
+    audits call `population_logits` dozens of times on one population (traced once, not each
+    call)."""
 
     def member_logits(params, batch_stats, batch):
         variables = {"params": params, "batch_stats": batch_stats}
@@ -517,6 +513,18 @@ def population_logits(
     def logits_fn(params, batch_stats, batch):
         return map_members(lambda p, s: member_logits(p, s, batch), strategy, params, batch_stats)
 
+    return logits_fn
+
+
+def population_logits(
+    states: TrainState,
+    images: np.ndarray,
+    *,
+    batch_size: int = 512,
+    strategy: str = "auto",
+) -> np.ndarray:
+    """Eval-mode logits of every member, [N, n, K] float32 (images uint8 [n, H, W, C])."""
+    logits_fn = _members_logits_fn(states.apply_fn, resolve_strategy(strategy))
     images = np.asarray(images)
     outs = []
     for start in range(0, len(images), batch_size):

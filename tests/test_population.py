@@ -208,6 +208,25 @@ def test_population_logits_shape_and_strategy(setup, originals):
     np.testing.assert_allclose(by_map, by_vmap, atol=1e-4)
 
 
+def test_population_logits_traces_once_for_many_calls(setup, originals):
+    # The audits call it dozens of times on one population: one trace (and one compile), not
+    # one per call, as long as the chunk shape is the same.
+    traces = []
+
+    def apply_fn(variables, images, train):
+        traces.append(images.shape)
+        return originals.apply_fn(variables, images, train=train)
+
+    states = originals.replace(apply_fn=apply_fn)
+    first = population.population_logits(states, setup[0][:37], batch_size=16)
+    for count in (5, 16, 20):
+        population.population_logits(states, setup[0][:count], batch_size=16)
+    assert len(traces) == 1
+    np.testing.assert_array_equal(
+        first, population.population_logits(originals, setup[0][:37], batch_size=16)
+    )
+
+
 def test_unknown_strategy_and_method(setup, originals):
     with pytest.raises(ValueError, match="strategy"):
         population.resolve_strategy("pmap")
