@@ -18,7 +18,7 @@ def _readme_example() -> str:
 
 @pytest.fixture(scope="module")
 def readme_run():
-    """The README's block run once as written, compiled with XLA's default optimisation (it
+    """The README's block run once as written, compiled as `xla_optimized` tests are (it
     trains for seconds; the pipeline it is compared with compiles the same way)."""
     import jax
 

@@ -10,7 +10,8 @@ CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "con
 
 def test_audit_tiny_writes_its_tables_and_resumes_without_work(experiment, tmp_path):
     workdir = tmp_path / "audit"
-    result = experiment("audit.py", "audit_digits.py:tiny", workdir)
+    # Level 0: the population programs compile for longer than they run (conftest).
+    result = experiment("audit.py", "audit_digits.py:tiny", workdir, optimized=False)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((workdir / "results.json").read_text())
     assert set(results["audit"]) == {"Original", "Retrain", "SalUn"}
@@ -36,7 +37,7 @@ def test_audit_tiny_writes_its_tables_and_resumes_without_work(experiment, tmp_p
     first = json.loads((workdir / "run.json").read_text())
     assert len(first["computed"]) == 3 + 2 and first["reused"] == []
     # A rerun reuses every stage: nothing trained, the same numbers.
-    again = experiment("audit.py", "audit_digits.py:tiny", workdir)
+    again = experiment("audit.py", "audit_digits.py:tiny", workdir, optimized=False)
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads((workdir / "run.json").read_text())
     assert rerun["computed"] == [] and len(rerun["reused"]) == 5

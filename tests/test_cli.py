@@ -283,8 +283,8 @@ def _assert_interrupted(result):
     assert "interrupted" in line and "resume" in line and "same command" in line, line
 
 
-# Digits training long enough for optimised code to pay: XLA's defaults (conftest skips most of
-# the optimisation for the scripts tests launch). The full-disk test below shares its programs.
+# Digits training long enough for optimised code to pay: level 1 (conftest skips most of the
+# optimisation for the scripts tests launch). The full-disk test below shares its programs.
 OPTIMIZED = _env(JAX_DISABLE_MOST_OPTIMIZATIONS=None)
 
 

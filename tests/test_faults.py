@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 TRAIN = ("train.py", "digits.py")
-EPOCHS = 30
+EPOCHS = 12
 
 
 def _last_line(result):
@@ -51,7 +51,7 @@ def _assert_same_state(a, b):
 def reference(experiment, tmp_path_factory):
     """An uninterrupted run of EPOCHS epochs: (epoch, state) of its last checkpoint."""
     workdir = tmp_path_factory.mktemp("reference")
-    result = experiment(*TRAIN, workdir, f"--config.train.epochs={EPOCHS}", optimized=True)
+    result = experiment(*TRAIN, workdir, f"--config.train.epochs={EPOCHS}")
     assert result.returncode == 0, result.stderr[-2000:]
     return (*_final_state(workdir), workdir)
 
@@ -62,9 +62,7 @@ def test_sigkill_at_random_points_resumes_bit_identically(experiment, reference,
     for _ in range(12):
         if kills >= 4:
             break
-        process = experiment(
-            *TRAIN, tmp_path, f"--config.train.epochs={EPOCHS}", wait=False, optimized=True
-        )
+        process = experiment(*TRAIN, tmp_path, f"--config.train.epochs={EPOCHS}", wait=False)
         start, target = time.monotonic(), rng.uniform(0.0, 1.0)
         killed = False
         while process.poll() is None and time.monotonic() - start < 120:
@@ -89,7 +87,7 @@ def test_sigkill_at_random_points_resumes_bit_identically(experiment, reference,
             break  # it finished before a kill landed
         process.communicate()
     assert kills >= 2, "no kill landed while the run was going"
-    final = experiment(*TRAIN, tmp_path, f"--config.train.epochs={EPOCHS}", optimized=True)
+    final = experiment(*TRAIN, tmp_path, f"--config.train.epochs={EPOCHS}")
     assert final.returncode == 0, final.stderr[-2000:]
     epoch, state = _final_state(tmp_path)
     assert epoch == reference[0]
@@ -113,13 +111,13 @@ def test_corrupt_newest_checkpoint_falls_back_and_completes_twice(
     else:  # same size, other bytes: only the checksums can tell
         target.write_bytes(bytes(255 - b for b in target.read_bytes()))
         assert target.stat().st_size == size
-    resumed = experiment(*TRAIN, tmp_path, f"--config.train.epochs={EPOCHS}", optimized=True)
+    resumed = experiment(*TRAIN, tmp_path, f"--config.train.epochs={EPOCHS}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "could not be restored" in resumed.stderr and "moved to" in resumed.stderr
     assert len(os.listdir(tmp_path / "checkpoints.corrupt")) == 1  # kept, not deleted
     assert f"resuming after epoch {EPOCHS - 1}" in resumed.stderr  # the last epoch is redone
     _assert_same_state(_final_state(tmp_path)[1], reference[1])
-    again = experiment(*TRAIN, tmp_path, f"--config.train.epochs={EPOCHS}", optimized=True)
+    again = experiment(*TRAIN, tmp_path, f"--config.train.epochs={EPOCHS}")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "could not be restored" not in again.stderr
 

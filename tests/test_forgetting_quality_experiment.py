@@ -5,7 +5,9 @@ import json
 
 def test_forgetting_quality_tiny(experiment, tmp_path):
     workdir = tmp_path / "fq"
-    result = experiment("forgetting_quality.py", "digits_forgetting_quality.py:tiny", workdir)
+    # Level 0: the population programs compile for longer than they run (conftest).
+    fq = ("forgetting_quality.py", "digits_forgetting_quality.py:tiny", workdir)
+    result = experiment(*fq, optimized=False)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((workdir / "results.json").read_text())
     assert set(results) == {"Retrain", "Original", "GA", "SalUn"}
@@ -18,9 +20,7 @@ def test_forgetting_quality_tiny(experiment, tmp_path):
     run_info = json.loads((workdir / "run.json").read_text())
     assert "halves" in run_info["sanity_row"]
     # A rerun on the same work directory restores every population from its checkpoints.
-    again = experiment(
-        "forgetting_quality.py", "digits_forgetting_quality.py:tiny", workdir, "--verbosity=1"
-    )
+    again = experiment(*fq, "--verbosity=1", optimized=False)
     assert again.returncode == 0, again.stderr[-2000:]
     rerun = json.loads((workdir / "results.json").read_text())
     for method, row in results.items():  # the same models, the same numbers; only times differ

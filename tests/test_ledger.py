@@ -15,6 +15,9 @@ from PIL import Image
 from salun_jax.pipeline import classification
 from salun_jax.pipeline.common import UserError
 
+# The classification pipeline in-process, several times a test: level 1 pays (conftest).
+pytestmark = pytest.mark.xla_optimized
+
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "configs")
 
 

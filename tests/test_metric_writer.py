@@ -175,8 +175,8 @@ def test_epoch_lines_are_info_only_for_slow_runs(digits, caplog, monkeypatch):
 
 
 def _train(workdir, *flags):
-    """experiments/train.py on digits for 2 epochs, stdout and stderr into one pipe (XLA's
-    default optimisation: full-width digits epochs run long enough for it to pay)."""
+    """experiments/train.py on digits for 2 epochs, stdout and stderr into one pipe (compiled
+    at level 1, conftest: full-width digits epochs run long enough for it to pay)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
     return subprocess.Popen(
