@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salun_jax import loop
+from salun_jax.data.augment import to_float
 from salun_jax.data.batches import gather_batches, index_batches
 from salun_jax.saliency import forget_loss_given_stats, gradient_saliency, mask_from_scores
 from salun_jax.step import TrainState, init_variables, make_step
@@ -507,7 +508,7 @@ def _members_logits_fn(apply_fn: Callable, strategy: str) -> Callable:
 
     def member_logits(params, batch_stats, batch):
         variables = {"params": params, "batch_stats": batch_stats}
-        return apply_fn(variables, batch.astype(jnp.float32) / 255.0, train=False)
+        return apply_fn(variables, to_float(batch), train=False)
 
     @jax.jit
     def logits_fn(params, batch_stats, batch):
